@@ -1,0 +1,29 @@
+//! The wire protocol between kas and agentk: protobuf messages and the generated gRPC
+//! client and server for the `kas.agent.v1.Agent` service.
+//!
+//! It holds no behaviour beyond the generated code and a few constants; the tunnel
+//! semantics live in the `kas-tunnel` crate.
+
+#![allow(clippy::all, clippy::pedantic)]
+
+/// Generated from `proto/agent.proto`.
+pub mod v1 {
+    tonic::include_proto!("kas.agent.v1");
+}
+
+/// Version of the tunnel protocol spoken by this build. kas refuses agents that speak
+/// another major version with a clear error instead of misinterpreting frames.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// gRPC metadata key carrying the agentk replica id (a random id per agentk process).
+pub const REPLICA_ID_METADATA: &str = "x-agent-replica-id";
+
+/// gRPC metadata key carrying the agentk build version.
+pub const AGENT_VERSION_METADATA: &str = "x-agent-version";
+
+/// Largest Data frame either side sends. Bodies are split into frames of at most this size.
+pub const MAX_DATA_FRAME: usize = 64 * 1024;
+
+/// Largest encoded message either side accepts (a request or response head can carry
+/// large headers; data frames are far smaller).
+pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;

@@ -1,0 +1,87 @@
+//! The control plane: what GitLab is to kas. Groups, projects, agents and their
+//! configuration, environments and CI jobs, and the lookups kas makes on the request
+//! path (agent token -> agent, job token -> running job).
+//!
+//! [`ControlPlane`] is the seam; [`SqliteControlPlane`] is the embedded default (one
+//! SQLite file in kas's data dir). It does not route requests or talk to agents.
+//! Tokens are generated here, returned once, and stored only as SHA-256 hashes.
+
+mod model;
+mod slug;
+mod sqlite;
+mod token;
+
+pub use model::*;
+pub use slug::{environment_slug, guess_tier, TIERS};
+pub use sqlite::SqliteControlPlane;
+pub use token::{hash_token, new_token, Secret, TokenKind};
+
+use async_trait::async_trait;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Errors of control plane operations, classified so the API layer maps them to
+/// status codes in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Config(#[from] kas_authz::ConfigError),
+    #[error("control plane storage error")]
+    Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A change other components react to (caches, connected agents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    AgentConfig { agent_id: u64 },
+    JobFinished { job_id: u64 },
+}
+
+/// The control plane seam. Admin operations take paths as users type them.
+#[async_trait]
+pub trait ControlPlane: Send + Sync + 'static {
+    async fn create_group(&self, path: &str, id: Option<u64>) -> Result<Group>;
+    async fn list_groups(&self) -> Result<Vec<Group>>;
+    async fn create_project(&self, path: &str, id: Option<u64>) -> Result<Project>;
+    async fn list_projects(&self) -> Result<Vec<Project>>;
+    async fn create_agent(&self, project: &str, name: &str) -> Result<(Agent, Secret)>;
+    async fn list_agents(&self) -> Result<Vec<Agent>>;
+    async fn get_agent(&self, project: &str, name: &str) -> Result<Agent>;
+    /// Validates and stores an agent's config.yaml; returns the new version and warnings.
+    async fn set_agent_config(
+        &self,
+        project: &str,
+        name: &str,
+        yaml: &str,
+    ) -> Result<(u64, Vec<kas_authz::ConfigWarning>)>;
+    async fn create_environment(
+        &self,
+        project: &str,
+        name: &str,
+        tier: Option<&str>,
+    ) -> Result<EnvironmentRecord>;
+    async fn list_environments(&self, project: Option<&str>) -> Result<Vec<EnvironmentRecord>>;
+    async fn start_job(&self, req: &StartJob) -> Result<(Job, Secret)>;
+    async fn finish_job(&self, id: u64, status: JobStatus) -> Result<Job>;
+    async fn list_jobs(&self) -> Result<Vec<Job>>;
+
+    /// The agent a token belongs to, if any.
+    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>>;
+    /// An agent with its parsed configuration.
+    async fn agent_info(&self, agent_id: u64) -> Result<Option<Arc<AgentInfo>>>;
+    /// Every agent with its parsed configuration (to build a job's kubeconfig).
+    async fn all_agent_infos(&self) -> Result<Vec<Arc<AgentInfo>>>;
+    /// The running job a job token belongs to; `None` for unknown or finished jobs.
+    async fn authenticate_job(&self, token: &str) -> Result<Option<Arc<kas_authz::JobContext>>>;
+
+    /// Changes made from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
+}

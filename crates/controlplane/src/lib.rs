@@ -6,11 +6,13 @@
 //! SQLite file in kas's data dir). It does not route requests or talk to agents.
 //! Tokens are generated here, returned once, and stored only as SHA-256 hashes.
 
+mod cached;
 mod model;
 mod slug;
 mod sqlite;
 mod token;
 
+pub use cached::Cached;
 pub use model::*;
 pub use slug::{environment_slug, guess_tier, TIERS};
 pub use sqlite::SqliteControlPlane;
@@ -84,4 +86,72 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// Changes made from now on.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+}
+
+#[async_trait]
+impl<T: ControlPlane + ?Sized> ControlPlane for Arc<T> {
+    async fn create_group(&self, path: &str, id: Option<u64>) -> Result<Group> {
+        (**self).create_group(path, id).await
+    }
+    async fn list_groups(&self) -> Result<Vec<Group>> {
+        (**self).list_groups().await
+    }
+    async fn create_project(&self, path: &str, id: Option<u64>) -> Result<Project> {
+        (**self).create_project(path, id).await
+    }
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        (**self).list_projects().await
+    }
+    async fn create_agent(&self, project: &str, name: &str) -> Result<(Agent, Secret)> {
+        (**self).create_agent(project, name).await
+    }
+    async fn list_agents(&self) -> Result<Vec<Agent>> {
+        (**self).list_agents().await
+    }
+    async fn get_agent(&self, project: &str, name: &str) -> Result<Agent> {
+        (**self).get_agent(project, name).await
+    }
+    async fn set_agent_config(
+        &self,
+        project: &str,
+        name: &str,
+        yaml: &str,
+    ) -> Result<(u64, Vec<kas_authz::ConfigWarning>)> {
+        (**self).set_agent_config(project, name, yaml).await
+    }
+    async fn create_environment(
+        &self,
+        project: &str,
+        name: &str,
+        tier: Option<&str>,
+    ) -> Result<EnvironmentRecord> {
+        (**self).create_environment(project, name, tier).await
+    }
+    async fn list_environments(&self, project: Option<&str>) -> Result<Vec<EnvironmentRecord>> {
+        (**self).list_environments(project).await
+    }
+    async fn start_job(&self, req: &StartJob) -> Result<(Job, Secret)> {
+        (**self).start_job(req).await
+    }
+    async fn finish_job(&self, id: u64, status: JobStatus) -> Result<Job> {
+        (**self).finish_job(id, status).await
+    }
+    async fn list_jobs(&self) -> Result<Vec<Job>> {
+        (**self).list_jobs().await
+    }
+    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>> {
+        (**self).authenticate_agent(token).await
+    }
+    async fn agent_info(&self, agent_id: u64) -> Result<Option<Arc<AgentInfo>>> {
+        (**self).agent_info(agent_id).await
+    }
+    async fn all_agent_infos(&self) -> Result<Vec<Arc<AgentInfo>>> {
+        (**self).all_agent_infos().await
+    }
+    async fn authenticate_job(&self, token: &str) -> Result<Option<Arc<kas_authz::JobContext>>> {
+        (**self).authenticate_job(token).await
+    }
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        (**self).subscribe()
+    }
 }

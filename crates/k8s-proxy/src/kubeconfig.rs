@@ -1,0 +1,109 @@
+//! The kubeconfig a CI job gets: one context per agent it may use.
+
+use base64::Engine;
+use kas_authz::{decide, Decision, JobContext};
+use kas_controlplane::AgentInfo;
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+#[error("could not render the kubeconfig")]
+pub struct KubeconfigError(#[source] serde_yaml_ng::Error);
+
+#[derive(Serialize)]
+struct Config {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    clusters: Vec<NamedCluster>,
+    users: Vec<NamedUser>,
+    contexts: Vec<NamedContext>,
+    preferences: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct NamedCluster {
+    name: String,
+    cluster: Cluster,
+}
+
+#[derive(Serialize)]
+struct Cluster {
+    server: String,
+    #[serde(rename = "certificate-authority-data", skip_serializing_if = "Option::is_none")]
+    ca_data: Option<String>,
+}
+
+#[derive(Serialize)]
+struct NamedUser {
+    name: String,
+    user: User,
+}
+
+#[derive(Serialize)]
+struct User {
+    token: String,
+}
+
+#[derive(Serialize)]
+struct NamedContext {
+    name: String,
+    context: Context,
+}
+
+#[derive(Serialize)]
+struct Context {
+    cluster: String,
+    user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+}
+
+/// Renders the kubeconfig of a job: cluster `kas` at `server_url` (with the CA when
+/// TLS is on), one user `agent:<id>` with token `ci:<id>:<job token>` and one context
+/// `<config project path>:<agent name>` per agent whose `ci_access` admits the job.
+/// No context is selected: the job picks one with `kubectl config use-context`.
+pub fn job_kubeconfig(
+    job: &JobContext,
+    job_token: &str,
+    agents: &[Arc<AgentInfo>],
+    server_url: &str,
+    ca_pem: Option<&str>,
+) -> Result<String, KubeconfigError> {
+    let mut users = Vec::new();
+    let mut contexts = Vec::new();
+    for a in agents {
+        if let Decision::Allow(allowed) = decide(&a.agent, &a.config, job) {
+            let user = format!("agent:{}", a.agent.id);
+            users.push(NamedUser {
+                name: user.clone(),
+                user: User {
+                    token: format!("ci:{}:{}", a.agent.id, job_token),
+                },
+            });
+            contexts.push(NamedContext {
+                name: format!("{}:{}", a.agent.config_project.path, a.agent.name),
+                context: Context {
+                    cluster: "kas".into(),
+                    user,
+                    namespace: allowed.default_namespace,
+                },
+            });
+        }
+    }
+    let cfg = Config {
+        api_version: "v1",
+        kind: "Config",
+        clusters: vec![NamedCluster {
+            name: "kas".into(),
+            cluster: Cluster {
+                server: server_url.to_string(),
+                ca_data: ca_pem.map(|p| base64::engine::general_purpose::STANDARD.encode(p)),
+            },
+        }],
+        users,
+        contexts,
+        preferences: Default::default(),
+    };
+    serde_yaml_ng::to_string(&cfg).map_err(KubeconfigError)
+}

@@ -1,0 +1,16 @@
+//! The Kubernetes API proxy for CI jobs: `Authorization: Bearer ci:<agent id>:<job token>`
+//! in, an authorized request down the agent's tunnel out, with the impersonation the
+//! agent's `ci_access` decides. Also builds the kubeconfig a job uses.
+//!
+//! It does not terminate TLS or own sockets (the server does), and it never forwards
+//! the client's `Authorization` or `Impersonate-*` headers.
+
+mod kubeconfig;
+mod proxy;
+mod status;
+mod token;
+
+pub use kubeconfig::{job_kubeconfig, KubeconfigError};
+pub use proxy::{K8sProxy, ProxyBody, ProxyOptions};
+pub use status::status_response;
+pub use token::{parse_ci_token, CiToken, TokenError};

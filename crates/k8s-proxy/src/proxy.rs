@@ -1,0 +1,284 @@
+//! The proxy request path: authenticate, authorize, pick a tunnel, stream.
+
+use crate::status::status_response;
+use crate::token::parse_ci_token;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use kas_authz::{decide, Decision, Identity};
+use kas_controlplane::ControlPlane;
+use kas_proto::v1::{server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ServerFrame};
+use kas_proto::MAX_DATA_FRAME;
+use kas_tunnel::{headers, AcquireError, ExchangeError, TunnelBody, TunnelRegistry};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Response body of the proxy: a Status document or a tunnel's stream.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Tunable behaviour.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// How long a request waits for a free tunnel of its agent.
+    pub agent_wait: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            agent_wait: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The Kubernetes API proxy for CI jobs.
+pub struct K8sProxy {
+    cp: Arc<dyn ControlPlane>,
+    registry: Arc<TunnelRegistry>,
+    opts: ProxyOptions,
+}
+
+/// The path prefix of the proxy endpoint (`https://<kas>/k8s-proxy/`); requests
+/// without it are accepted too, so kas can sit behind a path-stripping ingress.
+const PREFIX: &str = "/k8s-proxy";
+
+/// Attempts on a fresh tunnel when one breaks before the agent answered.
+const ATTEMPTS: usize = 3;
+
+fn to_proto(id: &Identity) -> Impersonation {
+    Impersonation {
+        username: id.username.clone(),
+        uid: id.uid.clone().unwrap_or_default(),
+        groups: id.groups.clone(),
+        extra: id
+            .extra
+            .iter()
+            .map(|(k, v)| ExtraValues {
+                key: k.clone(),
+                values: v.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+fn internal() -> Response<ProxyBody> {
+    status_response(StatusCode::INTERNAL_SERVER_ERROR, "kas could not process the request; see kas logs")
+}
+
+impl K8sProxy {
+    pub fn new(cp: Arc<dyn ControlPlane>, registry: Arc<TunnelRegistry>, opts: ProxyOptions) -> Arc<Self> {
+        Arc::new(K8sProxy { cp, registry, opts })
+    }
+
+    /// Handles one client request.
+    pub async fn handle<B>(self: Arc<Self>, mut req: Request<B>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let started = Instant::now();
+        let request_id = format!("{:016x}", rand::random::<u64>());
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or(""));
+        let token = match parse_ci_token(auth) {
+            Ok(t) => t,
+            Err(e) => {
+                let code = StatusCode::UNAUTHORIZED;
+                tracing::info!(%request_id, status = 401, reason = %e, "k8s-proxy: refused");
+                return status_response(code, &e.to_string());
+            }
+        };
+        let agent_id = token.agent_id;
+        let job = match self.cp.authenticate_job(token.job_token).await {
+            Ok(Some(j)) => j,
+            Ok(None) => {
+                tracing::info!(%request_id, agent_id, status = 401, "k8s-proxy: unknown or finished job token");
+                return status_response(
+                    StatusCode::UNAUTHORIZED,
+                    "the job token is invalid or the job is no longer running",
+                );
+            }
+            Err(e) => {
+                tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
+                return status_response(StatusCode::SERVICE_UNAVAILABLE, "kas cannot reach its control plane; retry later");
+            }
+        };
+        let agent = match self.cp.agent_info(agent_id).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
+                return status_response(StatusCode::SERVICE_UNAVAILABLE, "kas cannot reach its control plane; retry later");
+            }
+        };
+        let decision = match &agent {
+            Some(a) => decide(&a.agent, &a.config, &job),
+            None => Decision::Deny(kas_authz::DenyReason::NotAuthorized {
+                project: job.project.path.clone(),
+            }),
+        };
+        let allowed = match decision {
+            Decision::Allow(a) => a,
+            Decision::Deny(reason) => {
+                tracing::info!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, status = 403, %reason, "k8s-proxy: forbidden");
+                return status_response(
+                    StatusCode::FORBIDDEN,
+                    &format!("forbidden: agent {agent_id} may not be used by this job: {reason}"),
+                );
+            }
+        };
+
+        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path_and_query = match path_and_query.strip_prefix(PREFIX) {
+            Some(rest) if rest.is_empty() || rest.starts_with(['/', '?']) => {
+                if rest.starts_with('/') {
+                    rest.to_string()
+                } else {
+                    format!("/{rest}")
+                }
+            }
+            _ => path_and_query.to_string(),
+        };
+        let upgrade = is_upgrade(&req);
+        let head = RequestHead {
+            method: req.method().as_str().to_string(),
+            path_and_query,
+            headers: headers::to_wire(req.headers(), true, upgrade),
+            impersonation: allowed.identity.as_ref().map(to_proto),
+            upgrade,
+            request_id: request_id.clone(),
+        };
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // A request without a body can be replayed on another tunnel if one breaks.
+        let replayable = upgrade || req.body().is_end_stream();
+        let mut body = Some(req.into_body());
+
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let tunnel = match self.registry.acquire(agent_id, self.opts.agent_wait).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = match e {
+                        AcquireError::NotConnected => format!("agent {agent_id} is not connected to kas"),
+                        AcquireError::NoFreeTunnel => format!("agent {agent_id} has no free tunnel; retry later"),
+                    };
+                    tracing::warn!(%request_id, agent_id, job_id = job.job_id, status = 503, "k8s-proxy: {msg}");
+                    return status_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
+                }
+            };
+            let res = if replayable {
+                tunnel.round_trip(head.clone(), Empty::<Bytes>::new()).await
+            } else {
+                match body.take() {
+                    Some(b) => tunnel.round_trip(head.clone(), b).await,
+                    None => break Err(ExchangeError::TunnelClosed),
+                }
+            };
+            match res {
+                Err(ExchangeError::TunnelClosed) if replayable && attempt < ATTEMPTS => continue,
+                other => break other,
+            }
+        };
+        let (rhead, tbody) = match outcome {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = 502, "k8s-proxy: exchange failed");
+                let msg = match e {
+                    ExchangeError::Agent { message, .. } => format!("the agent could not complete the request: {message}"),
+                    _ => "the agent's connection broke before it answered; retry".to_string(),
+                };
+                return status_response(StatusCode::BAD_GATEWAY, &msg);
+            }
+        };
+        let Ok(status) = StatusCode::from_u16(rhead.status as u16) else {
+            return internal();
+        };
+        let mut resp_headers = headers::from_wire(&rhead.headers, false);
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            resp_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        }
+        tracing::info!(
+            %request_id, agent_id, job_id = job.job_id, project = %job.project.path,
+            access_as = allowed.mode.as_str(), method = %head.method, path = %head.path_and_query,
+            status = status.as_u16(), head_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "k8s-proxy: request"
+        );
+        let mut resp = if switching {
+            match on_upgrade {
+                Some(on) => {
+                    tokio::spawn(splice(on, tbody, request_id));
+                    Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
+                }
+                None => return internal(),
+            }
+        } else {
+            Response::new(tbody.map_err(Into::into).boxed_unsync())
+        };
+        *resp.status_mut() = status;
+        *resp.headers_mut() = resp_headers;
+        resp
+    }
+}
+
+/// Copies raw bytes both ways between an upgraded client connection and the tunnel.
+async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, request_id: String) {
+    let upgraded = match on.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%request_id, error = %e, "k8s-proxy: client upgrade failed");
+            return;
+        }
+    };
+    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let out = from_agent.outbound();
+    let up = async move {
+        let mut buf = vec![0u8; MAX_DATA_FRAME.min(32 * 1024)];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = out
+                        .send(Ok(ServerFrame { msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})) }))
+                        .await;
+                    return;
+                }
+                Ok(n) => {
+                    let f = ServerFrame {
+                        msg: Some(server_frame::Msg::Data(Data { data: Bytes::copy_from_slice(&buf[..n]) })),
+                    };
+                    if out.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let down = async move {
+        while let Ok(Some(chunk)) = from_agent.next_chunk().await {
+            if wr.write_all(&chunk).await.is_err() {
+                return from_agent;
+            }
+        }
+        let _ = wr.shutdown().await;
+        // Keep the tunnel open until the other direction finishes.
+        from_agent
+    };
+    let (_, tunnel) = tokio::join!(up, down);
+    drop(tunnel);
+}

@@ -1,0 +1,312 @@
+//! kas configuration: a YAML file, environment variables and flags (flags win over
+//! the environment, which wins over the file). Every problem is reported at once,
+//! before anything is bound.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Command line (each flag also reads an environment variable).
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "kas", version, about = "The agent server: agents dial in, CI jobs and applications reach their clusters through it")]
+pub struct Cli {
+    /// YAML configuration file.
+    #[arg(long, env = "KAS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the embedded control plane, generated certificates and the admin token.
+    #[arg(long, env = "KAS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Agent listener (gRPC), e.g. 127.0.0.1:8150.
+    #[arg(long, env = "KAS_LISTEN_AGENT")]
+    pub listen_agent: Option<String>,
+    /// API listener (admin API), e.g. 127.0.0.1:8153.
+    #[arg(long, env = "KAS_LISTEN_API")]
+    pub listen_api: Option<String>,
+    /// Kubernetes API proxy listener, e.g. 127.0.0.1:8154.
+    #[arg(long, env = "KAS_LISTEN_K8S_PROXY")]
+    pub listen_k8s_proxy: Option<String>,
+    /// Observability listener (/healthz, /readyz), e.g. 127.0.0.1:8151.
+    #[arg(long, env = "KAS_LISTEN_OBSERVABILITY")]
+    pub listen_observability: Option<String>,
+    /// URL CI jobs use to reach the Kubernetes API proxy (goes into job kubeconfigs).
+    #[arg(long, env = "KAS_K8S_PROXY_URL")]
+    pub k8s_proxy_url: Option<String>,
+    /// Log filter (e.g. info, kas_server=debug); RUST_LOG also works.
+    #[arg(long, env = "KAS_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "KAS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    listen: FileListen,
+    #[serde(default)]
+    agent: FileAgent,
+    #[serde(default)]
+    k8s_proxy: FileK8sProxy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListen {
+    agent: Option<String>,
+    api: Option<String>,
+    k8s_proxy: Option<String>,
+    observability: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    tls: Option<FileTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileK8sProxy {
+    url: Option<String>,
+    tls: Option<FileTls>,
+    /// Serve plain HTTP (only behind a TLS-terminating ingress: kubectl sends tokens only over TLS).
+    #[serde(default)]
+    plaintext: bool,
+    agent_wait_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    certificate_file: PathBuf,
+    key_file: PathBuf,
+}
+
+/// A certificate and key in PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub certificate_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// How the Kubernetes API proxy listener does TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyTls {
+    /// A CA and serving certificate generated in the data dir on first start.
+    Generated,
+    Files(TlsFiles),
+    Plaintext,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen_agent: SocketAddr,
+    pub listen_api: SocketAddr,
+    pub listen_k8s_proxy: SocketAddr,
+    pub listen_observability: SocketAddr,
+    pub agent_tls: Option<TlsFiles>,
+    pub k8s_proxy_tls: ProxyTls,
+    /// None: derived from the bound address.
+    pub k8s_proxy_url: Option<String>,
+    pub agent_wait_timeout: Duration,
+}
+
+/// Parses `20s`, `500ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m or h)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("`{s}` has an unknown unit (use ms, s, m or h)")),
+    })
+}
+
+impl Config {
+    /// Builds the configuration from flags/environment and the optional file,
+    /// returning every problem found.
+    pub fn load(cli: &Cli) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let file: FileConfig = match &cli.config {
+            None => FileConfig::default(),
+            Some(p) => match std::fs::read_to_string(p) {
+                Err(e) => {
+                    errors.push(format!("config file {}: {e}", p.display()));
+                    FileConfig::default()
+                }
+                Ok(text) if text.trim().is_empty() => FileConfig::default(),
+                Ok(text) => {
+                    let de = serde_yaml_ng::Deserializer::from_str(&text);
+                    match serde_path_to_error::deserialize(de) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            errors.push(format!("config file {}: {}: {}", p.display(), e.path(), e.inner()));
+                            FileConfig::default()
+                        }
+                    }
+                }
+            },
+        };
+        let mut addr = |name: &str, flag: &Option<String>, file: &Option<String>, default: &str| {
+            let v = flag.clone().or_else(|| file.clone()).unwrap_or_else(|| default.to_string());
+            match v.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    errors.push(format!("listen address for {name} `{v}` is not host:port (e.g. 127.0.0.1:8150)"));
+                    SocketAddr::from(([127, 0, 0, 1], 0))
+                }
+            }
+        };
+        let listen_agent = addr("agent", &cli.listen_agent, &file.listen.agent, "127.0.0.1:8150");
+        let listen_api = addr("api", &cli.listen_api, &file.listen.api, "127.0.0.1:8153");
+        let listen_k8s_proxy = addr("k8s_proxy", &cli.listen_k8s_proxy, &file.listen.k8s_proxy, "127.0.0.1:8154");
+        let listen_observability = addr(
+            "observability",
+            &cli.listen_observability,
+            &file.listen.observability,
+            "127.0.0.1:8151",
+        );
+        let all = [
+            ("agent", listen_agent),
+            ("api", listen_api),
+            ("k8s_proxy", listen_k8s_proxy),
+            ("observability", listen_observability),
+        ];
+        for (i, (n1, a1)) in all.iter().enumerate() {
+            for (n2, a2) in &all[i + 1..] {
+                if a1 == a2 && a1.port() != 0 {
+                    errors.push(format!("listeners {n1} and {n2} both use {a1}; each listener needs its own socket"));
+                }
+            }
+        }
+        let mut tls_files = |what: &str, t: &Option<FileTls>| {
+            t.as_ref().map(|t| {
+                for (k, p) in [("certificate_file", &t.certificate_file), ("key_file", &t.key_file)] {
+                    if !Path::new(p).is_file() {
+                        errors.push(format!("{what}.tls.{k}: {} does not exist or is not a file", p.display()));
+                    }
+                }
+                TlsFiles {
+                    certificate_file: t.certificate_file.clone(),
+                    key_file: t.key_file.clone(),
+                }
+            })
+        };
+        let agent_tls = tls_files("agent", &file.agent.tls);
+        let proxy_files = tls_files("k8s_proxy", &file.k8s_proxy.tls);
+        let k8s_proxy_tls = match (proxy_files, file.k8s_proxy.plaintext) {
+            (Some(_), true) => {
+                errors.push("k8s_proxy: set either tls or plaintext, not both".into());
+                ProxyTls::Plaintext
+            }
+            (Some(f), false) => ProxyTls::Files(f),
+            (None, true) => ProxyTls::Plaintext,
+            (None, false) => ProxyTls::Generated,
+        };
+        let k8s_proxy_url = cli.k8s_proxy_url.clone().or(file.k8s_proxy.url.clone());
+        if let Some(u) = &k8s_proxy_url {
+            match u.parse::<http::Uri>() {
+                Ok(uri) if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) => {
+                    let tls = k8s_proxy_tls != ProxyTls::Plaintext;
+                    if tls && uri.scheme_str() == Some("http") {
+                        errors.push(format!("k8s proxy URL `{u}` is http but the proxy serves TLS; use https"));
+                    }
+                }
+                _ => errors.push(format!("k8s proxy URL `{u}` is not an absolute http(s) URL")),
+            }
+        }
+        let agent_wait_timeout = match &file.k8s_proxy.agent_wait_timeout {
+            None => Duration::from_secs(20),
+            Some(s) => parse_duration(s).unwrap_or_else(|e| {
+                errors.push(format!("k8s_proxy.agent_wait_timeout: {e}"));
+                Duration::from_secs(20)
+            }),
+        };
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./kas-data"));
+        if data_dir.exists() && !data_dir.is_dir() {
+            errors.push(format!("data dir {} exists and is not a directory", data_dir.display()));
+        }
+        if errors.is_empty() {
+            Ok(Config {
+                data_dir,
+                listen_agent,
+                listen_api,
+                listen_k8s_proxy,
+                listen_observability,
+                agent_tls,
+                k8s_proxy_tls,
+                k8s_proxy_url,
+                agent_wait_timeout,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(&Cli::default()).expect("valid");
+        assert_eq!(c.listen_agent.port(), 8150);
+        assert_eq!(c.k8s_proxy_tls, ProxyTls::Generated);
+        assert_eq!(c.agent_wait_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("kas.yaml");
+        std::fs::write(
+            &f,
+            "listen:\n  agent: nope\n  api: 127.0.0.1:9000\nk8s_proxy:\n  agent_wait_timeout: 5 parsecs\n  tls:\n    certificate_file: /missing.crt\n    key_file: /missing.key\n",
+        )
+        .expect("write");
+        let cli = Cli {
+            config: Some(f),
+            listen_k8s_proxy: Some("127.0.0.1:9000".into()),
+            k8s_proxy_url: Some("not a url".into()),
+            ..Default::default()
+        };
+        let errs = Config::load(&cli).expect_err("invalid");
+        let all = errs.join("\n");
+        for needle in ["`nope`", "both use 127.0.0.1:9000", "agent_wait_timeout", "/missing.crt", "/missing.key", "not a url"] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("kas.yaml");
+        std::fs::write(&f, "listen:\n  agnet: 1.2.3.4:5\n").expect("write");
+        let errs = Config::load(&Cli { config: Some(f), ..Default::default() }).expect_err("invalid");
+        assert!(errs[0].contains("agnet"), "{errs:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

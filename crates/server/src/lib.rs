@@ -1,0 +1,285 @@
+//! kas, the agent server: wires the control plane, the agent listener, the
+//! Kubernetes API proxy, the admin API and the observability endpoints together.
+//!
+//! [`Kas::start`] binds every listener (so a bad address fails before anything
+//! serves), then serves until [`Kas::shutdown`]. It holds no request logic itself:
+//! that lives in `kas-k8s-proxy`, `kas-tunnel` and `kas-controlplane`.
+
+mod admin_api;
+mod agent_api;
+pub mod config;
+mod serve;
+pub mod tls;
+
+use crate::config::{Config, ProxyTls};
+use kas_controlplane::{Cached, ControlPlane, SqliteControlPlane};
+use kas_k8s_proxy::{K8sProxy, ProxyOptions};
+use kas_proto::v1::agent_server::AgentServer;
+use kas_tunnel::TunnelRegistry;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How long in-flight requests may take to finish after shutdown begins.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Why kas could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind the {name} listener on {addr}: {source}")]
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] kas_controlplane::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("agent listener TLS: {0}")]
+    AgentTls(#[from] tonic::transport::Error),
+}
+
+/// Where a running kas listens, and what a user needs to reach it.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub agent: SocketAddr,
+    pub agent_tls: bool,
+    pub api: SocketAddr,
+    pub k8s_proxy: SocketAddr,
+    pub observability: SocketAddr,
+    /// The proxy URL handed to jobs.
+    pub k8s_proxy_url: String,
+    /// The CA that signs the proxy's certificate, when kas generated it.
+    pub k8s_proxy_ca_file: Option<PathBuf>,
+    pub admin_token_file: PathBuf,
+}
+
+/// A running kas. Dropping it does not stop it; call [`Kas::shutdown`].
+pub struct Kas {
+    pub endpoints: Endpoints,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+fn admin_token(data_dir: &Path) -> Result<[u8; 32], StartError> {
+    let path = data_dir.join("admin-token");
+    let err = |source| StartError::DataDir { path: path.clone(), source };
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t = kas_controlplane::new_token(kas_controlplane::TokenKind::Admin);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            use std::io::Write;
+            let mut f = opts.open(&path).map_err(err)?;
+            f.write_all(format!("{}\n", t.expose()).as_bytes()).map_err(err)?;
+            t.expose().to_string()
+        }
+    };
+    Ok(kas_controlplane::hash_token(&token))
+}
+
+async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { name, addr, source })
+}
+
+fn host_list(addr: SocketAddr, url: Option<&str>) -> Vec<String> {
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if !addr.ip().is_unspecified() {
+        hosts.push(addr.ip().to_string());
+    }
+    if let Some(h) = url.and_then(|u| u.parse::<http::Uri>().ok()).and_then(|u| u.host().map(str::to_string)) {
+        hosts.push(h.trim_start_matches('[').trim_end_matches(']').to_string());
+    }
+    if let Ok(h) = std::env::var("HOSTNAME") {
+        if !h.is_empty() {
+            hosts.push(h);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    hosts.retain(|h| seen.insert(h.clone()));
+    hosts
+}
+
+impl Kas {
+    /// Opens the data dir and control plane, binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Kas, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let admin_hash = admin_token(&config.data_dir)?;
+        let sqlite = SqliteControlPlane::open(&config.data_dir.join("controlplane.sqlite"))?;
+        let cp: Arc<dyn ControlPlane> = Arc::new(Cached::new(sqlite));
+
+        let agent_l = bind("agent", config.listen_agent).await?;
+        let api_l = bind("api", config.listen_api).await?;
+        let proxy_l = bind("k8s_proxy", config.listen_k8s_proxy).await?;
+        let obs_l = bind("observability", config.listen_observability).await?;
+        let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let agent_addr = local(&agent_l, config.listen_agent);
+        let proxy_addr = local(&proxy_l, config.listen_k8s_proxy);
+
+        let (proxy_tls, ca) = match &config.k8s_proxy_tls {
+            ProxyTls::Plaintext => (None, None),
+            ProxyTls::Files(f) => {
+                let pem = tls::load_pem(&f.certificate_file, &f.key_file)?;
+                (Some(tls::server_config(&pem)?), None)
+            }
+            ProxyTls::Generated => {
+                let g = tls::generated_proxy_tls(
+                    &config.data_dir,
+                    &host_list(proxy_addr, config.k8s_proxy_url.as_deref()),
+                )?;
+                (Some(tls::server_config(&g.serving)?), Some((g.ca_pem, g.ca_file)))
+            }
+        };
+        let k8s_proxy_url = config.k8s_proxy_url.clone().unwrap_or_else(|| {
+            let scheme = if proxy_tls.is_some() { "https" } else { "http" };
+            let host = if proxy_addr.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                proxy_addr.ip().to_string()
+            };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            format!("{scheme}://{host}:{}/k8s-proxy/", proxy_addr.port())
+        });
+        let endpoints = Endpoints {
+            agent: agent_addr,
+            agent_tls: config.agent_tls.is_some(),
+            api: local(&api_l, config.listen_api),
+            k8s_proxy: proxy_addr,
+            observability: local(&obs_l, config.listen_observability),
+            k8s_proxy_url: k8s_proxy_url.clone(),
+            k8s_proxy_ca_file: ca.as_ref().map(|(_, f)| f.clone()),
+            admin_token_file: config.data_dir.join("admin-token"),
+        };
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let registry = TunnelRegistry::new();
+        let mut tasks = JoinSet::new();
+
+        // Agent listener (gRPC).
+        let agent_svc = AgentServer::new(agent_api::AgentService::new(cp.clone(), registry.clone(), shutdown_rx.clone()))
+            .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
+        let mut server = tonic::transport::Server::builder()
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(64 * 1024 * 1024)
+            .max_frame_size(64 * 1024)
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_nodelay(true);
+        if let Some(t) = &config.agent_tls {
+            let pem = tls::load_pem(&t.certificate_file, &t.key_file)?;
+            server = server.tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(pem.cert_pem, pem.key_pem)),
+            )?;
+        }
+        let router = server.add_service(agent_svc);
+        let (mut rx, mut rx2) = (shutdown_rx.clone(), shutdown_rx.clone());
+        tasks.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(agent_l);
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            // tonic waits for every stream to end; agents' long-lived streams end when
+            // they see the shutdown, and the grace period bounds the wait regardless.
+            tokio::select! {
+                r = router.serve_with_incoming_shutdown(incoming, stop) => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "agent listener failed");
+                    }
+                }
+                _ = async { let _ = rx2.wait_for(|s| *s).await; tokio::time::sleep(GRACE).await } => {}
+            }
+        });
+
+        // Kubernetes API proxy.
+        let proxy = K8sProxy::new(
+            cp.clone(),
+            registry.clone(),
+            ProxyOptions {
+                agent_wait: config.agent_wait_timeout,
+            },
+        );
+        let svc = hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        });
+        let acceptor = proxy_tls.map(tokio_rustls::TlsAcceptor::from);
+        tasks.spawn(serve::serve_http(proxy_l, acceptor, svc, shutdown_rx.clone(), GRACE));
+
+        // Admin API.
+        let state = Arc::new(admin_api::AdminState {
+            cp: cp.clone(),
+            registry: registry.clone(),
+            admin_token_hash: admin_hash,
+            k8s_proxy_url,
+            k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
+        });
+        let api = hyper_util::service::TowerToHyperService::new(admin_api::router(state));
+        tasks.spawn(serve::serve_http(api_l, None, api, shutdown_rx.clone(), GRACE));
+
+        // Observability.
+        let obs = hyper_util::service::TowerToHyperService::new(observability_router(cp.clone()));
+        tasks.spawn(serve::serve_http(obs_l, None, obs, shutdown_rx.clone(), GRACE));
+
+        Ok(Kas {
+            endpoints,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, tells agents to reconnect, lets in-flight requests finish
+    /// within the grace period, and returns when everything has stopped.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Serves until one of the listener tasks ends (it should not) or shutdown.
+    pub async fn wait(&mut self) {
+        let _ = self.tasks.join_next().await;
+    }
+}
+
+fn observability_router(cp: Arc<dyn ControlPlane>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let cp = cp.clone();
+                async move {
+                    match cp.list_groups().await {
+                        Ok(_) => (axum::http::StatusCode::OK, "ready\n"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "not ready: control plane unusable");
+                            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable\n")
+                        }
+                    }
+                }
+            }),
+        )
+}

@@ -1,0 +1,55 @@
+//! Reverse tunnels between kas and agentk.
+//!
+//! An agent replica opens gRPC `Tunnel` streams to kas and leaves them idle. kas keeps
+//! them in the [`TunnelRegistry`], takes one when a request for that agent arrives,
+//! and streams one HTTP exchange through it ([`Tunnel::round_trip`]): request head,
+//! request body frames, then the agent's response head and body frames. Upgrades
+//! (SPDY, WebSocket) continue as raw byte frames after a 101 response.
+//!
+//! Frame sequence on one stream (see `proto/agent.proto`):
+//! ```text
+//! agent -> kas : Hello
+//! kas -> agent : RequestHead, Data*, EndOfBody          (upgrade: RequestHead only)
+//! agent -> kas : ResponseHead, Data*, EndOfBody | TunnelError
+//! after a 101  : Data* both ways, EndOfBody = half-close of that direction
+//! ```
+//! Either side ending its half of the stream early cancels the exchange.
+//!
+//! It does not authenticate or authorize anything and knows nothing of Kubernetes;
+//! it does not know about other kas replicas (routing between replicas is separate).
+
+mod body;
+pub mod headers;
+mod registry;
+
+pub use body::{frames_from_body, TunnelBody};
+pub use registry::{
+    AcquireError, ConnectedAgent, ConnectedReplica, ReplicaGuard, ReplicaInfo, Tunnel,
+    TunnelRegistry,
+};
+
+use kas_proto::v1::TunnelError as ProtoTunnelError;
+
+/// Errors of one exchange through a tunnel, classified by origin.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The tunnel broke before the agent answered (the agent went away). Safe to
+    /// retry on another tunnel only if the request body was not consumed.
+    #[error("the agent closed the tunnel before responding")]
+    TunnelClosed,
+    /// The agent answered with an error instead of a response.
+    #[error("the agent could not complete the request: {message}")]
+    Agent { code: i32, message: String },
+    /// The agent violated the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ExchangeError {
+    pub(crate) fn from_proto(e: ProtoTunnelError) -> Self {
+        ExchangeError::Agent {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}

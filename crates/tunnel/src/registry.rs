@@ -1,0 +1,390 @@
+//! Idle tunnels of connected agents, held by the kas that accepted them.
+
+use crate::body::{frames_from_body, TunnelBody};
+use crate::ExchangeError;
+use bytes::Bytes;
+use kas_proto::v1::{agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Status, Streaming};
+
+/// Sender half of the kas -> agent direction of one tunnel.
+pub type Outbound = mpsc::Sender<Result<ServerFrame, Status>>;
+
+/// What kas knows about one connected agentk replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaInfo {
+    pub replica_id: String,
+    pub agent_version: String,
+    pub peer: String,
+}
+
+/// Snapshot of one connected replica, for `kasctl agents`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectedReplica {
+    pub replica_id: String,
+    pub agent_version: String,
+    pub peer: String,
+    /// Unix seconds.
+    pub connected_since: u64,
+    pub config_version: u64,
+    pub idle_tunnels: usize,
+}
+
+/// Snapshot of one connected agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectedAgent {
+    pub agent_id: u64,
+    pub replicas: Vec<ConnectedReplica>,
+    pub idle_tunnels: usize,
+    pub busy_tunnels: usize,
+}
+
+struct IdleTunnel {
+    replica: Arc<str>,
+    inbound: Streaming<AgentFrame>,
+    outbound: Outbound,
+}
+
+struct ReplicaState {
+    info: ReplicaInfo,
+    since: u64,
+    config_version: u64,
+}
+
+#[derive(Default)]
+struct AgentEntry {
+    /// FIFO so consecutive requests spread over replicas.
+    idle: VecDeque<IdleTunnel>,
+    waiters: VecDeque<oneshot::Sender<Tunnel>>,
+    replicas: HashMap<Arc<str>, ReplicaState>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl AgentEntry {
+    fn is_empty(&self) -> bool {
+        self.idle.is_empty() && self.waiters.is_empty() && self.replicas.is_empty()
+    }
+}
+
+/// The agent connections this kas holds. Shared by the agent listener (which offers
+/// tunnels) and the proxies (which acquire them).
+#[derive(Default)]
+pub struct TunnelRegistry {
+    agents: Mutex<HashMap<u64, AgentEntry>>,
+    next_replica_seq: AtomicU64,
+}
+
+/// Why no tunnel could be had.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AcquireError {
+    #[error("the agent is not connected")]
+    NotConnected,
+    #[error("the agent is connected but has no free tunnel")]
+    NoFreeTunnel,
+}
+
+/// Registration of a replica; dropping it (when the replica's configuration stream
+/// ends) forgets the replica and closes its idle tunnels.
+pub struct ReplicaGuard {
+    registry: Weak<TunnelRegistry>,
+    agent_id: u64,
+    replica: Arc<str>,
+}
+
+impl Drop for ReplicaGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.upgrade() {
+            r.remove_replica(self.agent_id, &self.replica);
+        }
+    }
+}
+
+impl ReplicaGuard {
+    pub fn replica_key(&self) -> &Arc<str> {
+        &self.replica
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TunnelRegistry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AgentEntry>> {
+        // A panic while holding this lock leaves only plain data behind; keep serving.
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connected replica. The same replica id connecting twice (a
+    /// reconnect racing the old connection's teardown) gets a distinct key.
+    pub fn add_replica(self: &Arc<Self>, agent_id: u64, info: ReplicaInfo) -> ReplicaGuard {
+        let seq = self.next_replica_seq.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(format!("{}#{seq}", info.replica_id));
+        let mut agents = self.lock();
+        agents.entry(agent_id).or_default().replicas.insert(
+            key.clone(),
+            ReplicaState {
+                info,
+                since: unix_now(),
+                config_version: 0,
+            },
+        );
+        ReplicaGuard {
+            registry: Arc::downgrade(self),
+            agent_id,
+            replica: key,
+        }
+    }
+
+    fn remove_replica(&self, agent_id: u64, replica: &Arc<str>) {
+        let mut agents = self.lock();
+        if let Some(e) = agents.get_mut(&agent_id) {
+            e.replicas.remove(replica);
+            e.idle.retain(|t| &t.replica != replica);
+            if e.is_empty() {
+                agents.remove(&agent_id);
+            }
+        }
+    }
+
+    /// Records the configuration version a replica acknowledged.
+    pub fn set_config_version(&self, agent_id: u64, replica: &Arc<str>, version: u64) {
+        if let Some(r) = self
+            .lock()
+            .get_mut(&agent_id)
+            .and_then(|e| e.replicas.get_mut(replica))
+        {
+            r.config_version = version;
+        }
+    }
+
+    /// Offers an idle tunnel of a registered replica: handed to a waiting request at
+    /// once, or kept until one arrives.
+    pub fn offer(
+        &self,
+        agent_id: u64,
+        replica: &Arc<str>,
+        inbound: Streaming<AgentFrame>,
+        outbound: Outbound,
+    ) {
+        let mut agents = self.lock();
+        let Some(entry) = agents.get_mut(&agent_id) else {
+            return;
+        };
+        if !entry.replicas.contains_key(replica) {
+            // The replica's registration is gone; dropping the streams closes the tunnel.
+            return;
+        }
+        let mut idle = IdleTunnel {
+            replica: replica.clone(),
+            inbound,
+            outbound,
+        };
+        while let Some(w) = entry.waiters.pop_front() {
+            match w.send(Tunnel::new(agent_id, idle, &entry.busy)) {
+                Ok(()) => return,
+                Err(t) => idle = t.into_idle(),
+            }
+        }
+        entry.idle.push_back(idle);
+    }
+
+    /// Takes an idle tunnel of the agent, waiting up to `wait` for one to be offered.
+    pub async fn acquire(&self, agent_id: u64, wait: Duration) -> Result<Tunnel, AcquireError> {
+        let rx = {
+            let mut agents = self.lock();
+            let entry = agents.entry(agent_id).or_default();
+            while let Some(t) = entry.idle.pop_front() {
+                if !t.outbound.is_closed() {
+                    return Ok(Tunnel::new(agent_id, t, &entry.busy));
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            entry.waiters.push_back(tx);
+            rx
+        };
+        let res = tokio::time::timeout(wait, rx).await;
+        match res {
+            Ok(Ok(t)) => Ok(t),
+            _ => {
+                let mut agents = self.lock();
+                let connected = match agents.get_mut(&agent_id) {
+                    Some(e) => {
+                        e.waiters.retain(|w| !w.is_closed());
+                        let c = !e.replicas.is_empty();
+                        if e.is_empty() {
+                            agents.remove(&agent_id);
+                        }
+                        c
+                    }
+                    None => false,
+                };
+                Err(if connected {
+                    AcquireError::NoFreeTunnel
+                } else {
+                    AcquireError::NotConnected
+                })
+            }
+        }
+    }
+
+    /// Whether any replica of the agent is connected here.
+    pub fn is_connected(&self, agent_id: u64) -> bool {
+        self.lock()
+            .get(&agent_id)
+            .is_some_and(|e| !e.replicas.is_empty())
+    }
+
+    /// Connected agents and their replicas.
+    pub fn snapshot(&self) -> Vec<ConnectedAgent> {
+        let agents = self.lock();
+        let mut out: Vec<ConnectedAgent> = agents
+            .iter()
+            .filter(|(_, e)| !e.replicas.is_empty())
+            .map(|(id, e)| {
+                let mut replicas: Vec<ConnectedReplica> = e
+                    .replicas
+                    .iter()
+                    .map(|(k, r)| ConnectedReplica {
+                        replica_id: r.info.replica_id.clone(),
+                        agent_version: r.info.agent_version.clone(),
+                        peer: r.info.peer.clone(),
+                        connected_since: r.since,
+                        config_version: r.config_version,
+                        idle_tunnels: e
+                            .idle
+                            .iter()
+                            .filter(|t| &t.replica == k && !t.outbound.is_closed())
+                            .count(),
+                    })
+                    .collect();
+                replicas.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
+                ConnectedAgent {
+                    agent_id: *id,
+                    idle_tunnels: replicas.iter().map(|r| r.idle_tunnels).sum(),
+                    busy_tunnels: e.busy.load(Ordering::Relaxed),
+                    replicas,
+                }
+            })
+            .collect();
+        out.sort_by_key(|a| a.agent_id);
+        out
+    }
+}
+
+/// A tunnel taken out of the registry for one exchange. Dropping it closes the tunnel.
+pub struct Tunnel {
+    agent_id: u64,
+    replica: Arc<str>,
+    inbound: Streaming<AgentFrame>,
+    outbound: Outbound,
+    busy: BusyGuard,
+}
+
+/// Counts a tunnel as busy while it lives.
+pub(crate) struct BusyGuard(Arc<AtomicUsize>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Tunnel {
+    fn new(agent_id: u64, t: IdleTunnel, busy: &Arc<AtomicUsize>) -> Self {
+        busy.fetch_add(1, Ordering::Relaxed);
+        Tunnel {
+            agent_id,
+            replica: t.replica,
+            inbound: t.inbound,
+            outbound: t.outbound,
+            busy: BusyGuard(busy.clone()),
+        }
+    }
+
+    fn into_idle(self) -> IdleTunnel {
+        // Handing back an unused tunnel: the busy guard drops and uncounts it.
+        IdleTunnel {
+            replica: self.replica,
+            inbound: self.inbound,
+            outbound: self.outbound,
+        }
+    }
+
+    pub fn agent_id(&self) -> u64 {
+        self.agent_id
+    }
+
+    /// The replica key the tunnel belongs to.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Sends the request head and streams `body` (unless the request is an upgrade),
+    /// then waits for the agent's response head. The response body (or, after a 101,
+    /// the agent -> client byte stream) is read from the returned [`TunnelBody`].
+    pub async fn round_trip<B>(
+        mut self,
+        head: RequestHead,
+        body: B,
+    ) -> Result<(ResponseHead, TunnelBody), ExchangeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let upgrade = head.upgrade;
+        self.outbound
+            .send(Ok(ServerFrame {
+                msg: Some(server_frame::Msg::RequestHead(head)),
+            }))
+            .await
+            .map_err(|_| ExchangeError::TunnelClosed)?;
+        let pump = if upgrade {
+            None
+        } else {
+            let out = self.outbound.clone();
+            Some(AbortOnDrop(tokio::spawn(frames_from_body(body, out))))
+        };
+        let first = self.inbound.message().await;
+        let head = match first {
+            Ok(Some(AgentFrame {
+                msg: Some(agent_frame::Msg::ResponseHead(h)),
+            })) => h,
+            Ok(Some(AgentFrame {
+                msg: Some(agent_frame::Msg::Error(e)),
+            })) => return Err(ExchangeError::from_proto(e)),
+            Ok(Some(other)) => {
+                return Err(ExchangeError::Protocol(format!(
+                    "expected a response head, got {other:?}"
+                )))
+            }
+            Ok(None) | Err(_) => return Err(ExchangeError::TunnelClosed),
+        };
+        Ok((
+            head,
+            TunnelBody::new(self.inbound, self.outbound, pump, self.busy),
+        ))
+    }
+}
+
+/// Aborts a spawned task when dropped, so a finished or cancelled exchange does not
+/// leave its request-body pump behind.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,313 @@
+//! agentk's connection to kas: one HTTP/2 connection per session carrying the
+//! configuration stream and a pool of idle tunnels; reconnects with jittered
+//! exponential backoff that resets after a stable period.
+
+use crate::exchange::{self, Upstream};
+use kas_proto::v1::agent_client::AgentClient;
+use kas_proto::v1::{agent_frame, server_frame, AgentConfiguration, AgentFrame, ConfigAck, Hello, ServerFrame};
+use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// Settings of the connection to kas.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    /// `grpc://host:port` or `grpcs://host:port`.
+    pub kas_address: String,
+    pub token: String,
+    /// PEM CA bundle to trust for `grpcs://` (for a kas with a self-signed certificate).
+    pub ca_cert_pem: Option<Vec<u8>>,
+    pub min_idle_tunnels: usize,
+    pub max_tunnels: usize,
+    pub replica_id: String,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("kas_address", &self.kas_address)
+            .field("token", &"****")
+            .field("min_idle_tunnels", &self.min_idle_tunnels)
+            .field("max_tunnels", &self.max_tunnels)
+            .field("replica_id", &self.replica_id)
+            .finish()
+    }
+}
+
+/// The latest configuration the agent applied; observers (tests, future features)
+/// watch it.
+pub type ConfigWatch = watch::Receiver<Option<AgentConfiguration>>;
+
+/// Errors ending one session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid kas address `{0}`: use grpc://host:port or grpcs://host:port")]
+    Address(String),
+    #[error("cannot connect to kas: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("kas rejected the agent: {}", .0.message())]
+    Rejected(Status),
+    #[error("connection to kas lost: {}", .0.message())]
+    Lost(Status),
+    #[error("kas closed the configuration stream")]
+    Closed,
+}
+
+/// Jittered exponential backoff.
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff { initial, max, current: initial }
+    }
+    /// The next delay: the current step +-25% jitter; the step doubles up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        base.mul_f64(jitter)
+    }
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+fn endpoint(opts: &ConnectOptions) -> Result<Endpoint, SessionError> {
+    let addr = &opts.kas_address;
+    let (tls, rest) = if let Some(r) = addr.strip_prefix("grpcs://") {
+        (true, r)
+    } else if let Some(r) = addr.strip_prefix("grpc://") {
+        (false, r)
+    } else {
+        return Err(SessionError::Address(addr.clone()));
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{rest}"))
+        .map_err(|_| SessionError::Address(addr.clone()))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(64 * 1024 * 1024);
+    if tls {
+        let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
+        let mut cfg = ClientTlsConfig::new().domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+        if let Some(ca) = &opts.ca_cert_pem {
+            cfg = cfg.ca_certificate(Certificate::from_pem(ca));
+        }
+        ep = ep.tls_config(cfg).map_err(SessionError::Connect)?;
+    }
+    Ok(ep)
+}
+
+fn with_metadata<T>(opts: &ConnectOptions, msg: T) -> Result<Request<T>, Status> {
+    let mut r = Request::new(msg);
+    let md = r.metadata_mut();
+    let bad = |_| Status::invalid_argument("the agent token contains characters not allowed in a header");
+    md.insert("authorization", MetadataValue::try_from(format!("Bearer {}", opts.token)).map_err(bad)?);
+    md.insert(
+        REPLICA_ID_METADATA,
+        MetadataValue::try_from(opts.replica_id.as_str()).map_err(|_| Status::invalid_argument("bad replica id"))?,
+    );
+    md.insert(AGENT_VERSION_METADATA, MetadataValue::from_static(env!("CARGO_PKG_VERSION")));
+    Ok(r)
+}
+
+/// Runs agentk's connection until `stop` flips: sessions, reconnects, backoff.
+pub async fn run(
+    opts: ConnectOptions,
+    upstream: Arc<Upstream>,
+    config_tx: watch::Sender<Option<AgentConfiguration>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = session(&opts, upstream.clone(), &config_tx) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+        }
+        let delay = match &result {
+            Err(SessionError::Rejected(s)) if s.code() == Code::Unauthenticated => {
+                tracing::error!(error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                    "kas rejected the agent token; check --token-file");
+                // A bad token will not fix itself quickly; wait the longest step.
+                backoff.next_delay().max(Duration::from_secs(5))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "disconnected from kas");
+                backoff.next_delay()
+            }
+            Ok(()) => backoff.next_delay(),
+        };
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting to kas");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn classify(s: Status) -> SessionError {
+    match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument => {
+            SessionError::Rejected(s)
+        }
+        _ => SessionError::Lost(s),
+    }
+}
+
+/// One connection: configuration stream plus tunnel pool, until either breaks.
+async fn session(
+    opts: &ConnectOptions,
+    upstream: Arc<Upstream>,
+    config_tx: &watch::Sender<Option<AgentConfiguration>>,
+) -> Result<(), SessionError> {
+    let channel = endpoint(opts)?.connect().await.map_err(SessionError::Connect)?;
+    let mut client = AgentClient::new(channel.clone())
+        .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
+    let applied = config_tx.borrow().as_ref().map(|c| c.version).unwrap_or(0);
+    let (ack_tx, ack_rx) = mpsc::channel(4);
+    let _ = ack_tx
+        .send(ConfigAck { protocol_version: PROTOCOL_VERSION, applied_version: applied, agent_version: env!("CARGO_PKG_VERSION").into() })
+        .await;
+    let req = with_metadata(opts, ReceiverStream::new(ack_rx)).map_err(SessionError::Rejected)?;
+    let mut configs = client.configure(req).await.map_err(classify)?.into_inner();
+    // The first configuration proves the token is good; only then open tunnels.
+    let first = configs.message().await.map_err(classify)?.ok_or(SessionError::Closed)?;
+    apply(first, config_tx, &ack_tx).await;
+    tracing::info!(kas = %opts.kas_address, "connected to kas");
+
+    let pool = Arc::new(Pool { idle: AtomicUsize::new(0), total: AtomicUsize::new(0), wake: Notify::new() });
+    // Owns every tunnel task of this session: they stop when the session ends.
+    let mut tunnels = JoinSet::new();
+    let manager = async {
+        loop {
+            while pool.idle.load(Ordering::SeqCst) < opts.min_idle_tunnels
+                && pool.total.load(Ordering::SeqCst) < opts.max_tunnels
+            {
+                pool.idle.fetch_add(1, Ordering::SeqCst);
+                pool.total.fetch_add(1, Ordering::SeqCst);
+                tunnels.spawn(tunnel(opts.clone(), client.clone(), upstream.clone(), pool.clone()));
+            }
+            tokio::select! {
+                _ = pool.wake.notified() => {}
+                Some(_) = tunnels.join_next() => {}
+            }
+        }
+    };
+    let configs_loop = async {
+        loop {
+            match configs.message().await {
+                Ok(Some(c)) => apply(c, config_tx, &ack_tx).await,
+                Ok(None) => return SessionError::Closed,
+                Err(s) => return classify(s),
+            }
+        }
+    };
+    let err = tokio::select! {
+        e = configs_loop => e,
+        _ = manager => SessionError::Closed,
+    };
+    Err(err)
+}
+
+async fn apply(
+    c: AgentConfiguration,
+    config_tx: &watch::Sender<Option<AgentConfiguration>>,
+    ack_tx: &mpsc::Sender<ConfigAck>,
+) {
+    let version = c.version;
+    tracing::info!(agent_id = c.agent_id, agent = %c.agent_name, version, "applied agent configuration");
+    config_tx.send_replace(Some(c));
+    let _ = ack_tx
+        .send(ConfigAck { protocol_version: PROTOCOL_VERSION, applied_version: version, agent_version: env!("CARGO_PKG_VERSION").into() })
+        .await;
+}
+
+struct Pool {
+    idle: AtomicUsize,
+    total: AtomicUsize,
+    wake: Notify,
+}
+
+/// Counts a tunnel out of the pool when its task ends, however it ends.
+struct TunnelSlot {
+    pool: Arc<Pool>,
+    idle: bool,
+}
+
+impl TunnelSlot {
+    fn busy(&mut self) {
+        if self.idle {
+            self.idle = false;
+            self.pool.idle.fetch_sub(1, Ordering::SeqCst);
+            self.pool.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        self.busy();
+        self.pool.total.fetch_sub(1, Ordering::SeqCst);
+        self.pool.wake.notify_one();
+    }
+}
+
+async fn tunnel(opts: ConnectOptions, mut client: AgentClient<Channel>, upstream: Arc<Upstream>, pool: Arc<Pool>) {
+    let mut slot = TunnelSlot { pool, idle: true };
+    let (tx, rx) = mpsc::channel::<AgentFrame>(4);
+    let _ = tx.send(AgentFrame { msg: Some(agent_frame::Msg::Hello(Hello { protocol_version: PROTOCOL_VERSION })) }).await;
+    let Ok(req) = with_metadata(&opts, ReceiverStream::new(rx)) else {
+        return;
+    };
+    let mut inbound = match client.tunnel(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            tracing::debug!(error = %s, "opening a tunnel failed");
+            // Pace retries: the session is most likely ending.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return;
+        }
+    };
+    let head = match inbound.message().await {
+        Ok(Some(ServerFrame { msg: Some(server_frame::Msg::RequestHead(h)) })) => h,
+        _ => return,
+    };
+    slot.busy();
+    exchange::serve(upstream, head, inbound, tx).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(75) && d[0] <= Duration::from_millis(125), "{d:?}");
+        assert!(d[3] >= Duration::from_millis(600), "{d:?}");
+        assert!(d[5] <= Duration::from_millis(1250), "{d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+}

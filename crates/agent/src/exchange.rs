@@ -1,0 +1,275 @@
+//! Serving one request that arrived through a tunnel against the cluster API.
+
+use crate::cluster::{ClusterAccess, UpstreamBody};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderName, HeaderValue, Request, Uri};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioIo;
+use kas_proto::v1::{
+    agent_frame, server_frame, tunnel_error::Code, AgentFrame, Data, EndOfBody, Impersonation, RequestHead,
+    ResponseHead, ServerFrame, TunnelError,
+};
+use kas_proto::MAX_DATA_FRAME;
+use kas_tunnel::headers;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Streaming;
+
+/// What the agent needs to serve requests.
+pub struct Upstream {
+    pub access: ClusterAccess,
+    pub client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
+}
+
+pub type Out = mpsc::Sender<AgentFrame>;
+
+/// Characters kept as they are in `Impersonate-Extra-<key>` names: RFC 9110 token
+/// characters except `%` (which escapes).
+const EXTRA_KEY: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+/// Impersonation headers as Kubernetes expects them (extra keys percent-encoded).
+pub fn impersonation_headers(i: &Impersonation) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let v = |s: &str| HeaderValue::from_str(s).map_err(|_| format!("impersonation value `{s}` is not a valid header value"));
+    let mut out = vec![(HeaderName::from_static("impersonate-user"), v(&i.username)?)];
+    if !i.uid.is_empty() {
+        out.push((HeaderName::from_static("impersonate-uid"), v(&i.uid)?));
+    }
+    for g in &i.groups {
+        out.push((HeaderName::from_static("impersonate-group"), v(g)?));
+    }
+    for e in &i.extra {
+        let name = format!("impersonate-extra-{}", utf8_percent_encode(&e.key, EXTRA_KEY));
+        let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("impersonation extra key `{}` cannot be sent", e.key))?;
+        for val in &e.values {
+            out.push((name.clone(), v(val)?));
+        }
+    }
+    Ok(out)
+}
+
+async fn send(out: &Out, msg: agent_frame::Msg) -> bool {
+    out.send(AgentFrame { msg: Some(msg) }).await.is_ok()
+}
+
+async fn fail(out: &Out, code: Code, message: &str) {
+    let _ = send(out, agent_frame::Msg::Error(TunnelError { code: code as i32, message: message.to_string() })).await;
+}
+
+fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, String> {
+    if !path_and_query.starts_with('/') {
+        return Err("request path must start with '/'".into());
+    }
+    let prefix = base.path().trim_end_matches('/');
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(
+        format!("{prefix}{path_and_query}")
+            .parse()
+            .map_err(|_| "request path is invalid".to_string())?,
+    );
+    Uri::from_parts(parts).map_err(|_| "request path is invalid".to_string())
+}
+
+/// Serves one exchange: `head` has arrived on `inbound`; responses go to `out`.
+pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<ServerFrame>, out: Out) {
+    let request_id = head.request_id.clone();
+    // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
+    let (body_tx, mut body_rx) = mpsc::channel::<Bytes>(4);
+    let (cancel_tx, mut cancel_rx) = oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut body_tx = Some(body_tx);
+        loop {
+            match inbound.message().await {
+                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::Data(d)) })) => {
+                    if let Some(tx) = &body_tx {
+                        if tx.send(d.data).await.is_err() {
+                            body_tx = None;
+                        }
+                    }
+                }
+                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::EndOfBody(_)) })) => body_tx = None,
+                Ok(Some(_)) => {
+                    // Protocol violation; treat as cancellation.
+                    let _ = cancel_tx.send(());
+                    return;
+                }
+                Ok(None) | Err(_) => {
+                    // kas ended the stream: the client went away (or kas did).
+                    let _ = cancel_tx.send(());
+                    return;
+                }
+            }
+        }
+    });
+
+    let work = async {
+        let uri = match target_uri(&up.access.server, &head.path_and_query) {
+            Ok(u) => u,
+            Err(m) => return fail(&out, Code::BadRequest, &m).await,
+        };
+        let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
+            return fail(&out, Code::BadRequest, "invalid method").await;
+        };
+        let mut req_headers = headers::from_wire(&head.headers, true);
+        if let Some(a) = up.access.auth.header() {
+            req_headers.insert(http::header::AUTHORIZATION, a);
+        }
+        if let Some(i) = &head.impersonation {
+            match impersonation_headers(i) {
+                Ok(h) => {
+                    for (n, v) in h {
+                        req_headers.append(n, v);
+                    }
+                }
+                Err(m) => return fail(&out, Code::BadRequest, &m).await,
+            }
+        }
+        let body: UpstreamBody = if head.upgrade {
+            Empty::new().map_err(|never| match never {}).boxed_unsync()
+        } else {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+            // Move request chunks into the upstream body until EndOfBody closes body_rx.
+            let mut brx = std::mem::replace(&mut body_rx, mpsc::channel(1).1);
+            tokio::spawn(async move {
+                while let Some(b) = brx.recv().await {
+                    if tx.send(Ok(Frame::data(b))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .boxed_unsync()
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = req_headers;
+        let mut resp = match up.client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%request_id, error = %e, "cannot reach the cluster API");
+                return fail(&out, Code::UpstreamUnavailable, "the agent cannot reach the Kubernetes API server").await;
+            }
+        };
+        let status = resp.status();
+        let switching = status == http::StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
+        let rhead = ResponseHead {
+            status: u32::from(status.as_u16()),
+            headers: headers::to_wire(resp.headers(), false, switching),
+        };
+        if !send(&out, agent_frame::Msg::ResponseHead(rhead)).await {
+            return;
+        }
+        if switching {
+            let upgraded = match hyper::upgrade::on(&mut resp).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
+                    return fail(&out, Code::UpstreamAborted, "the upgraded connection to the cluster failed").await;
+                }
+            };
+            let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+            let to_cluster = async {
+                while let Some(b) = body_rx.recv().await {
+                    if wr.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = wr.shutdown().await;
+            };
+            let from_cluster = async {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = send(&out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
+                            return;
+                        }
+                        Ok(n) => {
+                            let d = Data { data: Bytes::copy_from_slice(&buf[..n]) };
+                            if !send(&out, agent_frame::Msg::Data(d)).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::join!(to_cluster, from_cluster);
+            return;
+        }
+        let mut body = resp.into_body().into_data_stream();
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(mut data) => {
+                    while !data.is_empty() {
+                        let d = data.split_to(data.len().min(MAX_DATA_FRAME));
+                        if !send(&out, agent_frame::Msg::Data(Data { data: d })).await {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%request_id, error = %e, "cluster response body failed");
+                    return fail(&out, Code::UpstreamAborted, "the cluster's response was cut off").await;
+                }
+            }
+        }
+        let _ = send(&out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = &mut cancel_rx => {
+            tracing::debug!(%request_id, "kas cancelled the request");
+        }
+    }
+    reader.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kas_proto::v1::ExtraValues;
+
+    #[test]
+    fn extra_keys_are_percent_encoded() {
+        let h = impersonation_headers(&Impersonation {
+            username: "gitlab:ci_job:1".into(),
+            uid: String::new(),
+            groups: vec!["a".into(), "b".into()],
+            extra: vec![ExtraValues { key: "agent.gitlab.com/id".into(), values: vec!["7".into()] }],
+        })
+        .expect("headers");
+        let names: Vec<String> = h.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(
+            names,
+            ["impersonate-user", "impersonate-group", "impersonate-group", "impersonate-extra-agent.gitlab.com%2fid"]
+        );
+    }
+
+    #[test]
+    fn target_uris() {
+        let base: Uri = "https://k:6443/prefix/".parse().expect("uri");
+        assert_eq!(target_uri(&base, "/api/v1?x=1").expect("ok").to_string(), "https://k:6443/prefix/api/v1?x=1");
+        assert!(target_uri(&base, "api").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! agentk, the in-cluster agent: dials kas, keeps a pool of idle tunnels, receives its
+//! configuration, and serves requests arriving through tunnels against the cluster
+//! API with its own credentials and the impersonation kas decided.
+//!
+//! It never accepts inbound connections and never forwards the caller's credentials
+//! or impersonation headers. It does not depend on the kas server crate.
+
+pub mod cluster;
+pub mod connection;
+pub mod exchange;
+
+pub use cluster::ClusterAccess;
+pub use connection::{run, Backoff, ConfigWatch, ConnectOptions};
+pub use exchange::Upstream;

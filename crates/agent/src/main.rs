@@ -1,0 +1,101 @@
+use clap::Parser;
+use kas_agent::{ClusterAccess, ConnectOptions, Upstream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// agentk: the in-cluster agent. Dials kas and serves requests from it against this cluster.
+#[derive(Debug, Parser)]
+#[command(name = "agentk", version)]
+struct Cli {
+    /// kas agent listener: grpc://host:port or grpcs://host:port.
+    #[arg(long, env = "AGENTK_KAS_ADDRESS")]
+    kas_address: String,
+    /// File holding the agent token.
+    #[arg(long, env = "AGENTK_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Kubeconfig for the cluster (outside a cluster); in a pod the ServiceAccount is used.
+    #[arg(long, env = "AGENTK_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Context of the kubeconfig to use (default: its current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// PEM CA certificate to trust for a grpcs:// kas with a self-signed certificate.
+    #[arg(long, env = "AGENTK_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Idle tunnels kept open to kas.
+    #[arg(long, default_value_t = 2)]
+    min_idle_tunnels: usize,
+    /// Upper bound of tunnels (concurrent requests) per replica.
+    #[arg(long, default_value_t = 512)]
+    max_tunnels: usize,
+    /// Log filter (e.g. info, kas_agent=debug); RUST_LOG also works.
+    #[arg(long, env = "AGENTK_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn fail(msg: String) -> ! {
+    eprintln!("agentk: {msg}");
+    std::process::exit(2);
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = cli
+        .log_level
+        .as_deref()
+        .map(tracing_subscriber::EnvFilter::new)
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format.as_str() {
+        "json" => b.json().init(),
+        "text" => b.init(),
+        other => fail(format!("--log-format must be text or json, not `{other}`")),
+    }
+    let token = std::fs::read_to_string(&cli.token_file)
+        .unwrap_or_else(|e| fail(format!("cannot read --token-file {}: {e}", cli.token_file.display())))
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        fail(format!("--token-file {} is empty", cli.token_file.display()));
+    }
+    let ca_cert_pem = cli
+        .ca_cert
+        .as_ref()
+        .map(|p| std::fs::read(p).unwrap_or_else(|e| fail(format!("cannot read --ca-cert {}: {e}", p.display()))));
+    if cli.min_idle_tunnels == 0 || cli.max_tunnels < cli.min_idle_tunnels {
+        fail("--min-idle-tunnels must be at least 1 and at most --max-tunnels".into());
+    }
+    let access = match &cli.kubeconfig {
+        Some(p) => ClusterAccess::from_kubeconfig(p, cli.context.as_deref()),
+        None => ClusterAccess::in_cluster(),
+    }
+    .unwrap_or_else(|e| fail(e.to_string()));
+    let client = access.client().unwrap_or_else(|e| fail(e.to_string()));
+    tracing::info!(cluster = %access.server, kas = %cli.kas_address, "agentk starting");
+    let upstream = Arc::new(Upstream { access, client });
+    let opts = ConnectOptions {
+        kas_address: cli.kas_address,
+        token,
+        ca_cert_pem,
+        min_idle_tunnels: cli.min_idle_tunnels,
+        max_tunnels: cli.max_tunnels,
+        replica_id: format!("{:016x}", rand::random::<u64>()),
+    };
+    let (config_tx, _config_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let runner = tokio::spawn(kas_agent::run(opts, upstream, config_tx, stop_rx));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = stop_tx.send(true);
+    let _ = runner.await;
+    Ok(())
+}

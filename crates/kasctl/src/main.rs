@@ -1,0 +1,444 @@
+//! kasctl: the admin and CI helper CLI of kas. It talks to kas's admin API (on the API
+//! listener) with the admin token; it holds no state of its own.
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Parser)]
+#[command(name = "kasctl", version, about = "Administer kas: groups, projects, agents, environments, CI jobs")]
+struct Cli {
+    /// kas API listener URL.
+    #[arg(long, env = "KASCTL_SERVER", default_value = "http://127.0.0.1:8153", global = true)]
+    server: String,
+    /// File holding the kas admin token.
+    #[arg(long, env = "KASCTL_TOKEN_FILE", default_value = "./kas-data/admin-token", global = true)]
+    token_file: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Groups (nested paths like acme/platform).
+    #[command(subcommand)]
+    Group(PathCmd),
+    /// Projects (inside groups, like acme/web/shop).
+    #[command(subcommand)]
+    Project(PathCmd),
+    /// Agents registered in a configuration project.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Connected agents: id, name, configuration project, replicas, since.
+    Agents,
+    /// Environments of a project.
+    #[command(subcommand)]
+    Environment(EnvCmd),
+    /// CI jobs: start (get a kubeconfig), finish, list.
+    #[command(subcommand)]
+    Job(JobCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PathCmd {
+    /// Create it, and any missing parent groups (like mkdir -p).
+    Create {
+        path: String,
+        /// Use this numeric id (to mirror ids from elsewhere).
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// List all.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCmd {
+    /// Register an agent; its token is shown once.
+    Create {
+        /// Configuration project path.
+        project: String,
+        name: String,
+        /// Also write the token to this file (mode 0600).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// List registered agents.
+    List,
+    /// The agent's config.yaml.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Validate and store config.yaml (use - for standard input).
+    Set { project: String, name: String, file: PathBuf },
+    /// Print the stored config.yaml.
+    Get { project: String, name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnvCmd {
+    /// Create an environment of a project.
+    Create {
+        project: String,
+        name: String,
+        /// production, staging, testing, development or other (guessed from the name if absent).
+        #[arg(long)]
+        tier: Option<String>,
+    },
+    /// List environments.
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// Start a CI job; prints its id and token and writes its kubeconfig.
+    Start(StartArgs),
+    /// Finish a job; its token stops working at once.
+    Finish {
+        id: u64,
+        #[arg(long, default_value = "success")]
+        status: String,
+    },
+    /// List jobs.
+    List,
+}
+
+#[derive(Debug, Args)]
+struct StartArgs {
+    project: String,
+    #[arg(long)]
+    environment: Option<String>,
+    /// The user the job runs for.
+    #[arg(long)]
+    user: String,
+    /// Pipeline id (a new one is allocated if absent).
+    #[arg(long)]
+    pipeline: Option<u64>,
+    /// Write the job's kubeconfig here (mode 0600).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+struct Api {
+    base: String,
+    token: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    async fn call(&self, method: http::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let uri = format!("{}/api/v1{path}", self.base.trim_end_matches('/'));
+        let data = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(data)))
+            .with_context(|| format!("invalid server URL `{}`", self.base))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .with_context(|| format!("cannot reach kas at {} (is it running? set --server or KASCTL_SERVER)", self.base))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.context("reading kas's answer")?.to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+        if !status.is_success() {
+            let msg = v.get("error").and_then(Value::as_str).unwrap_or("request failed").to_string();
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(v)
+    }
+}
+
+fn write_private(path: &Path, data: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data.as_bytes())?;
+    Ok(())
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:w$}", c, w = widths[i])).collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn list(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn since(secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(secs);
+    let d = now.saturating_sub(secs);
+    match d {
+        0..=119 => format!("{d}s"),
+        120..=7199 => format!("{}m", d / 60),
+        _ => format!("{}h", d / 3600),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("kasctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let token = std::fs::read_to_string(&cli.token_file)
+        .with_context(|| {
+            format!(
+                "cannot read the admin token file {} (set --token-file or KASCTL_TOKEN_FILE)",
+                cli.token_file.display()
+            )
+        })?
+        .trim()
+        .to_string();
+    let api = Api { base: cli.server.clone(), token, client: Client::builder(TokioExecutor::new()).build_http() };
+    let json_out = cli.output == Output::Json;
+    let print_json = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    use http::Method as M;
+    match cli.cmd {
+        Cmd::Group(PathCmd::Create { path, id }) => {
+            let v = api.call(M::POST, "/groups", Some(json!({ "path": path, "id": id }))).await?;
+            if json_out { print_json(&v) } else { println!("group {} (id {})", s(&v, "path"), s(&v, "id")) }
+        }
+        Cmd::Project(PathCmd::Create { path, id }) => {
+            let v = api.call(M::POST, "/projects", Some(json!({ "path": path, "id": id }))).await?;
+            if json_out { print_json(&v) } else { println!("project {} (id {})", s(&v, "path"), s(&v, "id")) }
+        }
+        Cmd::Group(PathCmd::List) | Cmd::Project(PathCmd::List) => list_paths(&api, &cli.cmd, json_out).await?,
+        Cmd::Agent(AgentCmd::Create { project, name, token_file }) => {
+            let v = api.call(M::POST, "/agents", Some(json!({ "project": project, "name": name }))).await?;
+            let token = s(&v, "token");
+            if let Some(f) = &token_file {
+                write_private(f, &format!("{token}\n"))?;
+            }
+            if json_out {
+                print_json(&json!({ "id": v["id"], "name": v["name"], "project": v["project_path"], "token": token }));
+            } else {
+                println!("agent {} (id {}) registered in {}", s(&v, "name"), s(&v, "id"), s(&v, "project_path"));
+                match &token_file {
+                    Some(f) => println!("token written to {} (it is not shown again)", f.display()),
+                    None => println!("token (shown once; store it now): {token}"),
+                }
+            }
+        }
+        Cmd::Agent(AgentCmd::List) => {
+            let v = api.call(M::GET, "/agents", None).await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                table(
+                    &["ID", "NAME", "CONFIG PROJECT", "CONFIG VERSION"],
+                    list(&v).iter().map(|a| vec![s(a, "id"), s(a, "name"), s(a, "project_path"), s(a, "config_version")]).collect(),
+                )
+            }
+        }
+        Cmd::Agent(AgentCmd::Config(ConfigCmd::Set { project, name, file })) => {
+            let yaml = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let v = api
+                .call(M::PUT, "/agents/config", Some(json!({ "project": project, "name": name, "config": yaml })))
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                for w in list(&v["warnings"]) {
+                    eprintln!("warning: {}", w.as_str().unwrap_or_default());
+                }
+                println!("configuration of {project}:{name} stored as version {}", s(&v, "version"));
+            }
+        }
+        Cmd::Agent(AgentCmd::Config(ConfigCmd::Get { project, name })) => {
+            let q = format!("/agents/config?project={}&name={}", enc(&project), enc(&name));
+            let v = api.call(M::GET, &q, None).await?;
+            if json_out { print_json(&v) } else { print!("{}", s(&v, "config")) }
+        }
+        Cmd::Agents => {
+            let v = api.call(M::GET, "/connected-agents", None).await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                table(
+                    &["ID", "NAME", "CONFIG PROJECT", "REPLICAS", "IDLE TUNNELS", "BUSY", "SINCE"],
+                    list(&v)
+                        .iter()
+                        .map(|a| {
+                            let reps = list(&a["replicas"]);
+                            let first = reps.iter().filter_map(|r| r["connected_since"].as_u64()).min().unwrap_or(0);
+                            vec![
+                                s(a, "id"),
+                                s(a, "name"),
+                                s(a, "config_project"),
+                                reps.len().to_string(),
+                                s(a, "idle_tunnels"),
+                                s(a, "busy_tunnels"),
+                                since(first),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Cmd::Environment(EnvCmd::Create { project, name, tier }) => {
+            let v = api
+                .call(M::POST, "/environments", Some(json!({ "project": project, "name": name, "tier": tier })))
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("environment {} of {} (slug {}, tier {})", s(&v, "name"), s(&v, "project_path"), s(&v, "slug"), s(&v, "tier"))
+            }
+        }
+        Cmd::Environment(EnvCmd::List { project }) => {
+            let q = match &project {
+                Some(p) => format!("/environments?project={}", enc(p)),
+                None => "/environments".into(),
+            };
+            let v = api.call(M::GET, &q, None).await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                table(
+                    &["ID", "PROJECT", "NAME", "SLUG", "TIER"],
+                    list(&v).iter().map(|e| vec![s(e, "id"), s(e, "project_path"), s(e, "name"), s(e, "slug"), s(e, "tier")]).collect(),
+                )
+            }
+        }
+        Cmd::Job(JobCmd::Start(a)) => {
+            let v = api
+                .call(
+                    M::POST,
+                    "/jobs",
+                    Some(json!({ "project": a.project, "environment": a.environment, "user": a.user, "pipeline_id": a.pipeline })),
+                )
+                .await?;
+            if let Some(f) = &a.kubeconfig {
+                write_private(f, &s(&v, "kubeconfig"))?;
+            }
+            if json_out {
+                let mut out = json!({
+                    "id": v["id"], "pipeline_id": v["pipeline_id"], "project": v["project_path"],
+                    "environment": v["environment"], "user": v["username"], "token": v["token"], "contexts": v["contexts"],
+                });
+                if let Some(f) = &a.kubeconfig {
+                    out["kubeconfig"] = json!(f.display().to_string());
+                }
+                print_json(&out);
+            } else {
+                println!("job {} started (pipeline {}) in {}", s(&v, "id"), s(&v, "pipeline_id"), s(&v, "project_path"));
+                let ctx = list(&v["contexts"]);
+                if ctx.is_empty() {
+                    println!("no agent authorizes this job; its kubeconfig has no contexts");
+                }
+                for c in ctx {
+                    println!("context: {}", c.as_str().unwrap_or_default());
+                }
+                if let Some(f) = &a.kubeconfig {
+                    println!("kubeconfig written to {}", f.display());
+                } else {
+                    println!("job token (shown once): {}", s(&v, "token"));
+                }
+            }
+        }
+        Cmd::Job(JobCmd::Finish { id, status }) => {
+            let v = api.call(M::POST, &format!("/jobs/{id}/finish"), Some(json!({ "status": status }))).await?;
+            if json_out { print_json(&v) } else { println!("job {} finished ({})", s(&v, "id"), s(&v, "status")) }
+        }
+        Cmd::Job(JobCmd::List) => {
+            let v = api.call(M::GET, "/jobs", None).await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                table(
+                    &["ID", "PROJECT", "PIPELINE", "ENVIRONMENT", "USER", "STATUS"],
+                    list(&v)
+                        .iter()
+                        .map(|j| vec![s(j, "id"), s(j, "project_path"), s(j, "pipeline_id"), s(j, "environment"), s(j, "username"), s(j, "status")])
+                        .collect(),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn list_paths(api: &Api, cmd: &Cmd, json_out: bool) -> Result<()> {
+    let (path, headers): (&str, &[&str]) = match cmd {
+        Cmd::Group(_) => ("/groups", &["ID", "PATH", "PARENT ID"]),
+        Cmd::Project(_) => ("/projects", &["ID", "PATH", "GROUP ID"]),
+        _ => return Err(anyhow!("not a list command")),
+    };
+    let v = api.call(http::Method::GET, path, None).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let third = if path == "/groups" { "parent_id" } else { "group_id" };
+        table(headers, list(&v).iter().map(|x| vec![s(x, "id"), s(x, "path"), s(x, third)]).collect());
+    }
+    Ok(())
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

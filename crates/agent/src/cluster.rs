@@ -33,7 +33,10 @@ pub enum ClusterConfigError {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ClusterConfigError> {
-    std::fs::read(path).map_err(|source| ClusterConfigError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| ClusterConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Where the cluster's API is and how to authenticate to it.
@@ -104,9 +107,14 @@ fn b64(s: &str) -> Result<Vec<u8>, String> {
 impl ClusterAccess {
     /// In-cluster configuration from the pod's ServiceAccount.
     pub fn in_cluster() -> Result<Self, ClusterConfigError> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| ClusterConfigError::NotInCluster)?;
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .map_err(|_| ClusterConfigError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
         let sa = Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
         let server = format!("https://{host}:{port}")
             .parse()
@@ -123,10 +131,16 @@ impl ClusterAccess {
     /// From a kubeconfig file (its current context, or `context`).
     pub fn from_kubeconfig(path: &Path, context: Option<&str>) -> Result<Self, ClusterConfigError> {
         let text = read(path)?;
-        let err = |message: String| ClusterConfigError::Kubeconfig { path: path.to_path_buf(), message };
-        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_slice(&text).map_err(|e| err(e.to_string()))?;
+        let err = |message: String| ClusterConfigError::Kubeconfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_slice(&text).map_err(|e| err(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let s = |v: &serde_yaml_ng::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let s = |v: &serde_yaml_ng::Value, k: &str| {
+            v.get(k).and_then(|x| x.as_str()).map(str::to_string)
+        };
         let find = |list: &str, name: &str, inner: &str| -> Option<serde_yaml_ng::Value> {
             doc.get(list)?
                 .as_sequence()?
@@ -138,28 +152,48 @@ impl ClusterAccess {
             .map(str::to_string)
             .or_else(|| s(&doc, "current-context").filter(|c| !c.is_empty()))
             .ok_or_else(|| err("no current-context; pass --context".into()))?;
-        let ctx = find("contexts", &ctx_name, "context").ok_or_else(|| err(format!("context `{ctx_name}` not found")))?;
-        let cluster_name = s(&ctx, "cluster").ok_or_else(|| err(format!("context `{ctx_name}` names no cluster")))?;
-        let cluster = find("clusters", &cluster_name, "cluster").ok_or_else(|| err(format!("cluster `{cluster_name}` not found")))?;
+        let ctx = find("contexts", &ctx_name, "context")
+            .ok_or_else(|| err(format!("context `{ctx_name}` not found")))?;
+        let cluster_name = s(&ctx, "cluster")
+            .ok_or_else(|| err(format!("context `{ctx_name}` names no cluster")))?;
+        let cluster = find("clusters", &cluster_name, "cluster")
+            .ok_or_else(|| err(format!("cluster `{cluster_name}` not found")))?;
         let server: Uri = s(&cluster, "server")
             .ok_or_else(|| err(format!("cluster `{cluster_name}` has no server")))?
             .parse()
-            .map_err(|_| err(format!("cluster `{cluster_name}` has an invalid server URL")))?;
-        let file_or_data = |v: &serde_yaml_ng::Value, file_key: &str, data_key: &str| -> Result<Option<Vec<u8>>, ClusterConfigError> {
+            .map_err(|_| {
+                err(format!(
+                    "cluster `{cluster_name}` has an invalid server URL"
+                ))
+            })?;
+        let file_or_data = |v: &serde_yaml_ng::Value,
+                            file_key: &str,
+                            data_key: &str|
+         -> Result<Option<Vec<u8>>, ClusterConfigError> {
             if let Some(d) = s(v, data_key) {
-                return b64(&d).map(Some).map_err(|m| err(format!("{data_key}: {m}")));
+                return b64(&d)
+                    .map(Some)
+                    .map_err(|m| err(format!("{data_key}: {m}")));
             }
             match s(v, file_key) {
                 Some(f) => read(&base.join(f)).map(Some),
                 None => Ok(None),
             }
         };
-        let ca_pem = file_or_data(&cluster, "certificate-authority", "certificate-authority-data")?;
-        let insecure = cluster.get("insecure-skip-tls-verify").and_then(|v| v.as_bool()).unwrap_or(false);
+        let ca_pem = file_or_data(
+            &cluster,
+            "certificate-authority",
+            "certificate-authority-data",
+        )?;
+        let insecure = cluster
+            .get("insecure-skip-tls-verify")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         let (auth, client_identity) = match s(&ctx, "user") {
             None => (Auth::None, None),
             Some(user_name) => {
-                let user = find("users", &user_name, "user").ok_or_else(|| err(format!("user `{user_name}` not found")))?;
+                let user = find("users", &user_name, "user")
+                    .ok_or_else(|| err(format!("user `{user_name}` not found")))?;
                 let auth = if let Some(t) = s(&user, "token") {
                     Auth::Token(t)
                 } else if let Some(f) = s(&user, "tokenFile") {
@@ -172,7 +206,11 @@ impl ClusterAccess {
                 let id = match (cert, key) {
                     (Some(c), Some(k)) => Some((c, k)),
                     (None, None) => None,
-                    _ => return Err(err(format!("user `{user_name}` needs both a client certificate and key"))),
+                    _ => {
+                        return Err(err(format!(
+                            "user `{user_name}` needs both a client certificate and key"
+                        )))
+                    }
                 };
                 if user.get("exec").is_some() || user.get("auth-provider").is_some() {
                     return Err(err(format!(
@@ -182,11 +220,20 @@ impl ClusterAccess {
                 (auth, id)
             }
         };
-        Ok(ClusterAccess { server, ca_pem, insecure, auth, client_identity })
+        Ok(ClusterAccess {
+            server,
+            ca_pem,
+            insecure,
+            auth,
+            client_identity,
+        })
     }
 
     /// A pooled HTTP/1.1 client for the cluster (HTTP/1.1 so upgrades work).
-    pub fn client(&self) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>, ClusterConfigError> {
+    pub fn client(
+        &self,
+    ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>, ClusterConfigError>
+    {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -199,8 +246,11 @@ impl ClusterAccess {
             let mut roots = rustls::RootCertStore::empty();
             if let Some(pem) = &self.ca_pem {
                 for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let c = c.map_err(|e| ClusterConfigError::Tls(format!("CA certificate: {e}")))?;
-                    roots.add(c).map_err(|e| ClusterConfigError::Tls(format!("CA certificate: {e}")))?;
+                    let c =
+                        c.map_err(|e| ClusterConfigError::Tls(format!("CA certificate: {e}")))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| ClusterConfigError::Tls(format!("CA certificate: {e}")))?;
                 }
             }
             builder.with_root_certificates(roots)
@@ -256,7 +306,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -264,7 +319,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -288,7 +348,9 @@ mod tests {
         assert_eq!(a.server.to_string(), "http://127.0.0.1:6443/");
         assert_eq!(a.auth.header().expect("h"), "Bearer abc");
         assert!(format!("{:?}", a.auth).contains("****"));
-        let e = ClusterAccess::from_kubeconfig(&p, Some("missing")).err().expect("error");
+        let e = ClusterAccess::from_kubeconfig(&p, Some("missing"))
+            .err()
+            .expect("error");
         assert!(e.to_string().contains("`missing`"), "{e}");
     }
 }

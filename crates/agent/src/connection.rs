@@ -4,7 +4,9 @@
 
 use crate::exchange::{self, Upstream};
 use kas_proto::v1::agent_client::AgentClient;
-use kas_proto::v1::{agent_frame, server_frame, AgentConfiguration, AgentFrame, ConfigAck, Hello, ServerFrame};
+use kas_proto::v1::{
+    agent_frame, server_frame, AgentConfiguration, AgentFrame, ConfigAck, Hello, ServerFrame,
+};
 use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -69,7 +71,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff { initial, max, current: initial }
+        Backoff {
+            initial,
+            max,
+            current: initial,
+        }
     }
     /// The next delay: the current step +-25% jitter; the step doubles up to `max`.
     pub fn next_delay(&mut self) -> Duration {
@@ -104,7 +110,8 @@ fn endpoint(opts: &ConnectOptions) -> Result<Endpoint, SessionError> {
         .initial_connection_window_size(64 * 1024 * 1024);
     if tls {
         let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
-        let mut cfg = ClientTlsConfig::new().domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+        let mut cfg =
+            ClientTlsConfig::new().domain_name(host.trim_start_matches('[').trim_end_matches(']'));
         if let Some(ca) = &opts.ca_cert_pem {
             cfg = cfg.ca_certificate(Certificate::from_pem(ca));
         }
@@ -116,13 +123,21 @@ fn endpoint(opts: &ConnectOptions) -> Result<Endpoint, SessionError> {
 fn with_metadata<T>(opts: &ConnectOptions, msg: T) -> Result<Request<T>, Status> {
     let mut r = Request::new(msg);
     let md = r.metadata_mut();
-    let bad = |_| Status::invalid_argument("the agent token contains characters not allowed in a header");
-    md.insert("authorization", MetadataValue::try_from(format!("Bearer {}", opts.token)).map_err(bad)?);
+    let bad =
+        |_| Status::invalid_argument("the agent token contains characters not allowed in a header");
+    md.insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {}", opts.token)).map_err(bad)?,
+    );
     md.insert(
         REPLICA_ID_METADATA,
-        MetadataValue::try_from(opts.replica_id.as_str()).map_err(|_| Status::invalid_argument("bad replica id"))?,
+        MetadataValue::try_from(opts.replica_id.as_str())
+            .map_err(|_| Status::invalid_argument("bad replica id"))?,
     );
-    md.insert(AGENT_VERSION_METADATA, MetadataValue::from_static(env!("CARGO_PKG_VERSION")));
+    md.insert(
+        AGENT_VERSION_METADATA,
+        MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
     Ok(r)
 }
 
@@ -166,9 +181,10 @@ pub async fn run(
 
 fn classify(s: Status) -> SessionError {
     match s.code() {
-        Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument => {
-            SessionError::Rejected(s)
-        }
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::InvalidArgument => SessionError::Rejected(s),
         _ => SessionError::Lost(s),
     }
 }
@@ -179,23 +195,38 @@ async fn session(
     upstream: Arc<Upstream>,
     config_tx: &watch::Sender<Option<AgentConfiguration>>,
 ) -> Result<(), SessionError> {
-    let channel = endpoint(opts)?.connect().await.map_err(SessionError::Connect)?;
+    let channel = endpoint(opts)?
+        .connect()
+        .await
+        .map_err(SessionError::Connect)?;
     let mut client = AgentClient::new(channel.clone())
         .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
     let applied = config_tx.borrow().as_ref().map(|c| c.version).unwrap_or(0);
     let (ack_tx, ack_rx) = mpsc::channel(4);
     let _ = ack_tx
-        .send(ConfigAck { protocol_version: PROTOCOL_VERSION, applied_version: applied, agent_version: env!("CARGO_PKG_VERSION").into() })
+        .send(ConfigAck {
+            protocol_version: PROTOCOL_VERSION,
+            applied_version: applied,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
         .await;
     let req = with_metadata(opts, ReceiverStream::new(ack_rx)).map_err(SessionError::Rejected)?;
     let mut configs = client.configure(req).await.map_err(classify)?.into_inner();
     // The first configuration proves the token is good; only then open tunnels.
-    let first = configs.message().await.map_err(classify)?.ok_or(SessionError::Closed)?;
+    let first = configs
+        .message()
+        .await
+        .map_err(classify)?
+        .ok_or(SessionError::Closed)?;
     apply(first, config_tx, &ack_tx).await;
     tracing::info!(kas = %opts.kas_address, "connected to kas");
 
-    let pool = Arc::new(Pool { idle: AtomicUsize::new(0), total: AtomicUsize::new(0), wake: Notify::new() });
+    let pool = Arc::new(Pool {
+        idle: AtomicUsize::new(0),
+        total: AtomicUsize::new(0),
+        wake: Notify::new(),
+    });
     // Owns every tunnel task of this session: they stop when the session ends.
     let mut tunnels = JoinSet::new();
     let manager = async {
@@ -205,7 +236,12 @@ async fn session(
             {
                 pool.idle.fetch_add(1, Ordering::SeqCst);
                 pool.total.fetch_add(1, Ordering::SeqCst);
-                tunnels.spawn(tunnel(opts.clone(), client.clone(), upstream.clone(), pool.clone()));
+                tunnels.spawn(tunnel(
+                    opts.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                    pool.clone(),
+                ));
             }
             tokio::select! {
                 _ = pool.wake.notified() => {}
@@ -238,7 +274,11 @@ async fn apply(
     tracing::info!(agent_id = c.agent_id, agent = %c.agent_name, version, "applied agent configuration");
     config_tx.send_replace(Some(c));
     let _ = ack_tx
-        .send(ConfigAck { protocol_version: PROTOCOL_VERSION, applied_version: version, agent_version: env!("CARGO_PKG_VERSION").into() })
+        .send(ConfigAck {
+            protocol_version: PROTOCOL_VERSION,
+            applied_version: version,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
         .await;
 }
 
@@ -272,10 +312,21 @@ impl Drop for TunnelSlot {
     }
 }
 
-async fn tunnel(opts: ConnectOptions, mut client: AgentClient<Channel>, upstream: Arc<Upstream>, pool: Arc<Pool>) {
+async fn tunnel(
+    opts: ConnectOptions,
+    mut client: AgentClient<Channel>,
+    upstream: Arc<Upstream>,
+    pool: Arc<Pool>,
+) {
     let mut slot = TunnelSlot { pool, idle: true };
     let (tx, rx) = mpsc::channel::<AgentFrame>(4);
-    let _ = tx.send(AgentFrame { msg: Some(agent_frame::Msg::Hello(Hello { protocol_version: PROTOCOL_VERSION })) }).await;
+    let _ = tx
+        .send(AgentFrame {
+            msg: Some(agent_frame::Msg::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+            })),
+        })
+        .await;
     let Ok(req) = with_metadata(&opts, ReceiverStream::new(rx)) else {
         return;
     };
@@ -289,7 +340,9 @@ async fn tunnel(opts: ConnectOptions, mut client: AgentClient<Channel>, upstream
         }
     };
     let head = match inbound.message().await {
-        Ok(Some(ServerFrame { msg: Some(server_frame::Msg::RequestHead(h)) })) => h,
+        Ok(Some(ServerFrame {
+            msg: Some(server_frame::Msg::RequestHead(h)),
+        })) => h,
         _ => return,
     };
     slot.busy();
@@ -304,7 +357,10 @@ mod tests {
     fn backoff_grows_with_jitter_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(75) && d[0] <= Duration::from_millis(125), "{d:?}");
+        assert!(
+            d[0] >= Duration::from_millis(75) && d[0] <= Duration::from_millis(125),
+            "{d:?}"
+        );
         assert!(d[3] >= Duration::from_millis(600), "{d:?}");
         assert!(d[5] <= Duration::from_millis(1250), "{d:?}");
         b.reset();

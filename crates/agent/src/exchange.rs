@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioIo;
 use kas_proto::v1::{
-    agent_frame, server_frame, tunnel_error::Code, AgentFrame, Data, EndOfBody, Impersonation, RequestHead,
-    ResponseHead, ServerFrame, TunnelError,
+    agent_frame, server_frame, tunnel_error::Code, AgentFrame, Data, EndOfBody, Impersonation,
+    RequestHead, ResponseHead, ServerFrame, TunnelError,
 };
 use kas_proto::MAX_DATA_FRAME;
 use kas_tunnel::headers;
@@ -48,7 +48,10 @@ const EXTRA_KEY: &AsciiSet = &NON_ALPHANUMERIC
 
 /// Impersonation headers as Kubernetes expects them (extra keys percent-encoded).
 pub fn impersonation_headers(i: &Impersonation) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
-    let v = |s: &str| HeaderValue::from_str(s).map_err(|_| format!("impersonation value `{s}` is not a valid header value"));
+    let v = |s: &str| {
+        HeaderValue::from_str(s)
+            .map_err(|_| format!("impersonation value `{s}` is not a valid header value"))
+    };
     let mut out = vec![(HeaderName::from_static("impersonate-user"), v(&i.username)?)];
     if !i.uid.is_empty() {
         out.push((HeaderName::from_static("impersonate-uid"), v(&i.uid)?));
@@ -57,7 +60,10 @@ pub fn impersonation_headers(i: &Impersonation) -> Result<Vec<(HeaderName, Heade
         out.push((HeaderName::from_static("impersonate-group"), v(g)?));
     }
     for e in &i.extra {
-        let name = format!("impersonate-extra-{}", utf8_percent_encode(&e.key, EXTRA_KEY));
+        let name = format!(
+            "impersonate-extra-{}",
+            utf8_percent_encode(&e.key, EXTRA_KEY)
+        );
         let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
             .map_err(|_| format!("impersonation extra key `{}` cannot be sent", e.key))?;
         for val in &e.values {
@@ -72,7 +78,14 @@ async fn send(out: &Out, msg: agent_frame::Msg) -> bool {
 }
 
 async fn fail(out: &Out, code: Code, message: &str) {
-    let _ = send(out, agent_frame::Msg::Error(TunnelError { code: code as i32, message: message.to_string() })).await;
+    let _ = send(
+        out,
+        agent_frame::Msg::Error(TunnelError {
+            code: code as i32,
+            message: message.to_string(),
+        }),
+    )
+    .await;
 }
 
 fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, String> {
@@ -90,7 +103,12 @@ fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, String> {
 }
 
 /// Serves one exchange: `head` has arrived on `inbound`; responses go to `out`.
-pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<ServerFrame>, out: Out) {
+pub async fn serve(
+    up: Arc<Upstream>,
+    head: RequestHead,
+    mut inbound: Streaming<ServerFrame>,
+    out: Out,
+) {
     let request_id = head.request_id.clone();
     // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
     let (body_tx, mut body_rx) = mpsc::channel::<Bytes>(4);
@@ -99,14 +117,18 @@ pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<
         let mut body_tx = Some(body_tx);
         loop {
             match inbound.message().await {
-                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::Data(d)) })) => {
+                Ok(Some(ServerFrame {
+                    msg: Some(server_frame::Msg::Data(d)),
+                })) => {
                     if let Some(tx) = &body_tx {
                         if tx.send(d.data).await.is_err() {
                             body_tx = None;
                         }
                     }
                 }
-                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::EndOfBody(_)) })) => body_tx = None,
+                Ok(Some(ServerFrame {
+                    msg: Some(server_frame::Msg::EndOfBody(_)),
+                })) => body_tx = None,
                 Ok(Some(_)) => {
                     // Protocol violation; treat as cancellation.
                     let _ = cancel_tx.send(());
@@ -168,7 +190,12 @@ pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%request_id, error = %e, "cannot reach the cluster API");
-                return fail(&out, Code::UpstreamUnavailable, "the agent cannot reach the Kubernetes API server").await;
+                return fail(
+                    &out,
+                    Code::UpstreamUnavailable,
+                    "the agent cannot reach the Kubernetes API server",
+                )
+                .await;
             }
         };
         let status = resp.status();
@@ -185,7 +212,12 @@ pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<
                 Ok(u) => u,
                 Err(e) => {
                     tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
-                    return fail(&out, Code::UpstreamAborted, "the upgraded connection to the cluster failed").await;
+                    return fail(
+                        &out,
+                        Code::UpstreamAborted,
+                        "the upgraded connection to the cluster failed",
+                    )
+                    .await;
                 }
             };
             let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
@@ -206,7 +238,9 @@ pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<
                             return;
                         }
                         Ok(n) => {
-                            let d = Data { data: Bytes::copy_from_slice(&buf[..n]) };
+                            let d = Data {
+                                data: Bytes::copy_from_slice(&buf[..n]),
+                            };
                             if !send(&out, agent_frame::Msg::Data(d)).await {
                                 return;
                             }
@@ -230,7 +264,12 @@ pub async fn serve(up: Arc<Upstream>, head: RequestHead, mut inbound: Streaming<
                 }
                 Err(e) => {
                     tracing::warn!(%request_id, error = %e, "cluster response body failed");
-                    return fail(&out, Code::UpstreamAborted, "the cluster's response was cut off").await;
+                    return fail(
+                        &out,
+                        Code::UpstreamAborted,
+                        "the cluster's response was cut off",
+                    )
+                    .await;
                 }
             }
         }
@@ -256,20 +295,31 @@ mod tests {
             username: "gitlab:ci_job:1".into(),
             uid: String::new(),
             groups: vec!["a".into(), "b".into()],
-            extra: vec![ExtraValues { key: "agent.gitlab.com/id".into(), values: vec!["7".into()] }],
+            extra: vec![ExtraValues {
+                key: "agent.gitlab.com/id".into(),
+                values: vec!["7".into()],
+            }],
         })
         .expect("headers");
         let names: Vec<String> = h.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(
             names,
-            ["impersonate-user", "impersonate-group", "impersonate-group", "impersonate-extra-agent.gitlab.com%2fid"]
+            [
+                "impersonate-user",
+                "impersonate-group",
+                "impersonate-group",
+                "impersonate-extra-agent.gitlab.com%2fid"
+            ]
         );
     }
 
     #[test]
     fn target_uris() {
         let base: Uri = "https://k:6443/prefix/".parse().expect("uri");
-        assert_eq!(target_uri(&base, "/api/v1?x=1").expect("ok").to_string(), "https://k:6443/prefix/api/v1?x=1");
+        assert_eq!(
+            target_uri(&base, "/api/v1?x=1").expect("ok").to_string(),
+            "https://k:6443/prefix/api/v1?x=1"
+        );
         assert!(target_uri(&base, "api").is_err());
     }
 }

@@ -51,23 +51,33 @@ async fn main() -> anyhow::Result<()> {
         .map(tracing_subscriber::EnvFilter::new)
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format.as_str() {
         "json" => b.json().init(),
         "text" => b.init(),
         other => fail(format!("--log-format must be text or json, not `{other}`")),
     }
     let token = std::fs::read_to_string(&cli.token_file)
-        .unwrap_or_else(|e| fail(format!("cannot read --token-file {}: {e}", cli.token_file.display())))
+        .unwrap_or_else(|e| {
+            fail(format!(
+                "cannot read --token-file {}: {e}",
+                cli.token_file.display()
+            ))
+        })
         .trim()
         .to_string();
     if token.is_empty() {
-        fail(format!("--token-file {} is empty", cli.token_file.display()));
+        fail(format!(
+            "--token-file {} is empty",
+            cli.token_file.display()
+        ));
     }
-    let ca_cert_pem = cli
-        .ca_cert
-        .as_ref()
-        .map(|p| std::fs::read(p).unwrap_or_else(|e| fail(format!("cannot read --ca-cert {}: {e}", p.display()))));
+    let ca_cert_pem = cli.ca_cert.as_ref().map(|p| {
+        std::fs::read(p)
+            .unwrap_or_else(|e| fail(format!("cannot read --ca-cert {}: {e}", p.display())))
+    });
     if cli.min_idle_tunnels == 0 || cli.max_tunnels < cli.min_idle_tunnels {
         fail("--min-idle-tunnels must be at least 1 and at most --max-tunnels".into());
     }

@@ -80,7 +80,9 @@ impl TryFrom<AccessAsRaw> for AccessAs {
             (true, false, None) => Ok(AccessAs::Agent),
             (false, true, None) => Ok(AccessAs::CiJob),
             (false, false, Some(i)) => Ok(AccessAs::Impersonate(i)),
-            (false, false, None) => Err("must hold one of `agent`, `ci_job` or `impersonate`".into()),
+            (false, false, None) => {
+                Err("must hold one of `agent`, `ci_job` or `impersonate`".into())
+            }
             _ => Err("must hold only one of `agent`, `ci_job` or `impersonate`".into()),
         }
     }
@@ -133,7 +135,10 @@ pub struct ConfigError {
 }
 
 fn join(p: &[Problem]) -> String {
-    p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    p.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Accepted, but worth telling the person who set the configuration.
@@ -173,22 +178,42 @@ pub fn parse_agent_config(
     if ca.projects.len() > MAX_PROJECTS {
         problems.push(problem(
             "ci_access.projects",
-            format!("at most {MAX_PROJECTS} projects are allowed, found {}", ca.projects.len()),
+            format!(
+                "at most {MAX_PROJECTS} projects are allowed, found {}",
+                ca.projects.len()
+            ),
         ));
     }
     if ca.groups.len() > MAX_GROUPS {
         problems.push(problem(
             "ci_access.groups",
-            format!("at most {MAX_GROUPS} groups are allowed, found {}", ca.groups.len()),
+            format!(
+                "at most {MAX_GROUPS} groups are allowed, found {}",
+                ca.groups.len()
+            ),
         ));
     }
     let entries = ca
         .projects
         .iter()
         .enumerate()
-        .map(|(i, e)| (format!("ci_access.projects[{i}]"), &e.id, &e.default_namespace, &e.environments, &e.access_as))
+        .map(|(i, e)| {
+            (
+                format!("ci_access.projects[{i}]"),
+                &e.id,
+                &e.default_namespace,
+                &e.environments,
+                &e.access_as,
+            )
+        })
         .chain(ca.groups.iter().enumerate().map(|(i, e)| {
-            (format!("ci_access.groups[{i}]"), &e.id, &e.default_namespace, &e.environments, &e.access_as)
+            (
+                format!("ci_access.groups[{i}]"),
+                &e.id,
+                &e.default_namespace,
+                &e.environments,
+                &e.access_as,
+            )
         }));
     let mut seen = HashSet::new();
     for (at, id, ns, envs, access_as) in entries {
@@ -197,7 +222,10 @@ pub fn parse_agent_config(
         } else {
             let kind = at.split('[').next().unwrap_or_default().to_string();
             if !seen.insert((kind, id.to_ascii_lowercase())) {
-                problems.push(problem(format!("{at}.id"), format!("`{id}` is listed twice")));
+                problems.push(problem(
+                    format!("{at}.id"),
+                    format!("`{id}` is listed twice"),
+                ));
             }
             if !crate::root_of(id).eq_ignore_ascii_case(root) {
                 warnings.push(problem(
@@ -220,14 +248,20 @@ pub fn parse_agent_config(
         if let Some(envs) = envs {
             for (j, e) in envs.iter().enumerate() {
                 if e.trim().is_empty() {
-                    problems.push(problem(format!("{at}.environments[{j}]"), "must not be empty"));
+                    problems.push(problem(
+                        format!("{at}.environments[{j}]"),
+                        "must not be empty",
+                    ));
                 }
             }
         }
         if let AccessAs::Impersonate(i) = access_as {
             let f = format!("{at}.access_as.impersonate");
             if i.username.trim().is_empty() {
-                problems.push(problem(format!("{f}.username"), "is required and must not be empty"));
+                problems.push(problem(
+                    format!("{f}.username"),
+                    "is required and must not be empty",
+                ));
             }
             if i.uid.as_deref().is_some_and(|u| u.trim().is_empty()) {
                 problems.push(problem(format!("{f}.uid"), "must not be empty when set"));
@@ -287,7 +321,8 @@ pub(crate) fn validate_path(path: &str) -> Result<(), String> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -339,17 +374,28 @@ ci_access:
     fn empty_config_is_valid() {
         let (c, _) = parse_agent_config("", "a/b").expect("valid");
         assert!(c.ci_access.projects.is_empty());
-        let (c, _) = parse_agent_config("ci_access:\n  projects:\n    - id: a/x\n      access_as:\n        ci_job:\n", "a/b").expect("valid");
+        let (c, _) = parse_agent_config(
+            "ci_access:\n  projects:\n    - id: a/x\n      access_as:\n        ci_job:\n",
+            "a/b",
+        )
+        .expect("valid");
         assert_eq!(c.ci_access.projects[0].access_as, AccessAs::CiJob);
     }
 
     #[test]
     fn errors_name_the_field() {
-        assert!(err("ci_acess: {}").contains("ci_acess"), "{}", err("ci_acess: {}"));
+        assert!(
+            err("ci_acess: {}").contains("ci_acess"),
+            "{}",
+            err("ci_acess: {}")
+        );
         let e = err("ci_access:\n  projects:\n    - id: acme/x\n      access_as: {root: {}}\n");
         assert!(e.contains("ci_access.projects[0].access_as"), "{e}");
         let e = err("ci_access:\n  projects:\n    - id: acme/x\n      access_as: {impersonate: {username: ''}}\n");
-        assert!(e.contains("ci_access.projects[0].access_as.impersonate.username"), "{e}");
+        assert!(
+            e.contains("ci_access.projects[0].access_as.impersonate.username"),
+            "{e}"
+        );
         let e = err("ci_access:\n  groups:\n    - default_namespace: x\n");
         assert!(e.contains("ci_access.groups[0]") && e.contains("id"), "{e}");
         let e = err("ci_access:\n  projects:\n    - id: acme/x\n      default_namespace: Bad_NS\n");
@@ -380,8 +426,8 @@ ci_access:
 
     #[test]
     fn other_root_is_a_warning() {
-        let (_, w) =
-            parse_agent_config("ci_access:\n  projects: [{id: other/x}]\n", "acme/a").expect("valid");
+        let (_, w) = parse_agent_config("ci_access:\n  projects: [{id: other/x}]\n", "acme/a")
+            .expect("valid");
         assert_eq!(w.len(), 1);
         assert!(w[0].to_string().contains("root group `acme`"));
     }

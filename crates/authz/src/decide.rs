@@ -96,7 +96,10 @@ pub enum DenyReason {
     /// The job's project is under another root group than the agent's configuration project.
     OtherRootGroup { project: String, root: String },
     /// An entry covers the project, but none of them lists the job's environment.
-    EnvironmentNotAllowed { project: String, environment: Option<String> },
+    EnvironmentNotAllowed {
+        project: String,
+        environment: Option<String>,
+    },
     /// No entry covers the project.
     NotAuthorized { project: String },
 }
@@ -156,7 +159,15 @@ pub fn decide(agent: &AgentRef, config: &AgentConfig, job: &JobContext) -> Decis
         if e.id.eq_ignore_ascii_case(project_path) {
             covered = true;
             if env_ok(&e.environments) {
-                return allow(agent, job, EntryKind::Project, i, &e.id, &e.default_namespace, &e.access_as);
+                return allow(
+                    agent,
+                    job,
+                    EntryKind::Project,
+                    i,
+                    &e.id,
+                    &e.default_namespace,
+                    &e.access_as,
+                );
             }
         }
     }
@@ -170,10 +181,26 @@ pub fn decide(agent: &AgentRef, config: &AgentConfig, job: &JobContext) -> Decis
         }
     }
     if let Some((i, e)) = best {
-        return allow(agent, job, EntryKind::Group, i, &e.id, &e.default_namespace, &e.access_as);
+        return allow(
+            agent,
+            job,
+            EntryKind::Group,
+            i,
+            &e.id,
+            &e.default_namespace,
+            &e.access_as,
+        );
     }
     if is_config_project {
-        return allow(agent, job, EntryKind::ConfigProject, 0, &agent.config_project.path, &None, &AccessAs::Agent);
+        return allow(
+            agent,
+            job,
+            EntryKind::ConfigProject,
+            0,
+            &agent.config_project.path,
+            &None,
+            &AccessAs::Agent,
+        );
     }
     Decision::Deny(if covered {
         DenyReason::EnvironmentNotAllowed {
@@ -205,7 +232,11 @@ fn allow(
                 username: i.username.clone(),
                 uid: i.uid.clone(),
                 groups: i.groups.clone(),
-                extra: i.extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                extra: i
+                    .extra
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             }),
         ),
     };
@@ -237,19 +268,40 @@ pub fn ci_job_identity(agent: &AgentRef, job: &JobContext) -> Identity {
         groups.push(format!("gitlab:project_env_tier:{p}:{}", e.tier));
     }
     let mut extra = vec![
-        ("agent.gitlab.com/id".to_string(), vec![agent.id.to_string()]),
+        (
+            "agent.gitlab.com/id".to_string(),
+            vec![agent.id.to_string()],
+        ),
         (
             "agent.gitlab.com/config_project_id".to_string(),
             vec![agent.config_project.id.to_string()],
         ),
-        ("agent.gitlab.com/project_id".to_string(), vec![p.to_string()]),
-        ("agent.gitlab.com/ci_pipeline_id".to_string(), vec![job.pipeline_id.to_string()]),
-        ("agent.gitlab.com/ci_job_id".to_string(), vec![job.job_id.to_string()]),
-        ("agent.gitlab.com/username".to_string(), vec![job.username.clone()]),
+        (
+            "agent.gitlab.com/project_id".to_string(),
+            vec![p.to_string()],
+        ),
+        (
+            "agent.gitlab.com/ci_pipeline_id".to_string(),
+            vec![job.pipeline_id.to_string()],
+        ),
+        (
+            "agent.gitlab.com/ci_job_id".to_string(),
+            vec![job.job_id.to_string()],
+        ),
+        (
+            "agent.gitlab.com/username".to_string(),
+            vec![job.username.clone()],
+        ),
     ];
     if let Some(e) = env {
-        extra.push(("agent.gitlab.com/environment_slug".to_string(), vec![e.slug.clone()]));
-        extra.push(("agent.gitlab.com/environment_tier".to_string(), vec![e.tier.clone()]));
+        extra.push((
+            "agent.gitlab.com/environment_slug".to_string(),
+            vec![e.slug.clone()],
+        ));
+        extra.push((
+            "agent.gitlab.com/environment_tier".to_string(),
+            vec![e.tier.clone()],
+        ));
     }
     Identity {
         username: format!("gitlab:ci_job:{}", job.job_id),
@@ -268,21 +320,34 @@ mod tests {
         AgentRef {
             id: 7,
             name: "prod".into(),
-            config_project: Named { id: 100, path: "group1/agents".into() },
+            config_project: Named {
+                id: 100,
+                path: "group1/agents".into(),
+            },
         }
     }
 
     fn job(path: &str, env: Option<(&str, &str)>) -> JobContext {
         let segs: Vec<&str> = path.split('/').collect();
         let groups = (1..segs.len())
-            .map(|i| Named { id: 20 + i as u64, path: segs[..i].join("/") })
+            .map(|i| Named {
+                id: 20 + i as u64,
+                path: segs[..i].join("/"),
+            })
             .collect();
         JobContext {
             job_id: 1074499489,
             pipeline_id: 900,
-            project: Named { id: 150, path: path.into() },
+            project: Named {
+                id: 150,
+                path: path.into(),
+            },
             groups,
-            environment: env.map(|(n, t)| Environment { name: n.into(), slug: n.replace('/', "-"), tier: t.into() }),
+            environment: env.map(|(n, t)| Environment {
+                name: n.into(),
+                slug: n.replace('/', "-"),
+                tier: t.into(),
+            }),
             username: "alice".into(),
         }
     }
@@ -310,8 +375,14 @@ mod tests {
         // group1 (23) / group1-1 (25) / project1 (150), environment prod of tier production.
         let mut j = job("group1/group1-1/project1", Some(("prod", "production")));
         j.groups = vec![
-            Named { id: 23, path: "group1".into() },
-            Named { id: 25, path: "group1/group1-1".into() },
+            Named {
+                id: 23,
+                path: "group1".into(),
+            },
+            Named {
+                id: 25,
+                path: "group1/group1-1".into(),
+            },
         ];
         let c = cfg("ci_access:\n  projects:\n    - id: group1/group1-1/project1\n      access_as: {ci_job: {}}\n");
         let a = allowed(decide(&agent(), &c, &j));
@@ -331,8 +402,11 @@ mod tests {
                 "gitlab:project_env_tier:150:production"
             ]
         );
-        let extra: Vec<(&str, &str)> =
-            id.extra.iter().map(|(k, v)| (k.as_str(), v[0].as_str())).collect();
+        let extra: Vec<(&str, &str)> = id
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), v[0].as_str()))
+            .collect();
         assert_eq!(
             extra,
             [
@@ -351,8 +425,18 @@ mod tests {
     #[test]
     fn ci_job_without_environment_has_no_env_groups_or_extras() {
         let c = cfg("ci_access:\n  groups:\n    - id: group1\n      access_as: {ci_job: {}}\n");
-        let id = allowed(decide(&agent(), &c, &job("group1/x/p", None))).identity.expect("identity");
-        assert_eq!(id.groups, ["gitlab:ci_job", "gitlab:group:21", "gitlab:group:22", "gitlab:project:150"]);
+        let id = allowed(decide(&agent(), &c, &job("group1/x/p", None)))
+            .identity
+            .expect("identity");
+        assert_eq!(
+            id.groups,
+            [
+                "gitlab:ci_job",
+                "gitlab:group:21",
+                "gitlab:group:22",
+                "gitlab:project:150"
+            ]
+        );
         assert!(id.extra.iter().all(|(k, _)| !k.contains("environment")));
         assert_eq!(id.extra.len(), 6);
     }
@@ -377,35 +461,81 @@ ci_access:
 "#);
         // Allowed project, default namespace carried, agent identity.
         let a = allowed(decide(&agent(), &c, &job("group1/web/shop", None)));
-        assert_eq!((a.kind, a.index, a.mode), (EntryKind::Project, 0, Mode::Agent));
+        assert_eq!(
+            (a.kind, a.index, a.mode),
+            (EntryKind::Project, 0, Mode::Agent)
+        );
         assert_eq!(a.default_namespace.as_deref(), Some("shop"));
         assert!(a.identity.is_none());
         // Project inside an allowed group's subgroup.
         let a = allowed(decide(&agent(), &c, &job("group1/teams/a/b/deep", None)));
         assert_eq!((a.kind, a.index), (EntryKind::Group, 1));
         // Other root group refused even if listed (as project and as group).
-        assert!(matches!(denied(decide(&agent(), &c, &job("other/listed", None))), DenyReason::OtherRootGroup { .. }));
-        assert!(matches!(denied(decide(&agent(), &c, &job("other/x/y", None))), DenyReason::OtherRootGroup { .. }));
+        assert!(matches!(
+            denied(decide(&agent(), &c, &job("other/listed", None))),
+            DenyReason::OtherRootGroup { .. }
+        ));
+        assert!(matches!(
+            denied(decide(&agent(), &c, &job("other/x/y", None))),
+            DenyReason::OtherRootGroup { .. }
+        ));
         // Environment match, wildcard, no match, no environment.
-        let a = allowed(decide(&agent(), &c, &job("group1/web/review-app", Some(("staging", "staging")))));
+        let a = allowed(decide(
+            &agent(),
+            &c,
+            &job("group1/web/review-app", Some(("staging", "staging"))),
+        ));
         assert_eq!(a.mode, Mode::CiJob);
-        allowed(decide(&agent(), &c, &job("group1/web/review-app", Some(("review/feature-1", "development")))));
-        let d = denied(decide(&agent(), &c, &job("group1/web/review-app", Some(("production", "production")))));
+        allowed(decide(
+            &agent(),
+            &c,
+            &job(
+                "group1/web/review-app",
+                Some(("review/feature-1", "development")),
+            ),
+        ));
+        let d = denied(decide(
+            &agent(),
+            &c,
+            &job("group1/web/review-app", Some(("production", "production"))),
+        ));
         assert!(matches!(d, DenyReason::EnvironmentNotAllowed { .. }), "{d}");
         assert!(d.to_string().contains("production"));
         let d = denied(decide(&agent(), &c, &job("group1/web/review-app", None)));
-        assert!(matches!(d, DenyReason::EnvironmentNotAllowed { environment: None, .. }));
+        assert!(matches!(
+            d,
+            DenyReason::EnvironmentNotAllowed {
+                environment: None,
+                ..
+            }
+        ));
         // Group with environments: impersonate identity.
-        let a = allowed(decide(&agent(), &c, &job("group1/platform/api", Some(("production", "production")))));
+        let a = allowed(decide(
+            &agent(),
+            &c,
+            &job("group1/platform/api", Some(("production", "production"))),
+        ));
         assert_eq!(a.mode, Mode::Impersonate);
         let id = a.identity.expect("identity");
-        assert_eq!((id.username.as_str(), id.uid.as_deref()), ("deployer", Some("9")));
+        assert_eq!(
+            (id.username.as_str(), id.uid.as_deref()),
+            ("deployer", Some("9"))
+        );
         assert_eq!(id.groups, ["ops"]);
         assert_eq!(id.extra, [("k".to_string(), vec!["v".to_string()])]);
-        denied(decide(&agent(), &c, &job("group1/platform/api", Some(("staging", "staging")))));
+        denied(decide(
+            &agent(),
+            &c,
+            &job("group1/platform/api", Some(("staging", "staging"))),
+        ));
         // Not listed at all.
         let d = denied(decide(&agent(), &c, &job("group1/unlisted", None)));
-        assert_eq!(d, DenyReason::NotAuthorized { project: "group1/unlisted".into() });
+        assert_eq!(
+            d,
+            DenyReason::NotAuthorized {
+                project: "group1/unlisted".into()
+            }
+        );
         // A prefix that is not a path ancestor does not match.
         denied(decide(&agent(), &c, &job("group1/teamsx/p", None)));
         // The configuration project itself may use its agent.

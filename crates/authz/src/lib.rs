@@ -11,12 +11,12 @@ mod decide;
 mod glob;
 
 pub use config::{
-    parse_agent_config, AccessAs, AgentConfig, CiAccess, ConfigError, ConfigWarning,
-    GroupEntry, ImpersonateIdentity, ProjectEntry, MAX_GROUPS, MAX_PROJECTS,
+    parse_agent_config, AccessAs, AgentConfig, CiAccess, ConfigError, ConfigWarning, GroupEntry,
+    ImpersonateIdentity, ProjectEntry, MAX_GROUPS, MAX_PROJECTS,
 };
 pub use decide::{
-    decide, Allowed, Decision, DenyReason, EntryKind, Identity, JobContext, Named, Environment,
-    AgentRef, Mode,
+    decide, AgentRef, Allowed, Decision, DenyReason, EntryKind, Environment, Identity, JobContext,
+    Mode, Named,
 };
 pub use glob::environment_matches;
 

@@ -164,12 +164,20 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
     }
     async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>> {
         let key = crate::hash_token(token);
-        self.cached(key, |m| &mut m.agent_tokens, || self.inner.authenticate_agent(token))
-            .await
+        self.cached(
+            key,
+            |m| &mut m.agent_tokens,
+            || self.inner.authenticate_agent(token),
+        )
+        .await
     }
     async fn agent_info(&self, agent_id: u64) -> Result<Option<Arc<AgentInfo>>> {
-        self.cached(agent_id, |m| &mut m.agents, || self.inner.agent_info(agent_id))
-            .await
+        self.cached(
+            agent_id,
+            |m| &mut m.agents,
+            || self.inner.agent_info(agent_id),
+        )
+        .await
     }
     async fn all_agent_infos(&self) -> Result<Vec<Arc<AgentInfo>>> {
         self.inner.all_agent_infos().await
@@ -194,12 +202,30 @@ mod tests {
         let cp = Cached::new(SqliteControlPlane::in_memory().expect("db"));
         cp.create_project("a/b", None).await.expect("p");
         let (job, token) = cp
-            .start_job(&StartJob { project: "a/b".into(), username: "u".into(), ..Default::default() })
+            .start_job(&StartJob {
+                project: "a/b".into(),
+                username: "u".into(),
+                ..Default::default()
+            })
             .await
             .expect("job");
-        assert!(cp.authenticate_job(token.expose()).await.expect("a").is_some());
-        assert!(cp.authenticate_job(token.expose()).await.expect("a").is_some()); // cached
-        cp.finish_job(job.id, JobStatus::Success).await.expect("finish");
-        assert!(cp.authenticate_job(token.expose()).await.expect("a").is_none());
+        assert!(cp
+            .authenticate_job(token.expose())
+            .await
+            .expect("a")
+            .is_some());
+        assert!(cp
+            .authenticate_job(token.expose())
+            .await
+            .expect("a")
+            .is_some()); // cached
+        cp.finish_job(job.id, JobStatus::Success)
+            .await
+            .expect("finish");
+        assert!(cp
+            .authenticate_job(token.expose())
+            .await
+            .expect("a")
+            .is_none());
     }
 }

@@ -12,7 +12,13 @@ pub fn environment_slug(name: &str) -> String {
     let mut s: String = name
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
         s = format!("env-{s}");
@@ -57,7 +63,9 @@ pub fn guess_tier(name: &str) -> &'static str {
     let has = |words: &[&str]| words.iter().any(|w| n.contains(w));
     if has(&["dev", "review", "trunk"]) {
         "development"
-    } else if has(&["test", "tst", "int", "acpt", "accept", "qa", "qc", "control", "quality"]) {
+    } else if has(&[
+        "test", "tst", "int", "acpt", "accept", "qa", "qc", "control", "quality",
+    ]) {
         "testing"
     } else if has(&["stag", "stg", "model", "mod", "pre", "demo", "non"]) {
         "staging"

@@ -3,8 +3,8 @@
 
 use crate::token::{hash_token, new_token, Secret, TokenKind};
 use crate::{
-    slug, Agent, AgentInfo, Change, ControlPlane, EnvironmentRecord, Error, Group, Job,
-    JobStatus, Project, Result, StartJob,
+    slug, Agent, AgentInfo, Change, ControlPlane, EnvironmentRecord, Error, Group, Job, JobStatus,
+    Project, Result, StartJob,
 };
 use async_trait::async_trait;
 use kas_authz::{AgentRef, Environment, JobContext, Named};
@@ -92,7 +92,9 @@ fn validate_path(kind: &str, path: &str) -> Result<String> {
         }
     }
     if p.len() > 255 {
-        return Err(Error::Invalid(format!("{kind} path is longer than 255 characters")));
+        return Err(Error::Invalid(format!(
+            "{kind} path is longer than 255 characters"
+        )));
     }
     Ok(p.to_string())
 }
@@ -100,7 +102,9 @@ fn validate_path(kind: &str, path: &str) -> Result<String> {
 fn validate_agent_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -133,8 +137,10 @@ impl SqliteControlPlane {
     }
 
     fn init(conn: Connection) -> Result<Self> {
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
-            .map_err(storage)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
+        )
+        .map_err(storage)?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
         let (changes, _) = broadcast::channel(1024);
         Ok(SqliteControlPlane {
@@ -189,12 +195,16 @@ fn ensure_groups(tx: &Connection, path: &str, last_id: Option<u64>) -> Result<Gr
             },
             None => {
                 if tx
-                    .query_row("SELECT 1 FROM projects WHERE path = ?1", params![p], |_| Ok(()))
+                    .query_row("SELECT 1 FROM projects WHERE path = ?1", params![p], |_| {
+                        Ok(())
+                    })
                     .optional()
                     .map_err(storage)?
                     .is_some()
                 {
-                    return Err(Error::AlreadyExists(format!("`{p}` is a project, not a group")));
+                    return Err(Error::AlreadyExists(format!(
+                        "`{p}` is a project, not a group"
+                    )));
                 }
                 let explicit = if i == segs.len() { last_id } else { None };
                 let parent_i = parent.map(|v| to_i64("group", v)).transpose()?;
@@ -229,7 +239,9 @@ fn ensure_groups(tx: &Connection, path: &str, last_id: Option<u64>) -> Result<Gr
 
 fn conflict(e: rusqlite::Error, msg: String) -> Error {
     match e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
             Error::AlreadyExists(msg)
         }
         e => storage(e),
@@ -253,7 +265,8 @@ fn project_by_path(c: &Connection, path: &str) -> Result<Project> {
     .ok_or_else(|| Error::NotFound(format!("project `{path}` not found")))
 }
 
-const AGENT_COLS: &str = "a.id, a.name, a.project_id, p.path, a.config_version, a.created_at, a.config_yaml";
+const AGENT_COLS: &str =
+    "a.id, a.name, a.project_id, p.path, a.config_version, a.created_at, a.config_yaml";
 
 fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Agent, String)> {
     Ok((
@@ -334,12 +347,18 @@ impl ControlPlane for SqliteControlPlane {
         self.run(move |c| {
             let tx = c.transaction().map_err(storage)?;
             let exists = tx
-                .query_row("SELECT 1 FROM groups WHERE path = ?1", params![path], |_| Ok(()))
+                .query_row(
+                    "SELECT 1 FROM groups WHERE path = ?1",
+                    params![path],
+                    |_| Ok(()),
+                )
                 .optional()
                 .map_err(storage)?
                 .is_some();
             if exists && id.is_some() {
-                return Err(Error::AlreadyExists(format!("group `{path}` already exists")));
+                return Err(Error::AlreadyExists(format!(
+                    "group `{path}` already exists"
+                )));
             }
             let g = ensure_groups(&tx, &path, id)?;
             tx.commit().map_err(storage)?;
@@ -378,7 +397,11 @@ impl ControlPlane for SqliteControlPlane {
         self.run(move |c| {
             let tx = c.transaction().map_err(storage)?;
             if tx
-                .query_row("SELECT 1 FROM groups WHERE path = ?1", params![path], |_| Ok(()))
+                .query_row(
+                    "SELECT 1 FROM groups WHERE path = ?1",
+                    params![path],
+                    |_| Ok(()),
+                )
                 .optional()
                 .map_err(storage)?
                 .is_some()
@@ -547,7 +570,12 @@ impl ControlPlane for SqliteControlPlane {
                 "INSERT INTO environments (project_id, name, slug, tier) VALUES (?1, ?2, ?3, ?4)",
                 params![to_i64("project", p.id)?, name, slug, tier],
             )
-            .map_err(|e| conflict(e, format!("environment `{name}` already exists in `{}`", p.path)))?;
+            .map_err(|e| {
+                conflict(
+                    e,
+                    format!("environment `{name}` already exists in `{}`", p.path),
+                )
+            })?;
             Ok(EnvironmentRecord {
                 id: id_u64(c.last_insert_rowid()),
                 project_id: p.id,
@@ -644,7 +672,9 @@ impl ControlPlane for SqliteControlPlane {
 
     async fn finish_job(&self, id: u64, status: JobStatus) -> Result<Job> {
         if status == JobStatus::Running {
-            return Err(Error::Invalid("a finished job's status cannot be `running`".into()));
+            return Err(Error::Invalid(
+                "a finished job's status cannot be `running`".into(),
+            ));
         }
         let job = self
             .run(move |c| {
@@ -790,25 +820,54 @@ mod tests {
         assert_eq!(all[0].path, "acme");
         assert_eq!(g.parent_id, Some(all[0].id));
         // Idempotent without an explicit id.
-        assert_eq!(cp.create_group("acme/platform", None).await.expect("again").id, g.id);
+        assert_eq!(
+            cp.create_group("acme/platform", None)
+                .await
+                .expect("again")
+                .id,
+            g.id
+        );
         // Explicit id on an existing group is a conflict.
-        assert!(matches!(cp.create_group("acme", Some(5)).await, Err(Error::AlreadyExists(_))));
-        assert!(matches!(cp.create_group("bad//path", None).await, Err(Error::Invalid(_))));
-        assert!(matches!(cp.create_group("-x", None).await, Err(Error::Invalid(_))));
+        assert!(matches!(
+            cp.create_group("acme", Some(5)).await,
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            cp.create_group("bad//path", None).await,
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            cp.create_group("-x", None).await,
+            Err(Error::Invalid(_))
+        ));
     }
 
     #[tokio::test]
     async fn project_creates_parents_and_job_context_has_group_chain() {
         let cp = cp().await;
         cp.create_group("group1", Some(23)).await.expect("g");
-        cp.create_group("group1/group1-1", Some(25)).await.expect("g");
-        let p = cp.create_project("group1/group1-1/project1", Some(150)).await.expect("p");
+        cp.create_group("group1/group1-1", Some(25))
+            .await
+            .expect("g");
+        let p = cp
+            .create_project("group1/group1-1/project1", Some(150))
+            .await
+            .expect("p");
         assert_eq!(p.id, 150);
-        assert!(matches!(cp.create_project("group1/group1-1/project1", None).await, Err(Error::AlreadyExists(_))));
-        assert!(matches!(cp.create_project("toplevel", None).await, Err(Error::Invalid(_))));
-        cp.create_environment("group1/group1-1/project1", "prod", Some("production")).await.expect("env");
         assert!(matches!(
-            cp.create_environment("group1/group1-1/project1", "x", Some("prod")).await,
+            cp.create_project("group1/group1-1/project1", None).await,
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            cp.create_project("toplevel", None).await,
+            Err(Error::Invalid(_))
+        ));
+        cp.create_environment("group1/group1-1/project1", "prod", Some("production"))
+            .await
+            .expect("env");
+        assert!(matches!(
+            cp.create_environment("group1/group1-1/project1", "x", Some("prod"))
+                .await,
             Err(Error::Invalid(_))
         ));
         let (job, token) = cp
@@ -821,39 +880,101 @@ mod tests {
             .await
             .expect("job");
         assert_eq!(job.status, JobStatus::Running);
-        let ctx = cp.authenticate_job(token.expose()).await.expect("auth").expect("running");
-        assert_eq!(ctx.groups.iter().map(|g| g.id).collect::<Vec<_>>(), [23, 25]);
+        let ctx = cp
+            .authenticate_job(token.expose())
+            .await
+            .expect("auth")
+            .expect("running");
+        assert_eq!(
+            ctx.groups.iter().map(|g| g.id).collect::<Vec<_>>(),
+            [23, 25]
+        );
         assert_eq!(ctx.project.id, 150);
         let env = ctx.environment.as_ref().expect("env");
-        assert_eq!((env.slug.as_str(), env.tier.as_str()), ("prod", "production"));
+        assert_eq!(
+            (env.slug.as_str(), env.tier.as_str()),
+            ("prod", "production")
+        );
         let mut changes = cp.subscribe();
-        cp.finish_job(job.id, JobStatus::Success).await.expect("finish");
-        assert_eq!(changes.recv().await.expect("change"), Change::JobFinished { job_id: job.id });
-        assert!(cp.authenticate_job(token.expose()).await.expect("auth").is_none());
-        assert!(cp.authenticate_job("kasjob-unknown").await.expect("auth").is_none());
-        assert!(matches!(cp.finish_job(job.id, JobStatus::Success).await, Err(Error::Invalid(_))));
-        assert!(matches!(cp.finish_job(999, JobStatus::Success).await, Err(Error::NotFound(_))));
+        cp.finish_job(job.id, JobStatus::Success)
+            .await
+            .expect("finish");
+        assert_eq!(
+            changes.recv().await.expect("change"),
+            Change::JobFinished { job_id: job.id }
+        );
+        assert!(cp
+            .authenticate_job(token.expose())
+            .await
+            .expect("auth")
+            .is_none());
+        assert!(cp
+            .authenticate_job("kasjob-unknown")
+            .await
+            .expect("auth")
+            .is_none());
+        assert!(matches!(
+            cp.finish_job(job.id, JobStatus::Success).await,
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            cp.finish_job(999, JobStatus::Success).await,
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[tokio::test]
     async fn agents_tokens_and_config() {
         let cp = cp().await;
-        cp.create_project("acme/platform/agents", None).await.expect("p");
-        let (agent, token) = cp.create_agent("acme/platform/agents", "prod").await.expect("agent");
-        assert!(matches!(cp.create_agent("acme/platform/agents", "prod").await, Err(Error::AlreadyExists(_))));
-        assert!(matches!(cp.create_agent("acme/platform/agents", "Bad_Name").await, Err(Error::Invalid(_))));
-        assert!(matches!(cp.create_agent("acme/none", "x").await, Err(Error::NotFound(_))));
-        let info = cp.authenticate_agent(token.expose()).await.expect("auth").expect("found");
+        cp.create_project("acme/platform/agents", None)
+            .await
+            .expect("p");
+        let (agent, token) = cp
+            .create_agent("acme/platform/agents", "prod")
+            .await
+            .expect("agent");
+        assert!(matches!(
+            cp.create_agent("acme/platform/agents", "prod").await,
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            cp.create_agent("acme/platform/agents", "Bad_Name").await,
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            cp.create_agent("acme/none", "x").await,
+            Err(Error::NotFound(_))
+        ));
+        let info = cp
+            .authenticate_agent(token.expose())
+            .await
+            .expect("auth")
+            .expect("found");
         assert_eq!(info.agent.id, agent.id);
         assert_eq!(info.config_version, 0);
-        assert!(cp.authenticate_agent("kasagent-wrong").await.expect("auth").is_none());
+        assert!(cp
+            .authenticate_agent("kasagent-wrong")
+            .await
+            .expect("auth")
+            .is_none());
         let err = cp
-            .set_agent_config("acme/platform/agents", "prod", "ci_access:\n  projects:\n    - id: acme/x\n      access_as: {bogus: {}}\n")
+            .set_agent_config(
+                "acme/platform/agents",
+                "prod",
+                "ci_access:\n  projects:\n    - id: acme/x\n      access_as: {bogus: {}}\n",
+            )
             .await
             .expect_err("invalid");
-        assert!(err.to_string().contains("ci_access.projects[0].access_as"), "{err}");
+        assert!(
+            err.to_string().contains("ci_access.projects[0].access_as"),
+            "{err}"
+        );
         let (v, w) = cp
-            .set_agent_config("acme/platform/agents", "prod", "ci_access:\n  projects:\n    - id: acme/web/shop\n")
+            .set_agent_config(
+                "acme/platform/agents",
+                "prod",
+                "ci_access:\n  projects:\n    - id: acme/web/shop\n",
+            )
             .await
             .expect("valid");
         assert_eq!(v, 1);

@@ -30,7 +30,10 @@ struct NamedCluster {
 #[derive(Serialize)]
 struct Cluster {
     server: String,
-    #[serde(rename = "certificate-authority-data", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "certificate-authority-data",
+        skip_serializing_if = "Option::is_none"
+    )]
     ca_data: Option<String>,
 }
 

@@ -9,7 +9,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use kas_authz::{decide, Decision, Identity};
 use kas_controlplane::ControlPlane;
-use kas_proto::v1::{server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ServerFrame};
+use kas_proto::v1::{
+    server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ServerFrame,
+};
 use kas_proto::MAX_DATA_FRAME;
 use kas_tunnel::{headers, AcquireError, ExchangeError, TunnelBody, TunnelRegistry};
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Response body of the proxy: a Status document or a tunnel's stream.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type ProxyBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Tunable behaviour.
 #[derive(Debug, Clone)]
@@ -72,15 +75,25 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 fn internal() -> Response<ProxyBody> {
-    status_response(StatusCode::INTERNAL_SERVER_ERROR, "kas could not process the request; see kas logs")
+    status_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "kas could not process the request; see kas logs",
+    )
 }
 
 impl K8sProxy {
-    pub fn new(cp: Arc<dyn ControlPlane>, registry: Arc<TunnelRegistry>, opts: ProxyOptions) -> Arc<Self> {
+    pub fn new(
+        cp: Arc<dyn ControlPlane>,
+        registry: Arc<TunnelRegistry>,
+        opts: ProxyOptions,
+    ) -> Arc<Self> {
         Arc::new(K8sProxy { cp, registry, opts })
     }
 
@@ -116,14 +129,20 @@ impl K8sProxy {
             }
             Err(e) => {
                 tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
-                return status_response(StatusCode::SERVICE_UNAVAILABLE, "kas cannot reach its control plane; retry later");
+                return status_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "kas cannot reach its control plane; retry later",
+                );
             }
         };
         let agent = match self.cp.agent_info(agent_id).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
-                return status_response(StatusCode::SERVICE_UNAVAILABLE, "kas cannot reach its control plane; retry later");
+                return status_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "kas cannot reach its control plane; retry later",
+                );
             }
         };
         let decision = match &agent {
@@ -143,7 +162,11 @@ impl K8sProxy {
             }
         };
 
-        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let path_and_query = match path_and_query.strip_prefix(PREFIX) {
             Some(rest) if rest.is_empty() || rest.starts_with(['/', '?']) => {
                 if rest.starts_with('/') {
@@ -175,8 +198,12 @@ impl K8sProxy {
                 Ok(t) => t,
                 Err(e) => {
                     let msg = match e {
-                        AcquireError::NotConnected => format!("agent {agent_id} is not connected to kas"),
-                        AcquireError::NoFreeTunnel => format!("agent {agent_id} has no free tunnel; retry later"),
+                        AcquireError::NotConnected => {
+                            format!("agent {agent_id} is not connected to kas")
+                        }
+                        AcquireError::NoFreeTunnel => {
+                            format!("agent {agent_id} has no free tunnel; retry later")
+                        }
                     };
                     tracing::warn!(%request_id, agent_id, job_id = job.job_id, status = 503, "k8s-proxy: {msg}");
                     return status_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
@@ -200,7 +227,9 @@ impl K8sProxy {
             Err(e) => {
                 tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = 502, "k8s-proxy: exchange failed");
                 let msg = match e {
-                    ExchangeError::Agent { message, .. } => format!("the agent could not complete the request: {message}"),
+                    ExchangeError::Agent { message, .. } => {
+                        format!("the agent could not complete the request: {message}")
+                    }
                     _ => "the agent's connection broke before it answered; retry".to_string(),
                 };
                 return status_response(StatusCode::BAD_GATEWAY, &msg);
@@ -254,13 +283,17 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => {
                     let _ = out
-                        .send(Ok(ServerFrame { msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})) }))
+                        .send(Ok(ServerFrame {
+                            msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
+                        }))
                         .await;
                     return;
                 }
                 Ok(n) => {
                     let f = ServerFrame {
-                        msg: Some(server_frame::Msg::Data(Data { data: Bytes::copy_from_slice(&buf[..n]) })),
+                        msg: Some(server_frame::Msg::Data(Data {
+                            data: Bytes::copy_from_slice(&buf[..n]),
+                        })),
                     };
                     if out.send(Ok(f)).await.is_err() {
                         return;

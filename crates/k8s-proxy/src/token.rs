@@ -24,7 +24,9 @@ impl std::fmt::Debug for CiToken<'_> {
 pub enum TokenError {
     #[error("missing credentials: send `Authorization: Bearer ci:<agent id>:<job token>`")]
     Missing,
-    #[error("malformed credentials: expected a bearer token of the form ci:<agent id>:<job token>")]
+    #[error(
+        "malformed credentials: expected a bearer token of the form ci:<agent id>:<job token>"
+    )]
     Malformed,
 }
 
@@ -51,7 +53,10 @@ pub fn parse_ci_token(header: Option<&str>) -> Result<CiToken<'_>, TokenError> {
     {
         return Err(TokenError::Malformed);
     }
-    Ok(CiToken { agent_id, job_token })
+    Ok(CiToken {
+        agent_id,
+        job_token,
+    })
 }
 
 #[cfg(test)]
@@ -65,8 +70,17 @@ mod tests {
         assert!(!format!("{t:?}").contains("kasjob"));
         assert_eq!(parse_ci_token(None), Err(TokenError::Missing));
         for bad in [
-            "", "Bearer", "Bearer ", "Bearer ci:", "Bearer ci:x:y", "Bearer ci:7", "Bearer ci:7:",
-            "Bearer ci::tok", "Basic ci:7:tok", "Bearer 7:tok", "Bearer ci:99999999999999999999999:t",
+            "",
+            "Bearer",
+            "Bearer ",
+            "Bearer ci:",
+            "Bearer ci:x:y",
+            "Bearer ci:7",
+            "Bearer ci:7:",
+            "Bearer ci::tok",
+            "Basic ci:7:tok",
+            "Bearer 7:tok",
+            "Bearer ci:99999999999999999999999:t",
             "Bearer ci:7:to ken",
         ] {
             assert!(parse_ci_token(Some(bad)).is_err(), "{bad:?} accepted");

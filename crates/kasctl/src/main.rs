@@ -11,13 +11,27 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Parser)]
-#[command(name = "kasctl", version, about = "Administer kas: groups, projects, agents, environments, CI jobs")]
+#[command(
+    name = "kasctl",
+    version,
+    about = "Administer kas: groups, projects, agents, environments, CI jobs"
+)]
 struct Cli {
     /// kas API listener URL.
-    #[arg(long, env = "KASCTL_SERVER", default_value = "http://127.0.0.1:8153", global = true)]
+    #[arg(
+        long,
+        env = "KASCTL_SERVER",
+        default_value = "http://127.0.0.1:8153",
+        global = true
+    )]
     server: String,
     /// File holding the kas admin token.
-    #[arg(long, env = "KASCTL_TOKEN_FILE", default_value = "./kas-data/admin-token", global = true)]
+    #[arg(
+        long,
+        env = "KASCTL_TOKEN_FILE",
+        default_value = "./kas-data/admin-token",
+        global = true
+    )]
     token_file: PathBuf,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
@@ -73,9 +87,9 @@ enum AgentCmd {
         /// Configuration project path.
         project: String,
         name: String,
-        /// Also write the token to this file (mode 0600).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        /// Also write the agent token to this file (mode 0600).
+        #[arg(long = "write-token", value_name = "FILE")]
+        write_token: Option<PathBuf>,
     },
     /// List registered agents.
     List,
@@ -87,7 +101,11 @@ enum AgentCmd {
 #[derive(Debug, Subcommand)]
 enum ConfigCmd {
     /// Validate and store config.yaml (use - for standard input).
-    Set { project: String, name: String, file: PathBuf },
+    Set {
+        project: String,
+        name: String,
+        file: PathBuf,
+    },
     /// Print the stored config.yaml.
     Get { project: String, name: String },
 }
@@ -156,16 +174,27 @@ impl Api {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(data)))
             .with_context(|| format!("invalid server URL `{}`", self.base))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .with_context(|| format!("cannot reach kas at {} (is it running? set --server or KASCTL_SERVER)", self.base))?;
+        let resp = self.client.request(req).await.with_context(|| {
+            format!(
+                "cannot reach kas at {} (is it running? set --server or KASCTL_SERVER)",
+                self.base
+            )
+        })?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.context("reading kas's answer")?.to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading kas's answer")?
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
         if !status.is_success() {
-            let msg = v.get("error").and_then(Value::as_str).unwrap_or("request failed").to_string();
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed")
+                .to_string();
             bail!("{msg} (HTTP {})", status.as_u16());
         }
         Ok(v)
@@ -178,7 +207,9 @@ fn write_private(path: &Path, data: &str) -> Result<()> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(data.as_bytes())?;
     Ok(())
 }
@@ -191,7 +222,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:w$}", c, w = widths[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:w$}", c, w = widths[i]))
+            .collect();
         println!("{}", s.join("   ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -243,31 +278,71 @@ async fn run(cli: Cli) -> Result<()> {
         })?
         .trim()
         .to_string();
-    let api = Api { base: cli.server.clone(), token, client: Client::builder(TokioExecutor::new()).build_http() };
+    let api = Api {
+        base: cli.server.clone(),
+        token,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    };
     let json_out = cli.output == Output::Json;
-    let print_json = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let print_json =
+        |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     use http::Method as M;
     match cli.cmd {
         Cmd::Group(PathCmd::Create { path, id }) => {
-            let v = api.call(M::POST, "/groups", Some(json!({ "path": path, "id": id }))).await?;
-            if json_out { print_json(&v) } else { println!("group {} (id {})", s(&v, "path"), s(&v, "id")) }
+            let v = api
+                .call(M::POST, "/groups", Some(json!({ "path": path, "id": id })))
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("group {} (id {})", s(&v, "path"), s(&v, "id"))
+            }
         }
         Cmd::Project(PathCmd::Create { path, id }) => {
-            let v = api.call(M::POST, "/projects", Some(json!({ "path": path, "id": id }))).await?;
-            if json_out { print_json(&v) } else { println!("project {} (id {})", s(&v, "path"), s(&v, "id")) }
+            let v = api
+                .call(
+                    M::POST,
+                    "/projects",
+                    Some(json!({ "path": path, "id": id })),
+                )
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("project {} (id {})", s(&v, "path"), s(&v, "id"))
+            }
         }
-        Cmd::Group(PathCmd::List) | Cmd::Project(PathCmd::List) => list_paths(&api, &cli.cmd, json_out).await?,
-        Cmd::Agent(AgentCmd::Create { project, name, token_file }) => {
-            let v = api.call(M::POST, "/agents", Some(json!({ "project": project, "name": name }))).await?;
+        Cmd::Group(PathCmd::List) | Cmd::Project(PathCmd::List) => {
+            list_paths(&api, &cli.cmd, json_out).await?
+        }
+        Cmd::Agent(AgentCmd::Create {
+            project,
+            name,
+            write_token,
+        }) => {
+            let v = api
+                .call(
+                    M::POST,
+                    "/agents",
+                    Some(json!({ "project": project, "name": name })),
+                )
+                .await?;
             let token = s(&v, "token");
-            if let Some(f) = &token_file {
+            if let Some(f) = &write_token {
                 write_private(f, &format!("{token}\n"))?;
             }
             if json_out {
-                print_json(&json!({ "id": v["id"], "name": v["name"], "project": v["project_path"], "token": token }));
+                print_json(
+                    &json!({ "id": v["id"], "name": v["name"], "project": v["project_path"], "token": token }),
+                );
             } else {
-                println!("agent {} (id {}) registered in {}", s(&v, "name"), s(&v, "id"), s(&v, "project_path"));
-                match &token_file {
+                println!(
+                    "agent {} (id {}) registered in {}",
+                    s(&v, "name"),
+                    s(&v, "id"),
+                    s(&v, "project_path")
+                );
+                match &write_token {
                     Some(f) => println!("token written to {} (it is not shown again)", f.display()),
                     None => println!("token (shown once; store it now): {token}"),
                 }
@@ -280,20 +355,39 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 table(
                     &["ID", "NAME", "CONFIG PROJECT", "CONFIG VERSION"],
-                    list(&v).iter().map(|a| vec![s(a, "id"), s(a, "name"), s(a, "project_path"), s(a, "config_version")]).collect(),
+                    list(&v)
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                s(a, "id"),
+                                s(a, "name"),
+                                s(a, "project_path"),
+                                s(a, "config_version"),
+                            ]
+                        })
+                        .collect(),
                 )
             }
         }
-        Cmd::Agent(AgentCmd::Config(ConfigCmd::Set { project, name, file })) => {
+        Cmd::Agent(AgentCmd::Config(ConfigCmd::Set {
+            project,
+            name,
+            file,
+        })) => {
             let yaml = if file.as_os_str() == "-" {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
                 s
             } else {
-                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
             };
             let v = api
-                .call(M::PUT, "/agents/config", Some(json!({ "project": project, "name": name, "config": yaml })))
+                .call(
+                    M::PUT,
+                    "/agents/config",
+                    Some(json!({ "project": project, "name": name, "config": yaml })),
+                )
                 .await?;
             if json_out {
                 print_json(&v)
@@ -301,13 +395,24 @@ async fn run(cli: Cli) -> Result<()> {
                 for w in list(&v["warnings"]) {
                     eprintln!("warning: {}", w.as_str().unwrap_or_default());
                 }
-                println!("configuration of {project}:{name} stored as version {}", s(&v, "version"));
+                println!(
+                    "configuration of {project}:{name} stored as version {}",
+                    s(&v, "version")
+                );
             }
         }
         Cmd::Agent(AgentCmd::Config(ConfigCmd::Get { project, name })) => {
-            let q = format!("/agents/config?project={}&name={}", enc(&project), enc(&name));
+            let q = format!(
+                "/agents/config?project={}&name={}",
+                enc(&project),
+                enc(&name)
+            );
             let v = api.call(M::GET, &q, None).await?;
-            if json_out { print_json(&v) } else { print!("{}", s(&v, "config")) }
+            if json_out {
+                print_json(&v)
+            } else {
+                print!("{}", s(&v, "config"))
+            }
         }
         Cmd::Agents => {
             let v = api.call(M::GET, "/connected-agents", None).await?;
@@ -315,12 +420,24 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&v)
             } else {
                 table(
-                    &["ID", "NAME", "CONFIG PROJECT", "REPLICAS", "IDLE TUNNELS", "BUSY", "SINCE"],
+                    &[
+                        "ID",
+                        "NAME",
+                        "CONFIG PROJECT",
+                        "REPLICAS",
+                        "IDLE TUNNELS",
+                        "BUSY",
+                        "SINCE",
+                    ],
                     list(&v)
                         .iter()
                         .map(|a| {
                             let reps = list(&a["replicas"]);
-                            let first = reps.iter().filter_map(|r| r["connected_since"].as_u64()).min().unwrap_or(0);
+                            let first = reps
+                                .iter()
+                                .filter_map(|r| r["connected_since"].as_u64())
+                                .min()
+                                .unwrap_or(0);
                             vec![
                                 s(a, "id"),
                                 s(a, "name"),
@@ -335,14 +452,28 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             }
         }
-        Cmd::Environment(EnvCmd::Create { project, name, tier }) => {
+        Cmd::Environment(EnvCmd::Create {
+            project,
+            name,
+            tier,
+        }) => {
             let v = api
-                .call(M::POST, "/environments", Some(json!({ "project": project, "name": name, "tier": tier })))
+                .call(
+                    M::POST,
+                    "/environments",
+                    Some(json!({ "project": project, "name": name, "tier": tier })),
+                )
                 .await?;
             if json_out {
                 print_json(&v)
             } else {
-                println!("environment {} of {} (slug {}, tier {})", s(&v, "name"), s(&v, "project_path"), s(&v, "slug"), s(&v, "tier"))
+                println!(
+                    "environment {} of {} (slug {}, tier {})",
+                    s(&v, "name"),
+                    s(&v, "project_path"),
+                    s(&v, "slug"),
+                    s(&v, "tier")
+                )
             }
         }
         Cmd::Environment(EnvCmd::List { project }) => {
@@ -356,7 +487,18 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 table(
                     &["ID", "PROJECT", "NAME", "SLUG", "TIER"],
-                    list(&v).iter().map(|e| vec![s(e, "id"), s(e, "project_path"), s(e, "name"), s(e, "slug"), s(e, "tier")]).collect(),
+                    list(&v)
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                s(e, "id"),
+                                s(e, "project_path"),
+                                s(e, "name"),
+                                s(e, "slug"),
+                                s(e, "tier"),
+                            ]
+                        })
+                        .collect(),
                 )
             }
         }
@@ -381,7 +523,12 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 print_json(&out);
             } else {
-                println!("job {} started (pipeline {}) in {}", s(&v, "id"), s(&v, "pipeline_id"), s(&v, "project_path"));
+                println!(
+                    "job {} started (pipeline {}) in {}",
+                    s(&v, "id"),
+                    s(&v, "pipeline_id"),
+                    s(&v, "project_path")
+                );
                 let ctx = list(&v["contexts"]);
                 if ctx.is_empty() {
                     println!("no agent authorizes this job; its kubeconfig has no contexts");
@@ -397,8 +544,18 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Job(JobCmd::Finish { id, status }) => {
-            let v = api.call(M::POST, &format!("/jobs/{id}/finish"), Some(json!({ "status": status }))).await?;
-            if json_out { print_json(&v) } else { println!("job {} finished ({})", s(&v, "id"), s(&v, "status")) }
+            let v = api
+                .call(
+                    M::POST,
+                    &format!("/jobs/{id}/finish"),
+                    Some(json!({ "status": status })),
+                )
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("job {} finished ({})", s(&v, "id"), s(&v, "status"))
+            }
         }
         Cmd::Job(JobCmd::List) => {
             let v = api.call(M::GET, "/jobs", None).await?;
@@ -409,7 +566,16 @@ async fn run(cli: Cli) -> Result<()> {
                     &["ID", "PROJECT", "PIPELINE", "ENVIRONMENT", "USER", "STATUS"],
                     list(&v)
                         .iter()
-                        .map(|j| vec![s(j, "id"), s(j, "project_path"), s(j, "pipeline_id"), s(j, "environment"), s(j, "username"), s(j, "status")])
+                        .map(|j| {
+                            vec![
+                                s(j, "id"),
+                                s(j, "project_path"),
+                                s(j, "pipeline_id"),
+                                s(j, "environment"),
+                                s(j, "username"),
+                                s(j, "status"),
+                            ]
+                        })
                         .collect(),
                 )
             }
@@ -428,8 +594,18 @@ async fn list_paths(api: &Api, cmd: &Cmd, json_out: bool) -> Result<()> {
     if json_out {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let third = if path == "/groups" { "parent_id" } else { "group_id" };
-        table(headers, list(&v).iter().map(|x| vec![s(x, "id"), s(x, "path"), s(x, third)]).collect());
+        let third = if path == "/groups" {
+            "parent_id"
+        } else {
+            "group_id"
+        };
+        table(
+            headers,
+            list(&v)
+                .iter()
+                .map(|x| vec![s(x, "id"), s(x, "path"), s(x, third)])
+                .collect(),
+        );
     }
     Ok(())
 }
@@ -437,7 +613,9 @@ async fn list_paths(api: &Api, cmd: &Cmd, json_out: bool) -> Result<()> {
 fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

@@ -35,7 +35,10 @@ impl From<CpError> for ApiError {
             CpError::Config(c) => ApiError(StatusCode::BAD_REQUEST, c.to_string()),
             CpError::Storage(s) => {
                 tracing::error!(error = %s, "control plane storage error");
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "control plane storage error; see kas logs".into())
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "control plane storage error; see kas logs".into(),
+                )
             }
         }
     }
@@ -54,12 +57,20 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "missing admin token (Authorization: Bearer <token>)".into()))?;
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing admin token (Authorization: Bearer <token>)".into(),
+            )
+        })?;
     let h = kas_controlplane::hash_token(presented.trim());
     if bool::from(h.ct_eq(&state.admin_token_hash)) {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::UNAUTHORIZED, "invalid admin token".into()))
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "invalid admin token".into(),
+        ))
     }
 }
 
@@ -69,8 +80,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/groups", get(list_groups).post(create_group))
         .route("/projects", get(list_projects).post(create_project))
         .route("/agents", get(list_agents).post(create_agent))
-        .route("/agents/config", get(get_agent_config).put(set_agent_config))
-        .route("/environments", get(list_environments).post(create_environment))
+        .route(
+            "/agents/config",
+            get(get_agent_config).put(set_agent_config),
+        )
+        .route(
+            "/environments",
+            get(list_environments).post(create_environment),
+        )
         .route("/jobs", get(list_jobs).post(start_job))
         .route("/jobs/:id/finish", post(finish_job))
         .route("/connected-agents", get(connected_agents))
@@ -98,7 +115,10 @@ struct PathReq {
     id: Option<u64>,
 }
 
-async fn create_group(State(s): State<Arc<AdminState>>, Json(r): Json<PathReq>) -> ApiResult<kas_controlplane::Group> {
+async fn create_group(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<PathReq>,
+) -> ApiResult<kas_controlplane::Group> {
     Ok(Json(s.cp.create_group(&r.path, r.id).await?))
 }
 
@@ -106,11 +126,16 @@ async fn list_groups(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_cont
     Ok(Json(s.cp.list_groups().await?))
 }
 
-async fn create_project(State(s): State<Arc<AdminState>>, Json(r): Json<PathReq>) -> ApiResult<kas_controlplane::Project> {
+async fn create_project(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<PathReq>,
+) -> ApiResult<kas_controlplane::Project> {
     Ok(Json(s.cp.create_project(&r.path, r.id).await?))
 }
 
-async fn list_projects(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Project>> {
+async fn list_projects(
+    State(s): State<Arc<AdminState>>,
+) -> ApiResult<Vec<kas_controlplane::Project>> {
     Ok(Json(s.cp.list_projects().await?))
 }
 
@@ -127,7 +152,10 @@ struct CreatedAgent {
     token: String,
 }
 
-async fn create_agent(State(s): State<Arc<AdminState>>, Json(r): Json<AgentReq>) -> ApiResult<CreatedAgent> {
+async fn create_agent(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<AgentReq>,
+) -> ApiResult<CreatedAgent> {
     let (agent, token) = s.cp.create_agent(&r.project, &r.name).await?;
     Ok(Json(CreatedAgent {
         agent,
@@ -144,12 +172,13 @@ async fn get_agent_config(
     Query(r): Query<AgentReq>,
 ) -> ApiResult<serde_json::Value> {
     let a = s.cp.get_agent(&r.project, &r.name).await?;
-    let info = s
-        .cp
-        .agent_info(a.id)
-        .await?
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "agent not found".into()))?;
-    Ok(Json(json!({ "agent_id": a.id, "version": info.config_version, "config": info.config_yaml })))
+    let info =
+        s.cp.agent_info(a.id)
+            .await?
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "agent not found".into()))?;
+    Ok(Json(
+        json!({ "agent_id": a.id, "version": info.config_version, "config": info.config_yaml }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -159,7 +188,10 @@ struct ConfigReq {
     config: String,
 }
 
-async fn set_agent_config(State(s): State<Arc<AdminState>>, Json(r): Json<ConfigReq>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn set_agent_config(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<ConfigReq>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     match s.cp.set_agent_config(&r.project, &r.name, &r.config).await {
         Ok((version, warnings)) => Ok(Json(json!({
             "version": version,
@@ -169,7 +201,11 @@ async fn set_agent_config(State(s): State<Arc<AdminState>>, Json(r): Json<Config
             StatusCode::BAD_REQUEST,
             format!(
                 "invalid agent configuration:\n{}",
-                c.problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+                c.problems
+                    .iter()
+                    .map(|p| format!("  - {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             ),
         )),
         Err(e) => Err(e.into()),
@@ -183,15 +219,24 @@ struct EnvReq {
     tier: Option<String>,
 }
 
-async fn create_environment(State(s): State<Arc<AdminState>>, Json(r): Json<EnvReq>) -> ApiResult<kas_controlplane::EnvironmentRecord> {
-    Ok(Json(s.cp.create_environment(&r.project, &r.name, r.tier.as_deref()).await?))
+async fn create_environment(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<EnvReq>,
+) -> ApiResult<kas_controlplane::EnvironmentRecord> {
+    Ok(Json(
+        s.cp.create_environment(&r.project, &r.name, r.tier.as_deref())
+            .await?,
+    ))
 }
 
 async fn list_environments(
     State(s): State<Arc<AdminState>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Vec<kas_controlplane::EnvironmentRecord>> {
-    Ok(Json(s.cp.list_environments(q.get("project").map(String::as_str)).await?))
+    Ok(Json(
+        s.cp.list_environments(q.get("project").map(String::as_str))
+            .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -211,25 +256,36 @@ struct StartedJob {
     contexts: Vec<String>,
 }
 
-async fn start_job(State(s): State<Arc<AdminState>>, Json(r): Json<JobReq>) -> ApiResult<StartedJob> {
-    let (job, token) = s
-        .cp
-        .start_job(&StartJob {
+async fn start_job(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<JobReq>,
+) -> ApiResult<StartedJob> {
+    let (job, token) =
+        s.cp.start_job(&StartJob {
             project: r.project,
             environment: r.environment,
             username: r.user,
             pipeline_id: r.pipeline_id,
         })
         .await?;
-    let ctx = s
-        .cp
-        .authenticate_job(token.expose())
-        .await?
-        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the new job is not running".into()))?;
+    let ctx =
+        s.cp.authenticate_job(token.expose())
+            .await?
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the new job is not running".into(),
+                )
+            })?;
     let agents = s.cp.all_agent_infos().await?;
     let contexts = agents
         .iter()
-        .filter(|a| matches!(kas_authz::decide(&a.agent, &a.config, &ctx), kas_authz::Decision::Allow(_)))
+        .filter(|a| {
+            matches!(
+                kas_authz::decide(&a.agent, &a.config, &ctx),
+                kas_authz::Decision::Allow(_)
+            )
+        })
         .map(|a| format!("{}:{}", a.agent.config_project.path, a.agent.name))
         .collect();
     let kubeconfig = kas_k8s_proxy::job_kubeconfig(
@@ -258,10 +314,17 @@ async fn finish_job(
     Path(id): Path<u64>,
     body: Option<Json<FinishReq>>,
 ) -> ApiResult<kas_controlplane::Job> {
-    let status = body.and_then(|b| b.0.status).unwrap_or_else(|| "success".into());
+    let status = body
+        .and_then(|b| b.0.status)
+        .unwrap_or_else(|| "success".into());
     let status = JobStatus::parse(&status)
         .filter(|s| *s != JobStatus::Running)
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, format!("status `{status}` is invalid: use success, failed or canceled")))?;
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("status `{status}` is invalid: use success, failed or canceled"),
+            )
+        })?;
     Ok(Json(s.cp.finish_job(id, status).await?))
 }
 
@@ -279,13 +342,12 @@ struct Connected {
 }
 
 async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Connected>> {
-    let names: HashMap<u64, (String, String)> = s
-        .cp
-        .list_agents()
-        .await?
-        .into_iter()
-        .map(|a| (a.id, (a.name, a.project_path)))
-        .collect();
+    let names: HashMap<u64, (String, String)> =
+        s.cp.list_agents()
+            .await?
+            .into_iter()
+            .map(|a| (a.id, (a.name, a.project_path)))
+            .collect();
     Ok(Json(
         s.registry
             .snapshot()

@@ -48,7 +48,9 @@ impl AgentService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing agent token (authorization: Bearer <token>)"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("missing agent token (authorization: Bearer <token>)")
+            })?;
         let info = self
             .cp
             .authenticate_agent(token.trim())
@@ -62,7 +64,9 @@ impl AgentService {
             .get(REPLICA_ID_METADATA)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
-            .ok_or_else(|| Status::invalid_argument(format!("missing or invalid {REPLICA_ID_METADATA}")))?
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("missing or invalid {REPLICA_ID_METADATA}"))
+            })?
             .to_string();
         let version = md
             .get(AGENT_VERSION_METADATA)
@@ -112,10 +116,9 @@ impl Agent for AgentService {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("configuration stream closed before its first message"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("configuration stream closed before its first message")
+        })?;
         check_protocol(first.protocol_version)?;
         let agent_id = info.agent.id;
         let guard = self.registry.add_replica(
@@ -127,7 +130,8 @@ impl Agent for AgentService {
             },
         );
         let key = guard.replica_key().clone();
-        self.registry.set_config_version(agent_id, &key, first.applied_version);
+        self.registry
+            .set_config_version(agent_id, &key, first.applied_version);
         self.replicas
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -206,7 +210,9 @@ impl Agent for AgentService {
             .unwrap_or_else(|p| p.into_inner())
             .get(&(agent_id, replica_id))
             .cloned()
-            .ok_or_else(|| Status::failed_precondition("open the configuration stream before tunnels"))?;
+            .ok_or_else(|| {
+                Status::failed_precondition("open the configuration stream before tunnels")
+            })?;
         let mut inbound = request.into_inner();
         match inbound.message().await? {
             Some(AgentFrame {

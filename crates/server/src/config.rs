@@ -9,7 +9,11 @@ use std::time::Duration;
 
 /// Command line (each flag also reads an environment variable).
 #[derive(Debug, Clone, Default, clap::Parser)]
-#[command(name = "kas", version, about = "The agent server: agents dial in, CI jobs and applications reach their clusters through it")]
+#[command(
+    name = "kas",
+    version,
+    about = "The agent server: agents dial in, CI jobs and applications reach their clusters through it"
+)]
 pub struct Cli {
     /// YAML configuration file.
     #[arg(long, env = "KAS_CONFIG")]
@@ -123,7 +127,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
         .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m or h)"))?;
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration"))?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -151,7 +157,12 @@ impl Config {
                     match serde_path_to_error::deserialize(de) {
                         Ok(f) => f,
                         Err(e) => {
-                            errors.push(format!("config file {}: {}: {}", p.display(), e.path(), e.inner()));
+                            errors.push(format!(
+                                "config file {}: {}: {}",
+                                p.display(),
+                                e.path(),
+                                e.inner()
+                            ));
                             FileConfig::default()
                         }
                     }
@@ -159,18 +170,33 @@ impl Config {
             },
         };
         let mut addr = |name: &str, flag: &Option<String>, file: &Option<String>, default: &str| {
-            let v = flag.clone().or_else(|| file.clone()).unwrap_or_else(|| default.to_string());
+            let v = flag
+                .clone()
+                .or_else(|| file.clone())
+                .unwrap_or_else(|| default.to_string());
             match v.parse::<SocketAddr>() {
                 Ok(a) => a,
                 Err(_) => {
-                    errors.push(format!("listen address for {name} `{v}` is not host:port (e.g. 127.0.0.1:8150)"));
+                    errors.push(format!(
+                        "listen address for {name} `{v}` is not host:port (e.g. 127.0.0.1:8150)"
+                    ));
                     SocketAddr::from(([127, 0, 0, 1], 0))
                 }
             }
         };
-        let listen_agent = addr("agent", &cli.listen_agent, &file.listen.agent, "127.0.0.1:8150");
+        let listen_agent = addr(
+            "agent",
+            &cli.listen_agent,
+            &file.listen.agent,
+            "127.0.0.1:8150",
+        );
         let listen_api = addr("api", &cli.listen_api, &file.listen.api, "127.0.0.1:8153");
-        let listen_k8s_proxy = addr("k8s_proxy", &cli.listen_k8s_proxy, &file.listen.k8s_proxy, "127.0.0.1:8154");
+        let listen_k8s_proxy = addr(
+            "k8s_proxy",
+            &cli.listen_k8s_proxy,
+            &file.listen.k8s_proxy,
+            "127.0.0.1:8154",
+        );
         let listen_observability = addr(
             "observability",
             &cli.listen_observability,
@@ -186,15 +212,23 @@ impl Config {
         for (i, (n1, a1)) in all.iter().enumerate() {
             for (n2, a2) in &all[i + 1..] {
                 if a1 == a2 && a1.port() != 0 {
-                    errors.push(format!("listeners {n1} and {n2} both use {a1}; each listener needs its own socket"));
+                    errors.push(format!(
+                        "listeners {n1} and {n2} both use {a1}; each listener needs its own socket"
+                    ));
                 }
             }
         }
         let mut tls_files = |what: &str, t: &Option<FileTls>| {
             t.as_ref().map(|t| {
-                for (k, p) in [("certificate_file", &t.certificate_file), ("key_file", &t.key_file)] {
+                for (k, p) in [
+                    ("certificate_file", &t.certificate_file),
+                    ("key_file", &t.key_file),
+                ] {
                     if !Path::new(p).is_file() {
-                        errors.push(format!("{what}.tls.{k}: {} does not exist or is not a file", p.display()));
+                        errors.push(format!(
+                            "{what}.tls.{k}: {} does not exist or is not a file",
+                            p.display()
+                        ));
                     }
                 }
                 TlsFiles {
@@ -217,13 +251,20 @@ impl Config {
         let k8s_proxy_url = cli.k8s_proxy_url.clone().or(file.k8s_proxy.url.clone());
         if let Some(u) = &k8s_proxy_url {
             match u.parse::<http::Uri>() {
-                Ok(uri) if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) => {
+                Ok(uri)
+                    if uri.host().is_some()
+                        && matches!(uri.scheme_str(), Some("http" | "https")) =>
+                {
                     let tls = k8s_proxy_tls != ProxyTls::Plaintext;
                     if tls && uri.scheme_str() == Some("http") {
-                        errors.push(format!("k8s proxy URL `{u}` is http but the proxy serves TLS; use https"));
+                        errors.push(format!(
+                            "k8s proxy URL `{u}` is http but the proxy serves TLS; use https"
+                        ));
                     }
                 }
-                _ => errors.push(format!("k8s proxy URL `{u}` is not an absolute http(s) URL")),
+                _ => errors.push(format!(
+                    "k8s proxy URL `{u}` is not an absolute http(s) URL"
+                )),
             }
         }
         let agent_wait_timeout = match &file.k8s_proxy.agent_wait_timeout {
@@ -239,7 +280,10 @@ impl Config {
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("./kas-data"));
         if data_dir.exists() && !data_dir.is_dir() {
-            errors.push(format!("data dir {} exists and is not a directory", data_dir.display()));
+            errors.push(format!(
+                "data dir {} exists and is not a directory",
+                data_dir.display()
+            ));
         }
         if errors.is_empty() {
             Ok(Config {
@@ -288,7 +332,14 @@ mod tests {
         };
         let errs = Config::load(&cli).expect_err("invalid");
         let all = errs.join("\n");
-        for needle in ["`nope`", "both use 127.0.0.1:9000", "agent_wait_timeout", "/missing.crt", "/missing.key", "not a url"] {
+        for needle in [
+            "`nope`",
+            "both use 127.0.0.1:9000",
+            "agent_wait_timeout",
+            "/missing.crt",
+            "/missing.key",
+            "not a url",
+        ] {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
     }
@@ -298,7 +349,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let f = dir.path().join("kas.yaml");
         std::fs::write(&f, "listen:\n  agnet: 1.2.3.4:5\n").expect("write");
-        let errs = Config::load(&Cli { config: Some(f), ..Default::default() }).expect_err("invalid");
+        let errs = Config::load(&Cli {
+            config: Some(f),
+            ..Default::default()
+        })
+        .expect_err("invalid");
         assert!(errs[0].contains("agnet"), "{errs:?}");
     }
 

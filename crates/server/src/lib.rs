@@ -76,7 +76,10 @@ pub struct Kas {
 
 fn admin_token(data_dir: &Path) -> Result<[u8; 32], StartError> {
     let path = data_dir.join("admin-token");
-    let err = |source| StartError::DataDir { path: path.clone(), source };
+    let err = |source| StartError::DataDir {
+        path: path.clone(),
+        source,
+    };
     let token = match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => {
@@ -87,7 +90,8 @@ fn admin_token(data_dir: &Path) -> Result<[u8; 32], StartError> {
             std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
             use std::io::Write;
             let mut f = opts.open(&path).map_err(err)?;
-            f.write_all(format!("{}\n", t.expose()).as_bytes()).map_err(err)?;
+            f.write_all(format!("{}\n", t.expose()).as_bytes())
+                .map_err(err)?;
             t.expose().to_string()
         }
     };
@@ -101,11 +105,18 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 fn host_list(addr: SocketAddr, url: Option<&str>) -> Vec<String> {
-    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut hosts = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if !addr.ip().is_unspecified() {
         hosts.push(addr.ip().to_string());
     }
-    if let Some(h) = url.and_then(|u| u.parse::<http::Uri>().ok()).and_then(|u| u.host().map(str::to_string)) {
+    if let Some(h) = url
+        .and_then(|u| u.parse::<http::Uri>().ok())
+        .and_then(|u| u.host().map(str::to_string))
+    {
         hosts.push(h.trim_start_matches('[').trim_end_matches(']').to_string());
     }
     if let Ok(h) = std::env::var("HOSTNAME") {
@@ -148,7 +159,10 @@ impl Kas {
                     &config.data_dir,
                     &host_list(proxy_addr, config.k8s_proxy_url.as_deref()),
                 )?;
-                (Some(tls::server_config(&g.serving)?), Some((g.ca_pem, g.ca_file)))
+                (
+                    Some(tls::server_config(&g.serving)?),
+                    Some((g.ca_pem, g.ca_file)),
+                )
             }
         };
         let k8s_proxy_url = config.k8s_proxy_url.clone().unwrap_or_else(|| {
@@ -158,7 +172,11 @@ impl Kas {
             } else {
                 proxy_addr.ip().to_string()
             };
-            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
             format!("{scheme}://{host}:{}/k8s-proxy/", proxy_addr.port())
         });
         let endpoints = Endpoints {
@@ -177,9 +195,13 @@ impl Kas {
         let mut tasks = JoinSet::new();
 
         // Agent listener (gRPC).
-        let agent_svc = AgentServer::new(agent_api::AgentService::new(cp.clone(), registry.clone(), shutdown_rx.clone()))
-            .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
+        let agent_svc = AgentServer::new(agent_api::AgentService::new(
+            cp.clone(),
+            registry.clone(),
+            shutdown_rx.clone(),
+        ))
+        .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
         let mut server = tonic::transport::Server::builder()
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(64 * 1024 * 1024)
@@ -189,10 +211,9 @@ impl Kas {
             .tcp_nodelay(true);
         if let Some(t) = &config.agent_tls {
             let pem = tls::load_pem(&t.certificate_file, &t.key_file)?;
-            server = server.tls_config(
-                tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(pem.cert_pem, pem.key_pem)),
-            )?;
+            server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(pem.cert_pem, pem.key_pem),
+            ))?;
         }
         let router = server.add_service(agent_svc);
         let (mut rx, mut rx2) = (shutdown_rx.clone(), shutdown_rx.clone());
@@ -226,7 +247,13 @@ impl Kas {
             async move { Ok::<_, Infallible>(proxy.handle(req).await) }
         });
         let acceptor = proxy_tls.map(tokio_rustls::TlsAcceptor::from);
-        tasks.spawn(serve::serve_http(proxy_l, acceptor, svc, shutdown_rx.clone(), GRACE));
+        tasks.spawn(serve::serve_http(
+            proxy_l,
+            acceptor,
+            svc,
+            shutdown_rx.clone(),
+            GRACE,
+        ));
 
         // Admin API.
         let state = Arc::new(admin_api::AdminState {
@@ -237,11 +264,23 @@ impl Kas {
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
         });
         let api = hyper_util::service::TowerToHyperService::new(admin_api::router(state));
-        tasks.spawn(serve::serve_http(api_l, None, api, shutdown_rx.clone(), GRACE));
+        tasks.spawn(serve::serve_http(
+            api_l,
+            None,
+            api,
+            shutdown_rx.clone(),
+            GRACE,
+        ));
 
         // Observability.
         let obs = hyper_util::service::TowerToHyperService::new(observability_router(cp.clone()));
-        tasks.spawn(serve::serve_http(obs_l, None, obs, shutdown_rx.clone(), GRACE));
+        tasks.spawn(serve::serve_http(
+            obs_l,
+            None,
+            obs,
+            shutdown_rx.clone(),
+            GRACE,
+        ));
 
         Ok(Kas {
             endpoints,
@@ -276,7 +315,10 @@ fn observability_router(cp: Arc<dyn ControlPlane>) -> axum::Router {
                         Ok(_) => (axum::http::StatusCode::OK, "ready\n"),
                         Err(e) => {
                             tracing::warn!(error = %e, "not ready: control plane unusable");
-                            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable\n")
+                            (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                "control plane unavailable\n",
+                            )
                         }
                     }
                 }

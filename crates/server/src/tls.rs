@@ -1,7 +1,9 @@
 //! TLS material: loading PEM files, and the CA plus serving certificate kas generates
 //! in its data dir for the Kubernetes API proxy when none is configured.
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, SanType,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,7 +61,9 @@ pub struct CertifiedKeyPem {
 
 impl std::fmt::Debug for CertifiedKeyPem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertifiedKeyPem").field("key_pem", &"****").finish_non_exhaustive()
+        f.debug_struct("CertifiedKeyPem")
+            .field("key_pem", &"****")
+            .finish_non_exhaustive()
     }
 }
 
@@ -128,10 +132,12 @@ pub fn generated_proxy_tls(dir: &Path, hosts: &[String]) -> Result<GeneratedTls,
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2049, 1, 1);
     for h in hosts {
-        params.subject_alt_names.push(match h.parse::<std::net::IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(h.clone().try_into()?),
-        });
+        params
+            .subject_alt_names
+            .push(match h.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(h.clone().try_into()?),
+            });
     }
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer, &ca_key)?;
@@ -153,12 +159,18 @@ pub fn generated_proxy_tls(dir: &Path, hosts: &[String]) -> Result<GeneratedTls,
 pub fn server_config(pem: &CertifiedKeyPem) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = rustls_pemfile::certs(&mut pem.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Io { path: PathBuf::from("<certificate>"), source: e })?;
+        .map_err(|e| TlsError::Io {
+            path: PathBuf::from("<certificate>"),
+            source: e,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(PathBuf::from("<certificate>")));
     }
     let key = rustls_pemfile::private_key(&mut pem.key_pem.as_bytes())
-        .map_err(|e| TlsError::Io { path: PathBuf::from("<key>"), source: e })?
+        .map_err(|e| TlsError::Io {
+            path: PathBuf::from("<key>"),
+            source: e,
+        })?
         .ok_or_else(|| TlsError::NoKey(PathBuf::from("<key>")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -176,8 +188,10 @@ mod tests {
     #[test]
     fn ca_is_reused_and_serving_cert_reissued_for_new_hosts() {
         let dir = tempfile::tempdir().expect("tmp");
-        let a = generated_proxy_tls(dir.path(), &["localhost".into(), "127.0.0.1".into()]).expect("gen");
-        let b = generated_proxy_tls(dir.path(), &["localhost".into(), "127.0.0.1".into()]).expect("gen");
+        let a = generated_proxy_tls(dir.path(), &["localhost".into(), "127.0.0.1".into()])
+            .expect("gen");
+        let b = generated_proxy_tls(dir.path(), &["localhost".into(), "127.0.0.1".into()])
+            .expect("gen");
         assert_eq!(a.ca_pem, b.ca_pem);
         assert_eq!(a.serving.cert_pem, b.serving.cert_pem);
         let c = generated_proxy_tls(dir.path(), &["kas.example.com".into()]).expect("gen");

@@ -41,7 +41,9 @@ where
             Some(Err(e)) => {
                 let e = e.to_string();
                 tracing::debug!(error = %e, "request body failed; cancelling the exchange");
-                let _ = out.send(Err(Status::cancelled("request body failed"))).await;
+                let _ = out
+                    .send(Err(Status::cancelled("request body failed")))
+                    .await;
                 return;
             }
             None => {
@@ -101,23 +103,31 @@ impl TunnelBody {
                 Poll::Ready(i) => i,
             };
             return Poll::Ready(match item {
-                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::Data(d)) })) => {
+                Some(Ok(AgentFrame {
+                    msg: Some(agent_frame::Msg::Data(d)),
+                })) => {
                     if d.data.is_empty() {
                         continue;
                     }
                     Ok(Some(d.data))
                 }
-                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::EndOfBody(_)) })) => {
+                Some(Ok(AgentFrame {
+                    msg: Some(agent_frame::Msg::EndOfBody(_)),
+                })) => {
                     self.done = true;
                     Ok(None)
                 }
-                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::Error(e)) })) => {
+                Some(Ok(AgentFrame {
+                    msg: Some(agent_frame::Msg::Error(e)),
+                })) => {
                     self.done = true;
                     Err(ExchangeError::from_proto(e))
                 }
                 Some(Ok(other)) => {
                     self.done = true;
-                    Err(ExchangeError::Protocol(format!("unexpected frame in body: {other:?}")))
+                    Err(ExchangeError::Protocol(format!(
+                        "unexpected frame in body: {other:?}"
+                    )))
                 }
                 Some(Err(_)) | None => {
                     self.done = true;

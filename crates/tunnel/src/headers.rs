@@ -18,7 +18,8 @@ const HOP_BY_HOP: [&str; 8] = [
 /// Whether a request header from a client must never reach the cluster: credentials
 /// and impersonation are decided by kas and the agent only.
 pub fn is_identity_header(name: &str) -> bool {
-    name.eq_ignore_ascii_case("authorization") || name.len() >= 12 && name[..12].eq_ignore_ascii_case("impersonate-")
+    name.eq_ignore_ascii_case("authorization")
+        || name.len() >= 12 && name[..12].eq_ignore_ascii_case("impersonate-")
 }
 
 /// Converts headers for the wire, dropping hop-by-hop headers (and those named in
@@ -86,7 +87,10 @@ mod tests {
         m.insert("authorization", HeaderValue::from_static("Bearer x"));
         m.insert("impersonate-user", HeaderValue::from_static("admin"));
         m.insert("Impersonate-Extra-foo", HeaderValue::from_static("bar"));
-        m.insert("connection", HeaderValue::from_static("keep-alive, x-private"));
+        m.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         m.insert("x-private", HeaderValue::from_static("1"));
         m.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         m.insert("host", HeaderValue::from_static("kas"));
@@ -101,9 +105,18 @@ mod tests {
         assert_eq!(names, ["accept", "connection", "upgrade"]);
         let back = from_wire(
             &[
-                Header { name: "Impersonate-Group".into(), value: "x".into() },
-                Header { name: "bad name".into(), value: "x".into() },
-                Header { name: "accept".into(), value: "a".into() },
+                Header {
+                    name: "Impersonate-Group".into(),
+                    value: "x".into(),
+                },
+                Header {
+                    name: "bad name".into(),
+                    value: "x".into(),
+                },
+                Header {
+                    name: "accept".into(),
+                    value: "a".into(),
+                },
             ],
             true,
         );

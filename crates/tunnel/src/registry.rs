@@ -3,7 +3,9 @@
 use crate::body::{frames_from_body, TunnelBody};
 use crate::ExchangeError;
 use bytes::Bytes;
-use kas_proto::v1::{agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame};
+use kas_proto::v1::{
+    agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
+};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

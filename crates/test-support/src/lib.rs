@@ -1,0 +1,10 @@
+//! Test support: a **test** Kubernetes API server (not a cluster: it speaks just enough
+//! of the API for kubectl and client libraries to work, and records the identity and
+//! impersonation headers it receives), and helpers that run the real kas, agentk and
+//! kasctl binaries for end-to-end tests.
+
+pub mod apiserver;
+pub mod procs;
+mod time;
+
+pub use apiserver::{Recorded, TestApiServer};

@@ -275,14 +275,25 @@ pub async fn serve(
         }
         let _ = send(&out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
     };
-    tokio::select! {
-        _ = work => {}
+    let finished = tokio::select! {
+        _ = work => true,
         _ = &mut cancel_rx => {
             tracing::debug!(%request_id, "kas cancelled the request");
+            false
         }
+    };
+    // End our half of the stream, then keep receiving until kas ends its half:
+    // dropping the receiving half first would reset the stream and could discard
+    // frames that are still queued for sending.
+    drop(out);
+    if finished {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, cancel_rx).await;
     }
     reader.abort();
 }
+
+/// How long a finished exchange waits for kas to close its half of the stream.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -739,7 +739,13 @@ async fn object(
         }
         Method::DELETE => {
             let mut st = state.store.lock().unwrap_or_else(|p| p.into_inner());
-            let removed = st.objects.get_mut(kind).and_then(|m| m.remove(&key));
+            st.rv += 1;
+            let rv = st.rv;
+            let removed = st.objects.get_mut(kind).and_then(|m| m.remove(&key)).map(|mut o| {
+                // Deletion is a change with its own resource version.
+                o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                o
+            });
             drop(st);
             match removed {
                 Some(o) => {
@@ -805,21 +811,18 @@ fn watch(
     since: u64,
     table_wanted: bool,
 ) -> Response<Body> {
+    // Subscribe before reading the store, so no change falls between the two.
     let mut rx = state.events.subscribe();
-    let initial: Vec<Value> = if since == 0 {
+    let rv_of = |o: &Value| o["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let mut initial: Vec<Value> = {
         let st = state.store.lock().unwrap_or_else(|p| p.into_inner());
         st.objects
             .get(kind)
-            .map(|m| {
-                m.iter()
-                    .filter(|((n, _), _)| ns.as_ref().is_none_or(|x| x == n))
-                    .map(|(_, v)| v.clone())
-                    .collect()
-            })
+            .map(|m| m.iter().filter(|((n, _), _)| ns.as_ref().is_none_or(|x| x == n)).map(|(_, v)| v.clone()).filter(|o| rv_of(o) > since).collect())
             .unwrap_or_default()
-    } else {
-        Vec::new()
     };
+    initial.sort_by_key(rv_of);
+    let mut sent_rv = initial.iter().map(rv_of).max().unwrap_or(since);
     let guard = StreamGuard::new(state);
     let (tx, out) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
     let encode = move |t: &str, o: &Value| {
@@ -842,8 +845,11 @@ fn watch(
                 ev = rx.recv() => match ev {
                     Ok(e) if e.kind == kind && ns.as_ref().is_none_or(|n| *n == e.namespace) => {
                         let rv: u64 = e.object["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
-                        if rv > since && tx.send(Ok(Frame::data(encode(e.kind_of_change, &e.object)))).await.is_err() {
-                            return;
+                        if rv > sent_rv {
+                            sent_rv = rv;
+                            if tx.send(Ok(Frame::data(encode(e.kind_of_change, &e.object)))).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Ok(_) => {}

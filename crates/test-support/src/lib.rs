@@ -4,6 +4,8 @@
 //! kasctl binaries for end-to-end tests.
 
 pub mod apiserver;
+pub mod fixture;
+pub mod http;
 pub mod procs;
 mod time;
 

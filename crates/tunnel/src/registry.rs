@@ -372,7 +372,11 @@ impl Tunnel {
                     "expected a response head, got {other:?}"
                 )))
             }
-            Ok(None) | Err(_) => return Err(ExchangeError::TunnelClosed),
+            Ok(None) => return Err(ExchangeError::TunnelClosed),
+            Err(status) => {
+                tracing::debug!(%status, "tunnel failed before the response head");
+                return Err(ExchangeError::TunnelClosed);
+            }
         };
         Ok((
             head,

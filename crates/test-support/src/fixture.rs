@@ -1,0 +1,207 @@
+//! An end-to-end environment: the test API server in process, and the real kas and
+//! agentk binaries as child processes on free ports, driven through the real kasctl.
+
+use crate::procs::{self, KasInfo, Proc};
+use crate::TestApiServer;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Waits until `f` returns `Some`, checking every 20 ms, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A CI job started through kasctl.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: u64,
+    pub token: String,
+    pub kubeconfig: PathBuf,
+}
+
+/// The whole system on one machine.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub api: TestApiServer,
+    pub kas: Proc,
+    pub kas_info: KasInfo,
+    pub agents: Vec<Proc>,
+    pub cluster_kubeconfig: PathBuf,
+    kas_args: Vec<String>,
+}
+
+impl Env {
+    /// Starts the test API server and kas (all listeners on free ports).
+    pub async fn start() -> Env {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Env::start`], with extra kas arguments.
+    pub async fn start_with(extra: &[&str]) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let api = TestApiServer::start().await.expect("test API server");
+        let cluster_kubeconfig = dir.path().join("cluster.yaml");
+        std::fs::write(&cluster_kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+        let mut kas_args: Vec<String> = [
+            "--listen-agent", "127.0.0.1:0", "--listen-api", "127.0.0.1:0",
+            "--listen-k8s-proxy", "127.0.0.1:0", "--listen-observability", "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        kas_args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = kas_args.iter().map(String::as_str).collect();
+        let (kas, kas_info) = procs::start_kas(&dir.path().join("kas-data"), &args, &dir.path().join("logs"));
+        Env { dir, api, kas, kas_info, agents: Vec::new(), cluster_kubeconfig, kas_args }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Restarts kas on the same data dir and the same ports (agents reconnect).
+    pub fn restart_kas(&mut self, kill: bool) {
+        if kill {
+            self.kas.kill();
+        } else {
+            let _ = Command::new("kill").arg("-TERM").arg(self.kas.pid().to_string()).status();
+            let _ = self.kas.child.wait();
+        }
+        let port = |url: &str| url.rsplit(':').next().unwrap_or_default().trim_end_matches('/').split('/').next().unwrap_or_default().to_string();
+        let k8s_port = self.kas_info.k8s_proxy.split("//").nth(1).and_then(|h| h.split('/').next()).and_then(|h| h.rsplit(':').next()).unwrap_or_default().to_string();
+        let args = vec![
+            "--listen-agent".to_string(), format!("127.0.0.1:{}", port(&self.kas_info.agent)),
+            "--listen-api".to_string(), format!("127.0.0.1:{}", port(&self.kas_info.api)),
+            "--listen-k8s-proxy".to_string(), format!("127.0.0.1:{k8s_port}"),
+            "--listen-observability".to_string(), format!("127.0.0.1:{}", port(&self.kas_info.observability)),
+        ];
+        let mut all = args;
+        // Keep non-listener arguments.
+        let mut it = self.kas_args.iter();
+        while let Some(a) = it.next() {
+            if a.starts_with("--listen-") {
+                it.next();
+            } else {
+                all.push(a.clone());
+            }
+        }
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (kas, info) = procs::start_kas(&self.dir.path().join("kas-data"), &refs, &self.dir.path().join("logs"));
+        self.kas = kas;
+        self.kas_info = info;
+    }
+
+    pub fn kasctl(&self, args: &[&str]) -> String {
+        procs::kasctl(&self.kas_info, args)
+    }
+
+    pub fn kasctl_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.kasctl(&a)).expect("kasctl JSON")
+    }
+
+    /// Registers an agent in `project` (created if missing) with `config`; returns its
+    /// id and the path of its token file.
+    pub fn create_agent(&self, project: &str, name: &str, config: &str) -> (u64, PathBuf) {
+        let _ = procs::kasctl_raw(&self.kas_info, &["project", "create", project]);
+        let v = self.kasctl_json(&["agent", "create", project, name]);
+        let id = v["id"].as_u64().expect("agent id");
+        let token_file = self.path(&format!("agent-{id}.token"));
+        std::fs::write(&token_file, v["token"].as_str().expect("token")).expect("write token");
+        self.set_config(project, name, config);
+        (id, token_file)
+    }
+
+    pub fn set_config(&self, project: &str, name: &str, config: &str) -> u64 {
+        let f = self.path(&format!("config-{}.yaml", rand::random::<u32>()));
+        std::fs::write(&f, config).expect("write config");
+        let v = self.kasctl_json(&["agent", "config", "set", project, name, f.to_str().expect("path")]);
+        v["version"].as_u64().expect("version")
+    }
+
+    /// Starts an agentk replica with `token_file`; returns its index in `agents`.
+    pub fn start_agentk(&mut self, token_file: &Path, extra: &[&str]) -> usize {
+        let p = procs::start_agentk(&self.kas_info.agent, token_file, &self.cluster_kubeconfig, extra, &self.dir.path().join("logs"));
+        self.agents.push(p);
+        self.agents.len() - 1
+    }
+
+    /// The connected-agents entry of `agent_id`, if connected.
+    pub fn connected(&self, agent_id: u64) -> Option<Value> {
+        let out = procs::kasctl_raw(&self.kas_info, &["agents", "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.iter().find(|a| a["id"].as_u64() == Some(agent_id)).cloned()
+    }
+
+    /// Waits until `agent_id` has `replicas` replicas, each with an idle tunnel.
+    pub fn wait_connected(&self, agent_id: u64, replicas: usize) {
+        wait_for(Duration::from_secs(20), "agent to connect", || {
+            let a = self.connected(agent_id)?;
+            let reps = a["replicas"].as_array()?;
+            (reps.len() == replicas && reps.iter().all(|r| r["idle_tunnels"].as_u64().unwrap_or(0) > 0)).then_some(())
+        })
+    }
+
+    /// Starts a CI job through kasctl and writes its kubeconfig.
+    pub fn start_job(&self, project: &str, environment: Option<&str>, user: &str) -> Job {
+        let kubeconfig = self.path(&format!("job-{}.yaml", rand::random::<u32>()));
+        let mut args = vec!["job", "start", project, "--user", user, "--kubeconfig", kubeconfig.to_str().expect("path")];
+        if let Some(e) = environment {
+            args.extend(["--environment", e]);
+        }
+        let v = self.kasctl_json(&args);
+        Job { id: v["id"].as_u64().expect("job id"), token: v["token"].as_str().expect("token").to_string(), kubeconfig }
+    }
+
+    /// A kubectl command for a job's kubeconfig and context, with its own HOME.
+    pub fn kubectl_cmd(&self, job: &Job, context: &str, args: &[&str]) -> Command {
+        let home = self.path("home");
+        let _ = std::fs::create_dir_all(&home);
+        let mut c = Command::new("kubectl");
+        c.env("HOME", &home)
+            .env("KUBECONFIG", &job.kubeconfig)
+            .arg("--context")
+            .arg(context)
+            .arg("--request-timeout=30s")
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs kubectl to completion.
+    pub fn kubectl(&self, job: &Job, context: &str, args: &[&str]) -> Output {
+        self.kubectl_cmd(job, context, args).output().expect("run kubectl")
+    }
+
+    /// The CA of the proxy, as kas generated it.
+    pub fn proxy_ca(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("kas-data").join("k8s-proxy-ca.crt")).expect("CA file")
+    }
+
+    /// The proxy URL (ending in `/k8s-proxy`, no trailing slash).
+    pub fn proxy_url(&self) -> String {
+        self.kas_info.k8s_proxy.trim_end_matches('/').to_string()
+    }
+
+    /// All logs (kas and agents), for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- kas ---\n{}", self.kas.logs());
+        for (i, a) in self.agents.iter().enumerate() {
+            s.push_str(&format!("\n--- agentk {i} ---\n{}", a.logs()));
+        }
+        s
+    }
+}

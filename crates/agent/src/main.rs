@@ -53,7 +53,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format.as_str() {
         "json" => b.json().init(),
         "text" => b.init(),

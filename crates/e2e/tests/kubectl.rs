@@ -41,15 +41,42 @@ fn exercise(env: &Env, job: &Job, ctx: &str, ns: &str, tag: &str) -> Vec<Recorde
     // apply -f of a ConfigMap
     let cm = env.path(&format!("cm-{tag}.yaml"));
     std::fs::write(&cm, format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{tag}\n  namespace: {ns}\ndata:\n  color: blue\n")).expect("write");
-    let out = ok(&env.kubectl(job, ctx, &["apply", "-f", cm.to_str().expect("path")]), env);
-    assert!(out.contains(&format!("configmap/cm-{tag} created")), "{out}");
+    let out = ok(
+        &env.kubectl(job, ctx, &["apply", "-f", cm.to_str().expect("path")]),
+        env,
+    );
+    assert!(
+        out.contains(&format!("configmap/cm-{tag} created")),
+        "{out}"
+    );
     seen.push(last(env, &format!("/api/v1/namespaces/{ns}/configmaps")));
-    let out = ok(&env.kubectl(job, ctx, &["get", "configmap", &format!("cm-{tag}"), "-n", ns, "-o", "jsonpath={.data.color}"]), env);
+    let out = ok(
+        &env.kubectl(
+            job,
+            ctx,
+            &[
+                "get",
+                "configmap",
+                &format!("cm-{tag}"),
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.data.color}",
+            ],
+        ),
+        env,
+    );
     assert_eq!(out, "blue");
 
     // get pods --watch receives the event of a pod created meanwhile
     let watches = || {
-        env.api.recorded().iter().filter(|r| r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")).count()
+        env.api
+            .recorded()
+            .iter()
+            .filter(|r| {
+                r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")
+            })
+            .count()
     };
     let before = watches();
     let mut child = env
@@ -67,7 +94,9 @@ fn exercise(env: &Env, job: &Job, ctx: &str, ns: &str, tag: &str) -> Vec<Recorde
             }
         }
     });
-    let header = rx.recv_timeout(Duration::from_secs(30)).expect("watch printed the list");
+    let header = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("watch printed the list");
     assert!(header.contains("NAME"), "{header}");
     // The list is printed; the watch request follows it. Create the pod once the
     // cluster has seen the watch request, so the event cannot be missed.
@@ -77,7 +106,9 @@ fn exercise(env: &Env, job: &Job, ctx: &str, ns: &str, tag: &str) -> Vec<Recorde
     let pod = format!("watched-{tag}");
     env.api.create_pod(ns, &pod);
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no watch event for {pod}\n{}", env.logs()));
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no watch event for {pod}\n{}", env.logs()));
         if line.contains(&pod) {
             break;
         }
@@ -89,7 +120,9 @@ fn exercise(env: &Env, job: &Job, ctx: &str, ns: &str, tag: &str) -> Vec<Recorde
             .recorded()
             .into_iter()
             .rev()
-            .find(|r| r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true"))
+            .find(|r| {
+                r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")
+            })
             .expect("watch request recorded"),
     );
 
@@ -103,16 +136,32 @@ fn exercise(env: &Env, job: &Job, ctx: &str, ns: &str, tag: &str) -> Vec<Recorde
         .spawn()
         .expect("kubectl exec");
     let input = format!("hello through the tunnel {tag}\n");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
     let out = child.wait_with_output().expect("exec output");
-    assert!(out.status.success(), "exec failed: {}\n{}", String::from_utf8_lossy(&out.stderr), env.logs());
+    assert!(
+        out.status.success(),
+        "exec failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.logs()
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), input);
-    seen.push(last(env, &format!("/api/v1/namespaces/{ns}/pods/{pod}/exec")));
+    seen.push(last(
+        env,
+        &format!("/api/v1/namespaces/{ns}/pods/{pod}/exec"),
+    ));
     seen
 }
 
 fn extra(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<String>> {
-    pairs.iter().map(|(k, v)| (k.to_string(), vec![v.to_string()])).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,15 +170,32 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
     // The seed's example hierarchy and ids: group1 (23) / group1-1 (25) / project1 (150).
     env.kasctl(&["group", "create", "group1", "--id", "23"]);
     env.kasctl(&["group", "create", "group1/group1-1", "--id", "25"]);
-    env.kasctl(&["project", "create", "group1/group1-1/project1", "--id", "150"]);
-    env.kasctl(&["environment", "create", "group1/group1-1/project1", "prod", "--tier", "production"]);
+    env.kasctl(&[
+        "project",
+        "create",
+        "group1/group1-1/project1",
+        "--id",
+        "150",
+    ]);
+    env.kasctl(&[
+        "environment",
+        "create",
+        "group1/group1-1/project1",
+        "prod",
+        "--tier",
+        "production",
+    ]);
 
     let (ci_job_agent, t1) = env.create_agent(
         "group1/agents",
         "ci-job",
         "ci_access:\n  projects:\n    - id: group1/group1-1/project1\n      default_namespace: shop\n      access_as:\n        ci_job: {}\n",
     );
-    let (as_agent, t2) = env.create_agent("group1/agents", "plain", "ci_access:\n  groups:\n    - id: group1\n");
+    let (as_agent, t2) = env.create_agent(
+        "group1/agents",
+        "plain",
+        "ci_access:\n  groups:\n    - id: group1\n",
+    );
     let (static_agent, t3) = env.create_agent(
         "group1/agents",
         "static",
@@ -143,19 +209,36 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
     }
     let job = env.start_job("group1/group1-1/project1", Some("prod"), "alice");
     let kc = std::fs::read_to_string(&job.kubeconfig).expect("kubeconfig");
-    for ctx in ["group1/agents:ci-job", "group1/agents:plain", "group1/agents:static"] {
-        assert!(kc.contains(&format!("name: {ctx}")), "context {ctx} missing:\n{kc}");
+    for ctx in [
+        "group1/agents:ci-job",
+        "group1/agents:plain",
+        "group1/agents:static",
+    ] {
+        assert!(
+            kc.contains(&format!("name: {ctx}")),
+            "context {ctx} missing:\n{kc}"
+        );
     }
-    assert!(!kc.contains("current-context"), "no context must be selected:\n{kc}");
-    assert!(kc.contains("namespace: shop"), "default_namespace missing:\n{kc}");
+    assert!(
+        !kc.contains("current-context"),
+        "no context must be selected:\n{kc}"
+    );
+    assert!(
+        kc.contains("namespace: shop"),
+        "default_namespace missing:\n{kc}"
+    );
 
     // access_as: ci_job, the seed's exact identity.
     let seen = exercise(&env, &job, "group1/agents:ci-job", "shop", "cijob");
     let job_id = job.id.to_string();
-    let pipeline = env.kasctl_json(&["job", "list"]).as_array().expect("jobs")[0]["pipeline_id"].to_string();
+    let pipeline =
+        env.kasctl_json(&["job", "list"]).as_array().expect("jobs")[0]["pipeline_id"].to_string();
     for r in &seen {
         assert_eq!(r.authenticated_as, SERVICE_ACCOUNT, "{r:?}");
-        assert_eq!(r.impersonate_user.as_deref(), Some(format!("gitlab:ci_job:{job_id}").as_str()));
+        assert_eq!(
+            r.impersonate_user.as_deref(),
+            Some(format!("gitlab:ci_job:{job_id}").as_str())
+        );
         assert_eq!(
             r.impersonate_groups,
             [
@@ -173,7 +256,10 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
             r.impersonate_extra,
             extra(&[
                 ("agent.gitlab.com/id", &ci_job_agent.to_string()),
-                ("agent.gitlab.com/config_project_id", &env.kasctl_json(&["agent", "list"])[0]["project_id"].to_string()),
+                (
+                    "agent.gitlab.com/config_project_id",
+                    &env.kasctl_json(&["agent", "list"])[0]["project_id"].to_string()
+                ),
                 ("agent.gitlab.com/project_id", "150"),
                 ("agent.gitlab.com/ci_pipeline_id", &pipeline),
                 ("agent.gitlab.com/ci_job_id", &job_id),
@@ -184,13 +270,24 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
         );
     }
     // The default namespace applies without -n.
-    ok(&env.kubectl(&job, "group1/agents:ci-job", &["get", "pods"]), &env);
+    ok(
+        &env.kubectl(&job, "group1/agents:ci-job", &["get", "pods"]),
+        &env,
+    );
     assert_eq!(last(&env, "/api/v1/namespaces/shop/pods").method, "GET");
 
     // access_as: agent (default): no impersonation at all.
     for r in exercise(&env, &job, "group1/agents:plain", "default", "plain") {
         assert_eq!(r.authenticated_as, SERVICE_ACCOUNT);
-        assert_eq!((r.impersonate_user.as_ref(), r.impersonate_groups.len(), r.impersonate_extra.len()), (None, 0, 0), "{r:?}");
+        assert_eq!(
+            (
+                r.impersonate_user.as_ref(),
+                r.impersonate_groups.len(),
+                r.impersonate_extra.len()
+            ),
+            (None, 0, 0),
+            "{r:?}"
+        );
     }
 
     // access_as: impersonate, a static identity.
@@ -205,7 +302,20 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
     }
 
     // A client's own impersonation and credentials never reach the cluster.
-    let out = env.kubectl(&job, "group1/agents:plain", &["get", "pods", "-n", "kube-system", "--as", "system:admin", "--as-group", "system:masters"]);
+    let out = env.kubectl(
+        &job,
+        "group1/agents:plain",
+        &[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "--as",
+            "system:admin",
+            "--as-group",
+            "system:masters",
+        ],
+    );
     ok(&out, &env);
     let r = last(&env, "/api/v1/namespaces/kube-system/pods");
     assert_eq!((r.impersonate_user, r.impersonate_groups.len()), (None, 0));
@@ -213,7 +323,11 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
 
     // logs -f streams until the client goes away.
     let mut child = env
-        .kubectl_cmd(&job, "group1/agents:plain", &["logs", "-f", "-n", "shop", "cart-0"])
+        .kubectl_cmd(
+            &job,
+            "group1/agents:plain",
+            &["logs", "-f", "-n", "shop", "cart-0"],
+        )
         .stdout(Stdio::piped())
         .spawn()
         .expect("kubectl logs");
@@ -230,5 +344,8 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
     let out = env.kubectl(&job, "group1/agents:plain", &["get", "pods"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("You must be logged in to the server") || err.contains("Unauthorized"), "{err}");
+    assert!(
+        err.contains("You must be logged in to the server") || err.contains("Unauthorized"),
+        "{err}"
+    );
 }

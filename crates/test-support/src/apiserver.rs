@@ -69,6 +69,7 @@ struct State {
     events: broadcast::Sender<Event>,
     recorded: Mutex<Vec<Recorded>>,
     active_streams: watch::Sender<usize>,
+    bytes_served: std::sync::atomic::AtomicU64,
 }
 
 /// A running test API server; dropping it stops it.
@@ -165,6 +166,7 @@ impl TestApiServer {
             events,
             recorded: Mutex::new(Vec::new()),
             active_streams: watch::channel(0).0,
+            bytes_served: Default::default(),
         });
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -240,6 +242,13 @@ impl TestApiServer {
             kind_of_change: "ADDED",
             object: o,
         });
+    }
+
+    /// Bytes handed to the network by `/_test/bytes` so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.state
+            .bytes_served
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Watches the number of streaming responses (watches, follows, `/_test/stream`)
@@ -497,13 +506,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (Method::GET, ["_test", "bytes"]) => {
             let n: u64 = param("n").and_then(|v| v.parse().ok()).unwrap_or(0);
             let chunk = Bytes::from(vec![b'k'; 64 * 1024]);
+            let st = state.clone();
             let s = futures::stream::unfold(n, move |left| {
                 let chunk = chunk.clone();
+                let st = st.clone();
                 async move {
                     if left == 0 {
                         return None;
                     }
                     let take = left.min(chunk.len() as u64) as usize;
+                    st.bytes_served
+                        .fetch_add(take as u64, std::sync::atomic::Ordering::SeqCst);
                     Some((
                         Ok::<_, std::io::Error>(Frame::data(chunk.slice(..take))),
                         left - take as u64,
@@ -741,11 +754,15 @@ async fn object(
             let mut st = state.store.lock().unwrap_or_else(|p| p.into_inner());
             st.rv += 1;
             let rv = st.rv;
-            let removed = st.objects.get_mut(kind).and_then(|m| m.remove(&key)).map(|mut o| {
-                // Deletion is a change with its own resource version.
-                o["metadata"]["resourceVersion"] = json!(rv.to_string());
-                o
-            });
+            let removed = st
+                .objects
+                .get_mut(kind)
+                .and_then(|m| m.remove(&key))
+                .map(|mut o| {
+                    // Deletion is a change with its own resource version.
+                    o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    o
+                });
             drop(st);
             match removed {
                 Some(o) => {
@@ -813,12 +830,23 @@ fn watch(
 ) -> Response<Body> {
     // Subscribe before reading the store, so no change falls between the two.
     let mut rx = state.events.subscribe();
-    let rv_of = |o: &Value| o["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let rv_of = |o: &Value| {
+        o["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let mut initial: Vec<Value> = {
         let st = state.store.lock().unwrap_or_else(|p| p.into_inner());
         st.objects
             .get(kind)
-            .map(|m| m.iter().filter(|((n, _), _)| ns.as_ref().is_none_or(|x| x == n)).map(|(_, v)| v.clone()).filter(|o| rv_of(o) > since).collect())
+            .map(|m| {
+                m.iter()
+                    .filter(|((n, _), _)| ns.as_ref().is_none_or(|x| x == n))
+                    .map(|(_, v)| v.clone())
+                    .filter(|o| rv_of(o) > since)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     initial.sort_by_key(rv_of);

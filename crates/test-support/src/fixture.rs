@@ -15,7 +15,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -52,16 +55,34 @@ impl Env {
         let cluster_kubeconfig = dir.path().join("cluster.yaml");
         std::fs::write(&cluster_kubeconfig, api.kubeconfig()).expect("write kubeconfig");
         let mut kas_args: Vec<String> = [
-            "--listen-agent", "127.0.0.1:0", "--listen-api", "127.0.0.1:0",
-            "--listen-k8s-proxy", "127.0.0.1:0", "--listen-observability", "127.0.0.1:0",
+            "--listen-agent",
+            "127.0.0.1:0",
+            "--listen-api",
+            "127.0.0.1:0",
+            "--listen-k8s-proxy",
+            "127.0.0.1:0",
+            "--listen-observability",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         kas_args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = kas_args.iter().map(String::as_str).collect();
-        let (kas, kas_info) = procs::start_kas(&dir.path().join("kas-data"), &args, &dir.path().join("logs"));
-        Env { dir, api, kas, kas_info, agents: Vec::new(), cluster_kubeconfig, kas_args }
+        let (kas, kas_info) = procs::start_kas(
+            &dir.path().join("kas-data"),
+            &args,
+            &dir.path().join("logs"),
+        );
+        Env {
+            dir,
+            api,
+            kas,
+            kas_info,
+            agents: Vec::new(),
+            cluster_kubeconfig,
+            kas_args,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -73,16 +94,40 @@ impl Env {
         if kill {
             self.kas.kill();
         } else {
-            let _ = Command::new("kill").arg("-TERM").arg(self.kas.pid().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.kas.pid().to_string())
+                .status();
             let _ = self.kas.child.wait();
         }
-        let port = |url: &str| url.rsplit(':').next().unwrap_or_default().trim_end_matches('/').split('/').next().unwrap_or_default().to_string();
-        let k8s_port = self.kas_info.k8s_proxy.split("//").nth(1).and_then(|h| h.split('/').next()).and_then(|h| h.rsplit(':').next()).unwrap_or_default().to_string();
+        let port = |url: &str| {
+            url.rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let k8s_port = self
+            .kas_info
+            .k8s_proxy
+            .split("//")
+            .nth(1)
+            .and_then(|h| h.split('/').next())
+            .and_then(|h| h.rsplit(':').next())
+            .unwrap_or_default()
+            .to_string();
         let args = vec![
-            "--listen-agent".to_string(), format!("127.0.0.1:{}", port(&self.kas_info.agent)),
-            "--listen-api".to_string(), format!("127.0.0.1:{}", port(&self.kas_info.api)),
-            "--listen-k8s-proxy".to_string(), format!("127.0.0.1:{k8s_port}"),
-            "--listen-observability".to_string(), format!("127.0.0.1:{}", port(&self.kas_info.observability)),
+            "--listen-agent".to_string(),
+            format!("127.0.0.1:{}", port(&self.kas_info.agent)),
+            "--listen-api".to_string(),
+            format!("127.0.0.1:{}", port(&self.kas_info.api)),
+            "--listen-k8s-proxy".to_string(),
+            format!("127.0.0.1:{k8s_port}"),
+            "--listen-observability".to_string(),
+            format!("127.0.0.1:{}", port(&self.kas_info.observability)),
         ];
         let mut all = args;
         // Keep non-listener arguments.
@@ -95,7 +140,11 @@ impl Env {
             }
         }
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        let (kas, info) = procs::start_kas(&self.dir.path().join("kas-data"), &refs, &self.dir.path().join("logs"));
+        let (kas, info) = procs::start_kas(
+            &self.dir.path().join("kas-data"),
+            &refs,
+            &self.dir.path().join("logs"),
+        );
         self.kas = kas;
         self.kas_info = info;
     }
@@ -125,13 +174,26 @@ impl Env {
     pub fn set_config(&self, project: &str, name: &str, config: &str) -> u64 {
         let f = self.path(&format!("config-{}.yaml", rand::random::<u32>()));
         std::fs::write(&f, config).expect("write config");
-        let v = self.kasctl_json(&["agent", "config", "set", project, name, f.to_str().expect("path")]);
+        let v = self.kasctl_json(&[
+            "agent",
+            "config",
+            "set",
+            project,
+            name,
+            f.to_str().expect("path"),
+        ]);
         v["version"].as_u64().expect("version")
     }
 
     /// Starts an agentk replica with `token_file`; returns its index in `agents`.
     pub fn start_agentk(&mut self, token_file: &Path, extra: &[&str]) -> usize {
-        let p = procs::start_agentk(&self.kas_info.agent, token_file, &self.cluster_kubeconfig, extra, &self.dir.path().join("logs"));
+        let p = procs::start_agentk(
+            &self.kas_info.agent,
+            token_file,
+            &self.cluster_kubeconfig,
+            extra,
+            &self.dir.path().join("logs"),
+        );
         self.agents.push(p);
         self.agents.len() - 1
     }
@@ -143,7 +205,10 @@ impl Env {
             return None;
         }
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        v.as_array()?.iter().find(|a| a["id"].as_u64() == Some(agent_id)).cloned()
+        v.as_array()?
+            .iter()
+            .find(|a| a["id"].as_u64() == Some(agent_id))
+            .cloned()
     }
 
     /// Waits until `agent_id` has `replicas` replicas, each with an idle tunnel.
@@ -151,19 +216,35 @@ impl Env {
         wait_for(Duration::from_secs(20), "agent to connect", || {
             let a = self.connected(agent_id)?;
             let reps = a["replicas"].as_array()?;
-            (reps.len() == replicas && reps.iter().all(|r| r["idle_tunnels"].as_u64().unwrap_or(0) > 0)).then_some(())
+            (reps.len() == replicas
+                && reps
+                    .iter()
+                    .all(|r| r["idle_tunnels"].as_u64().unwrap_or(0) > 0))
+            .then_some(())
         })
     }
 
     /// Starts a CI job through kasctl and writes its kubeconfig.
     pub fn start_job(&self, project: &str, environment: Option<&str>, user: &str) -> Job {
         let kubeconfig = self.path(&format!("job-{}.yaml", rand::random::<u32>()));
-        let mut args = vec!["job", "start", project, "--user", user, "--kubeconfig", kubeconfig.to_str().expect("path")];
+        let mut args = vec![
+            "job",
+            "start",
+            project,
+            "--user",
+            user,
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+        ];
         if let Some(e) = environment {
             args.extend(["--environment", e]);
         }
         let v = self.kasctl_json(&args);
-        Job { id: v["id"].as_u64().expect("job id"), token: v["token"].as_str().expect("token").to_string(), kubeconfig }
+        Job {
+            id: v["id"].as_u64().expect("job id"),
+            token: v["token"].as_str().expect("token").to_string(),
+            kubeconfig,
+        }
     }
 
     /// A kubectl command for a job's kubeconfig and context, with its own HOME.
@@ -183,7 +264,9 @@ impl Env {
 
     /// Runs kubectl to completion.
     pub fn kubectl(&self, job: &Job, context: &str, args: &[&str]) -> Output {
-        self.kubectl_cmd(job, context, args).output().expect("run kubectl")
+        self.kubectl_cmd(job, context, args)
+            .output()
+            .expect("run kubectl")
     }
 
     /// The CA of the proxy, as kas generated it.

@@ -14,14 +14,24 @@ pub fn client(ca_pem: &[u8], http2: bool) -> HttpsClient {
     for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
         roots.add(c.expect("CA pem")).expect("CA cert");
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("tls versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(cfg).https_or_http();
-    let connector = if http2 { b.enable_http1().enable_http2().build() } else { b.enable_http1().build() };
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(connector)
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("tls versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(cfg)
+        .https_or_http();
+    let connector = if http2 {
+        b.enable_http1().enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector)
 }
 
 /// GET `url` with an optional bearer token; returns status and whole body.
@@ -33,10 +43,17 @@ pub async fn get(client: &HttpsClient, url: &str, bearer: Option<&str>) -> (u16,
 }
 
 /// GET `url`, returning the response with its body unread.
-pub async fn send(client: &HttpsClient, url: &str, bearer: Option<&str>) -> hyper::Response<hyper::body::Incoming> {
+pub async fn send(
+    client: &HttpsClient,
+    url: &str,
+    bearer: Option<&str>,
+) -> hyper::Response<hyper::body::Incoming> {
     let mut b = http::Request::get(url);
     if let Some(t) = bearer {
         b = b.header("authorization", format!("Bearer {t}"));
     }
-    client.request(b.body(Empty::new()).expect("request")).await.expect("send request")
+    client
+        .request(b.body(Empty::new()).expect("request"))
+        .await
+        .expect("send request")
 }

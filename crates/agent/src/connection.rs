@@ -2,6 +2,9 @@
 //! configuration stream and a pool of idle tunnels; reconnects with jittered
 //! exponential backoff that resets after a stable period.
 
+// tonic::Status is large by design; it is what gRPC calls return.
+#![allow(clippy::result_large_err)]
+
 use crate::exchange::{self, Upstream};
 use kas_proto::v1::agent_client::AgentClient;
 use kas_proto::v1::{

@@ -4,7 +4,7 @@ use kas_server::Kas;
 
 fn init_tracing(level: Option<&str>, format: &str) {
     let filter = level
-        .map(|l| tracing_subscriber::EnvFilter::new(l))
+        .map(tracing_subscriber::EnvFilter::new)
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()

@@ -1023,18 +1023,15 @@ fn exec(
                 .await;
         } else {
             while let Some(Ok(msg)) = ws.next().await {
-                match msg {
-                    Message::Binary(b) if !b.is_empty() => match b[0] {
-                        0 => {
-                            if ws.send(out(1, &b[1..])).await.is_err() {
-                                return;
-                            }
-                        }
-                        255 if v5 => break, // stdin closed
-                        _ => {}
-                    },
+                let reply = match msg {
+                    Message::Binary(b) if b.first() == Some(&0) => out(1, &b[1..]),
+                    // v5: stdin closed.
+                    Message::Binary(b) if v5 && b.first() == Some(&255) => break,
                     Message::Close(_) => break,
-                    _ => {}
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    return;
                 }
             }
         }

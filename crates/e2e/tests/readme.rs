@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).expect("README.md")
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md")
 }
 
 fn sh_blocks(text: &str) -> Vec<String> {
@@ -34,10 +35,20 @@ fn readme_starts_with_the_run_and_test_commands() {
     let blocks = sh_blocks(&readme());
     assert!(blocks.len() >= 2, "README.md needs two sh blocks first");
     let run = &blocks[0];
-    assert!(run.contains("--bin kas") && run.ends_with("-- --data-dir ./kas-data"), "{run}");
-    assert_eq!(blocks[1], "cargo build --workspace --bins && cargo test --workspace");
-    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/run")).expect(".ci/run");
-    assert!(ci.contains("README.md") && ci.contains("n==2"), ".ci/run must run README's test command");
+    assert!(
+        run.contains("--bin kas") && run.ends_with("-- --data-dir ./kas-data"),
+        "{run}"
+    );
+    assert_eq!(
+        blocks[1],
+        "cargo build --workspace --bins && cargo test --workspace"
+    );
+    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/run"))
+        .expect(".ci/run");
+    assert!(
+        ci.contains("README.md") && ci.contains("n==2"),
+        ".ci/run must run README's test command"
+    );
 }
 
 #[test]
@@ -58,7 +69,10 @@ fn the_run_command_starts_kas_with_embedded_defaults() {
         .expect("start kas");
     let mut api = String::new();
     let mut printed = Vec::new();
-    for line in BufReader::new(child.stdout.take().expect("stdout")).lines().map_while(Result::ok) {
+    for line in BufReader::new(child.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+    {
         if let Some(u) = line.strip_prefix("kas: listening api ") {
             api = u.to_string();
         }
@@ -68,9 +82,21 @@ fn the_run_command_starts_kas_with_embedded_defaults() {
             break;
         }
     }
-    assert!(printed.iter().any(|l| l.starts_with("kas: admin token file ./kas-data/admin-token")), "{printed:?}");
-    for name in ["agent grpc://", "k8s_proxy https://", "observability http://"] {
-        assert!(printed.iter().any(|l| l.contains(name)), "{name} missing in {printed:?}");
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.starts_with("kas: admin token file ./kas-data/admin-token")),
+        "{printed:?}"
+    );
+    for name in [
+        "agent grpc://",
+        "k8s_proxy https://",
+        "observability http://",
+    ] {
+        assert!(
+            printed.iter().any(|l| l.contains(name)),
+            "{name} missing in {printed:?}"
+        );
     }
     // kasctl with its default token file works from the same directory.
     let out = Command::new(bin("kasctl"))
@@ -78,7 +104,11 @@ fn the_run_command_starts_kas_with_embedded_defaults() {
         .current_dir(dir.path())
         .output()
         .expect("kasctl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert!(dir.path().join("kas-data/controlplane.sqlite").is_file());
@@ -89,12 +119,32 @@ fn the_run_command_starts_kas_with_embedded_defaults() {
 fn invalid_settings_are_all_reported_before_binding() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = Command::new(bin("kas"))
-        .args(["--data-dir", "./d", "--listen-agent", "nope", "--listen-api", "127.0.0.1:1", "--listen-k8s-proxy", "127.0.0.1:1", "--k8s-proxy-url", "ftp://x"])
+        .args([
+            "--data-dir",
+            "./d",
+            "--listen-agent",
+            "nope",
+            "--listen-api",
+            "127.0.0.1:1",
+            "--listen-k8s-proxy",
+            "127.0.0.1:1",
+            "--k8s-proxy-url",
+            "ftp://x",
+        ])
         .current_dir(dir.path())
         .output()
         .expect("kas");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().filter(|l| l.starts_with("kas: invalid configuration")).count(), 3, "{err}");
-    assert!(!dir.path().join("d").exists(), "nothing may be created for an invalid configuration");
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("kas: invalid configuration"))
+            .count(),
+        3,
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("d").exists(),
+        "nothing may be created for an invalid configuration"
+    );
 }

@@ -218,7 +218,12 @@ impl Kas {
         let router = server.add_service(agent_svc);
         let (mut rx, mut rx2) = (shutdown_rx.clone(), shutdown_rx.clone());
         tasks.spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(agent_l);
+            // tonic applies its TCP settings only to listeners it binds itself.
+            let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(agent_l), |s| {
+                s.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            });
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };

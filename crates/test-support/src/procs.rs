@@ -9,8 +9,11 @@ use std::time::Duration;
 /// Path of a workspace binary, next to the running test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let p = dir.join(name);
     assert!(
         p.is_file(),

@@ -1,0 +1,347 @@
+//! Benchmark harness: the same backend reached directly and through kas + agentk, in
+//! one run, reported as ratios. Run with `cargo run --release -p kas-bench --bin bench`
+//! (after `cargo build --release --workspace --bins`).
+//!
+//! (a) small GET: added latency p50/p99 at concurrency 1, throughput ratio at 32;
+//! (b) a streamed response (1 GiB by default): throughput ratio;
+//! (c) kas resident memory per idle connected agent (1,000 agents by default).
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kas_test_support::fixture::{wait_for, Env};
+use kas_test_support::http as tclient;
+use kas_test_support::procs::proc_status_kib;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Sequential requests for the latency measurement.
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 4)]
+    seconds: u64,
+    /// Size of the streamed response in MiB.
+    #[arg(long, default_value_t = 1024)]
+    stream_mib: u64,
+    /// Idle agents for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+}
+
+const SMALL: &str = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":[{"metadata":{"name":"web-0","namespace":"default"}}]}"#;
+
+/// The backend: a tiny API-server-like endpoint and a byte stream, checking the token.
+async fn backend(token: String) -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let expected = Arc::new(format!("Bearer {token}"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let ok = req
+                            .headers()
+                            .get("authorization")
+                            .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+                        async move {
+                            type B = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+                            if !ok {
+                                let mut r = hyper::Response::new(
+                                    Full::new(Bytes::from_static(b"{}")).boxed_unsync(),
+                                );
+                                *r.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+                                return Ok::<hyper::Response<B>, Infallible>(r);
+                            }
+                            if req.uri().path() == "/bytes" {
+                                let n: u64 = req
+                                    .uri()
+                                    .query()
+                                    .and_then(|q| q.strip_prefix("n="))
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(0);
+                                let chunk = Bytes::from(vec![b'k'; 256 * 1024]);
+                                let s = futures::stream::unfold(n, move |left| {
+                                    let chunk = chunk.clone();
+                                    async move {
+                                        if left == 0 {
+                                            return None;
+                                        }
+                                        let take = left.min(chunk.len() as u64) as usize;
+                                        Some((
+                                            Ok::<_, Infallible>(Frame::data(chunk.slice(..take))),
+                                            left - take as u64,
+                                        ))
+                                    }
+                                });
+                                return Ok(hyper::Response::new(StreamBody::new(s).boxed_unsync()));
+                            }
+                            let mut r = hyper::Response::new(
+                                Full::new(Bytes::from_static(SMALL.as_bytes())).boxed_unsync(),
+                            );
+                            r.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            Ok(r)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn latency(
+    c: &tclient::HttpsClient,
+    url: &str,
+    token: &str,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    for _ in 0..200 {
+        let (code, _) = tclient::get(c, url, Some(token)).await;
+        if code != 200 {
+            bail!("{url} answered {code}");
+        }
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let resp = tclient::send(c, url, Some(token)).await;
+        resp.into_body().collect().await?;
+        v.push(t.elapsed());
+    }
+    v.sort();
+    Ok(v)
+}
+
+async fn throughput(
+    c: &tclient::HttpsClient,
+    url: &str,
+    token: &str,
+    conc: usize,
+    secs: u64,
+) -> Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let (c, url, token, done) =
+                (c.clone(), url.to_string(), token.to_string(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let resp = tclient::send(&c, &url, Some(&token)).await;
+                    if resp.status() != 200 {
+                        return;
+                    }
+                    if resp.into_body().collect().await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn stream(c: &tclient::HttpsClient, url: &str, token: &str) -> Result<f64> {
+    let t = Instant::now();
+    let resp = tclient::send(c, url, Some(token)).await;
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(f) = body.frame().await {
+        n += f?.into_data().map(|d| d.len() as u64).unwrap_or(0);
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64() / (1024.0 * 1024.0))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut env = Env::start().await;
+    let token = env.api.token.clone();
+    let addr = backend(token.clone()).await?;
+    // agentk talks to the bench backend, not the test API server.
+    let kubeconfig = env.path("bench-cluster.yaml");
+    std::fs::write(
+        &kubeconfig,
+        env.api
+            .kubeconfig()
+            .replace(&env.api.url(), &format!("http://{addr}")),
+    )?;
+    env.cluster_kubeconfig = kubeconfig.clone();
+    env.kasctl(&["project", "create", "bench/app"]);
+    let (agent, agent_token) = env.create_agent(
+        "bench/agents",
+        "a",
+        "ci_access:\n  groups:\n    - id: bench\n",
+    );
+    env.start_agentk(&agent_token, &[]);
+    env.wait_connected(agent, 1);
+    let job = env.start_job("bench/app", None, "bench");
+    let ci = format!("ci:{agent}:{}", job.token);
+    let ca = env.proxy_ca();
+    let direct_c = tclient::client(&ca, false);
+    let proxy_c = tclient::client(&ca, false);
+    let direct = format!("http://{addr}/api/v1/namespaces/default/pods");
+    let proxied = format!("{}/api/v1/namespaces/default/pods", env.proxy_url());
+
+    println!("# kas benchmark (direct = the same backend without kas; proxy = HTTPS to kas -> tunnel -> agentk -> backend)");
+    let d = latency(&direct_c, &direct, &token, args.requests).await?;
+    let p = latency(&proxy_c, &proxied, &ci, args.requests).await?;
+    println!("(a) small GET, concurrency 1, {} requests", args.requests);
+    println!(
+        "    direct  p50 {:8.1} us   p99 {:8.1} us",
+        us(pct(&d, 0.5)),
+        us(pct(&d, 0.99))
+    );
+    println!(
+        "    proxy   p50 {:8.1} us   p99 {:8.1} us",
+        us(pct(&p, 0.5)),
+        us(pct(&p, 0.99))
+    );
+    println!(
+        "    added   p50 {:8.1} us   p99 {:8.1} us   (target p50 <= 100 us)",
+        us(pct(&p, 0.5)) - us(pct(&d, 0.5)),
+        us(pct(&p, 0.99)) - us(pct(&d, 0.99))
+    );
+    let td = throughput(&direct_c, &direct, &token, 32, args.seconds).await?;
+    let tp = throughput(&proxy_c, &proxied, &ci, 32, args.seconds).await?;
+    println!("(a) small GET, concurrency 32, {} s each", args.seconds);
+    println!(
+        "    direct {td:9.0} req/s   proxy {tp:9.0} req/s   ratio {:.2}x   (target >= 0.5x)",
+        tp / td
+    );
+
+    let sd = stream(
+        &direct_c,
+        &format!("http://{addr}/bytes?n={}", args.stream_mib << 20),
+        &token,
+    )
+    .await?;
+    let sp = stream(
+        &proxy_c,
+        &format!("{}/bytes?n={}", env.proxy_url(), args.stream_mib << 20),
+        &ci,
+    )
+    .await?;
+    println!("(b) {} MiB streamed response", args.stream_mib);
+    println!(
+        "    direct {sd:8.0} MiB/s   proxy {sp:8.0} MiB/s   ratio {:.2}x   (target >= 0.5x)",
+        sp / sd
+    );
+    println!(
+        "    peak RSS during the run: kas {} MiB, agentk {} MiB",
+        env.kas.peak_rss_kib() / 1024,
+        env.agents[0].peak_rss_kib() / 1024
+    );
+
+    // (c) idle agents: register them, connect them from this process, measure kas.
+    let n = args.agents;
+    if n > 0 {
+        let api = env.kas_info.api.clone();
+        let admin = std::fs::read_to_string(&env.kas_info.admin_token_file)?
+            .trim()
+            .to_string();
+        let admin_c = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<Full<Bytes>>();
+        let mut tokens = Vec::with_capacity(n);
+        for i in 0..n {
+            let req = hyper::Request::post(format!("{api}/api/v1/agents"))
+                .header("authorization", format!("Bearer {admin}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(format!(
+                    r#"{{"project":"bench/agents","name":"idle-{i}"}}"#
+                ))))?;
+            let resp = admin_c.request(req).await?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            tokens.push(v["token"].as_str().context("token")?.to_string());
+        }
+        let access = kas_agent::ClusterAccess::from_kubeconfig(&kubeconfig, None)?;
+        let upstream = Arc::new(kas_agent::Upstream {
+            client: access.client()?,
+            access,
+        });
+        let kas_pid = env.kas.pid();
+        let before = proc_status_kib(kas_pid, "VmRSS:");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        for (i, t) in tokens.into_iter().enumerate() {
+            let opts = kas_agent::ConnectOptions {
+                kas_address: env.kas_info.agent.clone(),
+                token: t,
+                ca_cert_pem: None,
+                min_idle_tunnels: 2,
+                max_tunnels: 512,
+                replica_id: format!("bench-{i}"),
+            };
+            let (ctx, _crx) = tokio::sync::watch::channel(None);
+            tokio::spawn(kas_agent::run(opts, upstream.clone(), ctx, stop_rx.clone()));
+        }
+        let start = Instant::now();
+        let check = env.kas_info.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for(
+                Duration::from_secs(120),
+                "all idle agents to connect",
+                || {
+                    let out =
+                        kas_test_support::procs::kasctl_raw(&check, &["agents", "-o", "json"]);
+                    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                    let conns = v
+                        .as_array()?
+                        .iter()
+                        .filter(|a| a["idle_tunnels"].as_u64() == Some(2))
+                        .count();
+                    (conns > n).then_some(())
+                },
+            )
+        })
+        .await?;
+        let connected_in = start.elapsed();
+        // Let allocator and kernel buffers settle on a steady state before reading RSS.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = proc_status_kib(kas_pid, "VmRSS:");
+        println!(
+            "(c) {n} idle agents (2 idle tunnels each) connected in {:.1} s",
+            connected_in.as_secs_f64()
+        );
+        println!(
+            "    kas RSS {} MiB -> {} MiB: {:.1} KiB per idle agent   (target <= 64 KiB)",
+            before / 1024,
+            after / 1024,
+            (after.saturating_sub(before)) as f64 / n as f64
+        );
+        let _ = stop_tx.send(true);
+    }
+    Ok(())
+}

@@ -305,6 +305,13 @@ impl TunnelSlot {
             self.pool.wake.notify_one();
         }
     }
+
+    fn idle(&mut self) {
+        if !self.idle {
+            self.idle = true;
+            self.pool.idle.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Drop for TunnelSlot {
@@ -342,15 +349,32 @@ async fn tunnel(
             return;
         }
     };
-    let head = match inbound.message().await {
-        Ok(Some(ServerFrame {
-            msg: Some(server_frame::Msg::RequestHead(h)),
-        })) => h,
-        _ => return,
-    };
-    slot.busy();
-    exchange::serve(upstream, head, inbound, tx).await;
+    // Each iteration serves one exchange; a tunnel is reused until an exchange ends
+    // uncleanly (cancelled, failed, upgraded) or kas closes it.
+    loop {
+        let head = match inbound.message().await {
+            Ok(Some(ServerFrame { msg: Some(server_frame::Msg::RequestHead(h)) })) => h,
+            other => {
+                tracing::debug!(?other, "tunnel ended without a request");
+                return;
+            }
+        };
+        slot.busy();
+        if exchange::serve(&upstream, head, &mut inbound, &tx).await {
+            slot.idle();
+            continue;
+        }
+        // End our half of the stream, then keep receiving until kas ends its half:
+        // dropping the receiving half first would reset the stream and could discard
+        // frames still queued for sending.
+        drop(tx);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while let Ok(Some(_)) = inbound.message().await {} }).await;
+        return;
+    }
 }
+
+/// How long a tunnel that is closing waits for kas to close its half of the stream.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -15,9 +15,8 @@ use kas_proto::v1::{
 use kas_proto::MAX_DATA_FRAME;
 use kas_tunnel::headers;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tonic::Streaming;
 
 /// What the agent needs to serve requests.
@@ -102,198 +101,180 @@ fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, String> {
     Uri::from_parts(parts).map_err(|_| "request path is invalid".to_string())
 }
 
-/// Serves one exchange: `head` has arrived on `inbound`; responses go to `out`.
-pub async fn serve(
-    up: Arc<Upstream>,
-    head: RequestHead,
-    mut inbound: Streaming<ServerFrame>,
-    out: Out,
-) {
-    let request_id = head.request_id.clone();
-    // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
-    let (body_tx, mut body_rx) = mpsc::channel::<Bytes>(4);
-    let (cancel_tx, mut cancel_rx) = oneshot::channel::<()>();
-    let reader = tokio::spawn(async move {
-        let mut body_tx = Some(body_tx);
-        loop {
-            match inbound.message().await {
-                Ok(Some(ServerFrame {
-                    msg: Some(server_frame::Msg::Data(d)),
-                })) => {
-                    if let Some(tx) = &body_tx {
-                        if tx.send(d.data).await.is_err() {
-                            body_tx = None;
-                        }
-                    }
-                }
-                Ok(Some(ServerFrame {
-                    msg: Some(server_frame::Msg::EndOfBody(_)),
-                })) => body_tx = None,
-                Ok(Some(_)) => {
-                    // Protocol violation; treat as cancellation.
-                    let _ = cancel_tx.send(());
-                    return;
-                }
-                Ok(None) | Err(_) => {
-                    // kas ended the stream: the client went away (or kas did).
-                    let _ = cancel_tx.send(());
-                    return;
-                }
-            }
-        }
-    });
-
-    let work = async {
-        let uri = match target_uri(&up.access.server, &head.path_and_query) {
-            Ok(u) => u,
-            Err(m) => return fail(&out, Code::BadRequest, &m).await,
-        };
-        let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
-            return fail(&out, Code::BadRequest, "invalid method").await;
-        };
-        let mut req_headers = headers::from_wire(&head.headers, true);
-        if let Some(a) = up.access.auth.header() {
-            req_headers.insert(http::header::AUTHORIZATION, a);
-        }
-        if let Some(i) = &head.impersonation {
-            match impersonation_headers(i) {
-                Ok(h) => {
-                    for (n, v) in h {
-                        req_headers.append(n, v);
-                    }
-                }
-                Err(m) => return fail(&out, Code::BadRequest, &m).await,
-            }
-        }
-        let body: UpstreamBody = if head.upgrade {
-            Empty::new().map_err(|never| match never {}).boxed_unsync()
-        } else {
-            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
-            // Move request chunks into the upstream body until EndOfBody closes body_rx.
-            let mut brx = std::mem::replace(&mut body_rx, mpsc::channel(1).1);
-            tokio::spawn(async move {
-                while let Some(b) = brx.recv().await {
-                    if tx.send(Ok(Frame::data(b))).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                .boxed_unsync()
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.headers_mut() = req_headers;
-        let mut resp = match up.client.request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(%request_id, error = %e, "cannot reach the cluster API");
-                return fail(
-                    &out,
-                    Code::UpstreamUnavailable,
-                    "the agent cannot reach the Kubernetes API server",
-                )
-                .await;
-            }
-        };
-        let status = resp.status();
-        let switching = status == http::StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
-        let rhead = ResponseHead {
-            status: u32::from(status.as_u16()),
-            headers: headers::to_wire(resp.headers(), false, switching),
-        };
-        if !send(&out, agent_frame::Msg::ResponseHead(rhead)).await {
-            return;
-        }
-        if switching {
-            let upgraded = match hyper::upgrade::on(&mut resp).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
-                    return fail(
-                        &out,
-                        Code::UpstreamAborted,
-                        "the upgraded connection to the cluster failed",
-                    )
-                    .await;
-                }
-            };
-            let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-            let to_cluster = async {
-                while let Some(b) = body_rx.recv().await {
-                    if wr.write_all(&b).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = wr.shutdown().await;
-            };
-            let from_cluster = async {
-                let mut buf = vec![0u8; 32 * 1024];
-                loop {
-                    match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => {
-                            let _ = send(&out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
-                            return;
-                        }
-                        Ok(n) => {
-                            let d = Data {
-                                data: Bytes::copy_from_slice(&buf[..n]),
-                            };
-                            if !send(&out, agent_frame::Msg::Data(d)).await {
-                                return;
-                            }
-                        }
-                    }
-                }
-            };
-            tokio::join!(to_cluster, from_cluster);
-            return;
-        }
-        let mut body = resp.into_body().into_data_stream();
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(mut data) => {
-                    while !data.is_empty() {
-                        let d = data.split_to(data.len().min(MAX_DATA_FRAME));
-                        if !send(&out, agent_frame::Msg::Data(Data { data: d })).await {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(%request_id, error = %e, "cluster response body failed");
-                    return fail(
-                        &out,
-                        Code::UpstreamAborted,
-                        "the cluster's response was cut off",
-                    )
-                    .await;
-                }
-            }
-        }
-        let _ = send(&out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
-    };
-    let finished = tokio::select! {
-        _ = work => true,
-        _ = &mut cancel_rx => {
-            tracing::debug!(%request_id, "kas cancelled the request");
-            false
-        }
-    };
-    // End our half of the stream, then keep receiving until kas ends its half:
-    // dropping the receiving half first would reset the stream and could discard
-    // frames that are still queued for sending.
-    drop(out);
-    if finished {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, cancel_rx).await;
-    }
-    reader.abort();
+/// Reserves room for one chunk in the request-body channel (owned, so the channel
+/// can be replaced while a reservation is pending).
+async fn reserve(tx: Option<mpsc::Sender<Bytes>>) -> Option<mpsc::OwnedPermit<Bytes>> {
+    tx?.reserve_owned().await.ok()
 }
 
-/// How long a finished exchange waits for kas to close its half of the stream.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Serves one exchange whose `head` has arrived on `inbound`; responses go to `out`.
+/// Returns true when the exchange completed cleanly in both directions, so the tunnel
+/// can carry another one; false when it was cancelled, failed or upgraded.
+pub async fn serve(up: &Upstream, head: RequestHead, inbound: &mut Streaming<ServerFrame>, out: &Out) -> bool {
+    let request_id = head.request_id.clone();
+    // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
+    let (tx, body_rx) = mpsc::channel::<Bytes>(4);
+    let mut body_tx = Some(tx);
+    let mut pending: Option<Bytes> = None;
+    let mut request_done = false;
+    let work = respond(up, head, body_rx, out);
+    tokio::pin!(work);
+    // One task reads kas's frames and drives the response, so the tunnel's stream can
+    // be reused afterwards. A chunk waits in `pending` until the body channel has room:
+    // that wait is the backpressure towards kas.
+    loop {
+        tokio::select! {
+            biased;
+            reusable = &mut work => return reusable && request_done,
+            permit = reserve(body_tx.clone()), if pending.is_some() => match (permit, pending.take()) {
+                (Some(p), Some(chunk)) => {
+                    p.send(chunk);
+                }
+                // The upstream stopped reading the body; drop the rest of it.
+                _ => body_tx = None,
+            },
+            frame = inbound.message(), if pending.is_none() => match frame {
+                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::Data(d)) })) if !request_done => {
+                    if body_tx.is_some() {
+                        pending = Some(d.data);
+                    }
+                }
+                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::EndOfBody(_)) })) if !request_done => {
+                    request_done = true;
+                    body_tx = None;
+                }
+                _ => {
+                    // kas ended the stream (the client went away, or kas did), or broke
+                    // the protocol: cancel the cluster request.
+                    tracing::debug!(%request_id, "kas cancelled the request");
+                    return false;
+                }
+            },
+        }
+    }
+}
+
+/// Performs the cluster request and streams the response to `out`. Returns true when a
+/// complete, non-upgraded response was sent.
+async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<Bytes>, out: &Out) -> bool {
+    let request_id = head.request_id.as_str();
+    let uri = match target_uri(&up.access.server, &head.path_and_query) {
+        Ok(u) => u,
+        Err(m) => {
+            fail(out, Code::BadRequest, &m).await;
+            return false;
+        }
+    };
+    let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
+        fail(out, Code::BadRequest, "invalid method").await;
+        return false;
+    };
+    let mut req_headers = headers::from_wire(&head.headers, true);
+    if let Some(a) = up.access.auth.header() {
+        req_headers.insert(http::header::AUTHORIZATION, a);
+    }
+    if let Some(i) = &head.impersonation {
+        match impersonation_headers(i) {
+            Ok(h) => {
+                for (n, v) in h {
+                    req_headers.append(n, v);
+                }
+            }
+            Err(m) => {
+                fail(out, Code::BadRequest, &m).await;
+                return false;
+            }
+        }
+    }
+    let body: UpstreamBody = if head.upgrade {
+        Empty::new().map_err(|never| match never {}).boxed_unsync()
+    } else {
+        let rx = std::mem::replace(&mut body_rx, mpsc::channel(1).1);
+        let frames = tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+        StreamBody::new(frames)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed_unsync()
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = req_headers;
+    let mut resp = match up.client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%request_id, error = %e, "cannot reach the cluster API");
+            fail(out, Code::UpstreamUnavailable, "the agent cannot reach the Kubernetes API server").await;
+            return false;
+        }
+    };
+    let status = resp.status();
+    let switching = status == http::StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
+    let rhead = ResponseHead {
+        status: u32::from(status.as_u16()),
+        headers: headers::to_wire(resp.headers(), false, switching),
+    };
+    if !send(out, agent_frame::Msg::ResponseHead(rhead)).await {
+        return false;
+    }
+    if switching {
+        let upgraded = match hyper::upgrade::on(&mut resp).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
+                fail(out, Code::UpstreamAborted, "the upgraded connection to the cluster failed").await;
+                return false;
+            }
+        };
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        let to_cluster = async {
+            while let Some(b) = body_rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        let from_cluster = async {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = send(out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        let d = Data { data: Bytes::copy_from_slice(&buf[..n]) };
+                        if !send(out, agent_frame::Msg::Data(d)).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::join!(to_cluster, from_cluster);
+        // An upgraded stream is never reused.
+        return false;
+    }
+    let mut body = resp.into_body().into_data_stream();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    let d = data.split_to(data.len().min(MAX_DATA_FRAME));
+                    if !send(out, agent_frame::Msg::Data(Data { data: d })).await {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%request_id, error = %e, "cluster response body failed");
+                fail(out, Code::UpstreamAborted, "the cluster's response was cut off").await;
+                return false;
+            }
+        }
+    }
+    send(out, agent_frame::Msg::EndOfBody(EndOfBody {})).await
+}
 
 #[cfg(test)]
 mod tests {

@@ -276,7 +276,9 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
         }
     };
     let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-    let out = from_agent.outbound();
+    let Some(out) = from_agent.outbound() else {
+        return;
+    };
     let up = async move {
         let mut buf = vec![0u8; MAX_DATA_FRAME.min(32 * 1024)];
         loop {

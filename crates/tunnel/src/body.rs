@@ -1,7 +1,7 @@
 //! Bodies through a tunnel: an HTTP body pumped into Data frames, and the agent's
 //! Data frames presented as an HTTP body.
 
-use crate::registry::{AbortOnDrop, BusyGuard, Outbound};
+use crate::registry::{AbortOnDrop, BusyGuard, Outbound, Reuse};
 use crate::ExchangeError;
 use bytes::Bytes;
 use futures::Stream;
@@ -15,8 +15,8 @@ use tonic::{Status, Streaming};
 
 /// Streams `body` as Data frames of at most [`MAX_DATA_FRAME`] bytes, then EndOfBody.
 /// Waits on the channel for capacity, so a slow agent slows the client down instead
-/// of buffering. A failing body cancels the stream.
-pub async fn frames_from_body<B>(body: B, out: Outbound)
+/// of buffering. A failing body cancels the stream. Returns true once EndOfBody is sent.
+pub async fn frames_from_body<B>(body: B, out: Outbound) -> bool
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::fmt::Display + Send,
@@ -34,7 +34,7 @@ where
                         msg: Some(server_frame::Msg::Data(Data { data: chunk })),
                     };
                     if out.send(Ok(f)).await.is_err() {
-                        return;
+                        return false;
                     }
                 }
             }
@@ -44,14 +44,13 @@ where
                 let _ = out
                     .send(Err(Status::cancelled("request body failed")))
                     .await;
-                return;
+                return false;
             }
             None => {
                 let f = ServerFrame {
                     msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
                 };
-                let _ = out.send(Ok(f)).await;
-                return;
+                return out.send(Ok(f)).await.is_ok();
             }
         }
     }
@@ -60,10 +59,12 @@ where
 /// The agent's side of an exchange: response body frames, or after a 101 the raw
 /// bytes from the upstream. Dropping it ends the tunnel (the agent cancels).
 pub struct TunnelBody {
-    inbound: Streaming<AgentFrame>,
-    outbound: Outbound,
+    /// Both halves are taken when the tunnel goes back to the pool.
+    inbound: Option<Streaming<AgentFrame>>,
+    outbound: Option<Outbound>,
     _pump: Option<AbortOnDrop<()>>,
-    _busy: BusyGuard,
+    busy: Option<BusyGuard>,
+    reuse: Option<Reuse>,
     done: bool,
 }
 
@@ -73,18 +74,20 @@ impl TunnelBody {
         outbound: Outbound,
         pump: Option<AbortOnDrop<()>>,
         busy: BusyGuard,
+        reuse: Option<Reuse>,
     ) -> Self {
         TunnelBody {
-            inbound,
-            outbound,
+            inbound: Some(inbound),
+            outbound: Some(outbound),
             _pump: pump,
-            _busy: busy,
+            busy: Some(busy),
+            reuse,
             done: false,
         }
     }
 
     /// The kas -> agent direction, for raw bytes after a 101 response.
-    pub fn outbound(&self) -> Outbound {
+    pub fn outbound(&self) -> Option<Outbound> {
         self.outbound.clone()
     }
 
@@ -97,43 +100,47 @@ impl TunnelBody {
         if self.done {
             return Poll::Ready(Ok(None));
         }
+        let Some(inbound) = self.inbound.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
         loop {
-            let item = match Pin::new(&mut self.inbound).poll_next(cx) {
+            let item = match Pin::new(&mut *inbound).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(i) => i,
             };
             return Poll::Ready(match item {
-                Some(Ok(AgentFrame {
-                    msg: Some(agent_frame::Msg::Data(d)),
-                })) => {
+                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::Data(d)) })) => {
                     if d.data.is_empty() {
                         continue;
                     }
                     Ok(Some(d.data))
                 }
-                Some(Ok(AgentFrame {
-                    msg: Some(agent_frame::Msg::EndOfBody(_)),
-                })) => {
+                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::EndOfBody(_)) })) => {
                     self.done = true;
+                    self.give_back();
                     Ok(None)
                 }
-                Some(Ok(AgentFrame {
-                    msg: Some(agent_frame::Msg::Error(e)),
-                })) => {
+                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::Error(e)) })) => {
                     self.done = true;
                     Err(ExchangeError::from_proto(e))
                 }
                 Some(Ok(other)) => {
                     self.done = true;
-                    Err(ExchangeError::Protocol(format!(
-                        "unexpected frame in body: {other:?}"
-                    )))
+                    Err(ExchangeError::Protocol(format!("unexpected frame in body: {other:?}")))
                 }
                 Some(Err(_)) | None => {
                     self.done = true;
                     Err(ExchangeError::TunnelClosed)
                 }
             });
+        }
+    }
+
+    /// A clean exchange is over: the tunnel serves the next request.
+    fn give_back(&mut self) {
+        if let (Some(reuse), Some(inbound), Some(outbound)) = (self.reuse.take(), self.inbound.take(), self.outbound.take()) {
+            self.busy = None;
+            reuse.give_back(inbound, outbound);
         }
     }
 }

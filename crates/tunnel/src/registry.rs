@@ -8,7 +8,7 @@ use kas_proto::v1::{
 };
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
@@ -175,7 +175,7 @@ impl TunnelRegistry {
     /// Offers an idle tunnel of a registered replica: handed to a waiting request at
     /// once, or kept until one arrives.
     pub fn offer(
-        &self,
+        self: &Arc<Self>,
         agent_id: u64,
         replica: &Arc<str>,
         inbound: Streaming<AgentFrame>,
@@ -195,7 +195,7 @@ impl TunnelRegistry {
             outbound,
         };
         while let Some(w) = entry.waiters.pop_front() {
-            match w.send(Tunnel::new(agent_id, idle, &entry.busy)) {
+            match w.send(Tunnel::new(self, agent_id, idle, &entry.busy)) {
                 Ok(()) => return,
                 Err(t) => idle = t.into_idle(),
             }
@@ -204,13 +204,13 @@ impl TunnelRegistry {
     }
 
     /// Takes an idle tunnel of the agent, waiting up to `wait` for one to be offered.
-    pub async fn acquire(&self, agent_id: u64, wait: Duration) -> Result<Tunnel, AcquireError> {
+    pub async fn acquire(self: &Arc<Self>, agent_id: u64, wait: Duration) -> Result<Tunnel, AcquireError> {
         let rx = {
             let mut agents = self.lock();
             let entry = agents.entry(agent_id).or_default();
             while let Some(t) = entry.idle.pop_front() {
                 if !t.outbound.is_closed() {
-                    return Ok(Tunnel::new(agent_id, t, &entry.busy));
+                    return Ok(Tunnel::new(self, agent_id, t, &entry.busy));
                 }
             }
             let (tx, rx) = oneshot::channel();
@@ -288,6 +288,7 @@ impl TunnelRegistry {
 
 /// A tunnel taken out of the registry for one exchange. Dropping it closes the tunnel.
 pub struct Tunnel {
+    registry: Weak<TunnelRegistry>,
     agent_id: u64,
     replica: Arc<str>,
     inbound: Streaming<AgentFrame>,
@@ -305,9 +306,10 @@ impl Drop for BusyGuard {
 }
 
 impl Tunnel {
-    fn new(agent_id: u64, t: IdleTunnel, busy: &Arc<AtomicUsize>) -> Self {
+    fn new(registry: &Arc<TunnelRegistry>, agent_id: u64, t: IdleTunnel, busy: &Arc<AtomicUsize>) -> Self {
         busy.fetch_add(1, Ordering::Relaxed);
         Tunnel {
+            registry: Arc::downgrade(registry),
             agent_id,
             replica: t.replica,
             inbound: t.inbound,
@@ -353,11 +355,16 @@ impl Tunnel {
             }))
             .await
             .map_err(|_| ExchangeError::TunnelClosed)?;
+        let request_sent = Arc::new(AtomicBool::new(false));
         let pump = if upgrade {
             None
         } else {
-            let out = self.outbound.clone();
-            Some(AbortOnDrop(tokio::spawn(frames_from_body(body, out))))
+            let (out, sent) = (self.outbound.clone(), request_sent.clone());
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if frames_from_body(body, out).await {
+                    sent.store(true, Ordering::SeqCst);
+                }
+            })))
         };
         let first = self.inbound.message().await;
         let head = match first {
@@ -378,10 +385,37 @@ impl Tunnel {
                 return Err(ExchangeError::TunnelClosed);
             }
         };
+        // After a clean exchange the tunnel goes back to the pool; upgraded ones never do.
+        let reuse = (!upgrade).then(|| Reuse {
+            registry: self.registry.clone(),
+            agent_id: self.agent_id,
+            replica: self.replica.clone(),
+            request_sent,
+        });
         Ok((
             head,
-            TunnelBody::new(self.inbound, self.outbound, pump, self.busy),
+            TunnelBody::new(self.inbound, self.outbound, pump, self.busy, reuse),
         ))
+    }
+}
+
+/// What a [`TunnelBody`] needs to hand its tunnel back after a clean exchange.
+pub(crate) struct Reuse {
+    pub(crate) registry: Weak<TunnelRegistry>,
+    pub(crate) agent_id: u64,
+    pub(crate) replica: Arc<str>,
+    /// Set once the whole request body (and its EndOfBody) went to the agent.
+    pub(crate) request_sent: Arc<AtomicBool>,
+}
+
+impl Reuse {
+    pub(crate) fn give_back(self, inbound: Streaming<AgentFrame>, outbound: Outbound) {
+        if !self.request_sent.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(r) = self.registry.upgrade() {
+            r.offer(self.agent_id, &self.replica, inbound, outbound);
+        }
     }
 }
 

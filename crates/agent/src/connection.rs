@@ -353,7 +353,9 @@ async fn tunnel(
     // uncleanly (cancelled, failed, upgraded) or kas closes it.
     loop {
         let head = match inbound.message().await {
-            Ok(Some(ServerFrame { msg: Some(server_frame::Msg::RequestHead(h)) })) => h,
+            Ok(Some(ServerFrame {
+                msg: Some(server_frame::Msg::RequestHead(h)),
+            })) => h,
             other => {
                 tracing::debug!(?other, "tunnel ended without a request");
                 return;
@@ -368,7 +370,10 @@ async fn tunnel(
         // dropping the receiving half first would reset the stream and could discard
         // frames still queued for sending.
         drop(tx);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while let Ok(Some(_)) = inbound.message().await {} }).await;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
         return;
     }
 }

@@ -101,6 +101,9 @@ fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, String> {
     Uri::from_parts(parts).map_err(|_| "request path is invalid".to_string())
 }
 
+/// Largest response body sent inline in the response head.
+const INLINE_MAX: u64 = 64 * 1024;
+
 /// Reserves room for one chunk in the request-body channel (owned, so the channel
 /// can be replaced while a reservation is pending).
 async fn reserve(tx: Option<mpsc::Sender<Bytes>>) -> Option<mpsc::OwnedPermit<Bytes>> {
@@ -110,13 +113,19 @@ async fn reserve(tx: Option<mpsc::Sender<Bytes>>) -> Option<mpsc::OwnedPermit<By
 /// Serves one exchange whose `head` has arrived on `inbound`; responses go to `out`.
 /// Returns true when the exchange completed cleanly in both directions, so the tunnel
 /// can carry another one; false when it was cancelled, failed or upgraded.
-pub async fn serve(up: &Upstream, head: RequestHead, inbound: &mut Streaming<ServerFrame>, out: &Out) -> bool {
+pub async fn serve(
+    up: &Upstream,
+    head: RequestHead,
+    inbound: &mut Streaming<ServerFrame>,
+    out: &Out,
+) -> bool {
     let request_id = head.request_id.clone();
     // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
     let (tx, body_rx) = mpsc::channel::<Bytes>(4);
-    let mut body_tx = Some(tx);
+    // A head marked end_of_body is the whole request: no body frames follow.
+    let mut request_done = head.end_of_body && !head.upgrade;
+    let mut body_tx = (!request_done).then_some(tx);
     let mut pending: Option<Bytes> = None;
-    let mut request_done = false;
     let work = respond(up, head, body_rx, out);
     tokio::pin!(work);
     // One task reads kas's frames and drives the response, so the tunnel's stream can
@@ -156,7 +165,12 @@ pub async fn serve(up: &Upstream, head: RequestHead, inbound: &mut Streaming<Ser
 
 /// Performs the cluster request and streams the response to `out`. Returns true when a
 /// complete, non-upgraded response was sent.
-async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<Bytes>, out: &Out) -> bool {
+async fn respond(
+    up: &Upstream,
+    head: RequestHead,
+    mut body_rx: mpsc::Receiver<Bytes>,
+    out: &Out,
+) -> bool {
     let request_id = head.request_id.as_str();
     let uri = match target_uri(&up.access.server, &head.path_and_query) {
         Ok(u) => u,
@@ -190,7 +204,8 @@ async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<B
         Empty::new().map_err(|never| match never {}).boxed_unsync()
     } else {
         let rx = std::mem::replace(&mut body_rx, mpsc::channel(1).1);
-        let frames = tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+        let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
         StreamBody::new(frames)
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed_unsync()
@@ -203,16 +218,46 @@ async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<B
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%request_id, error = %e, "cannot reach the cluster API");
-            fail(out, Code::UpstreamUnavailable, "the agent cannot reach the Kubernetes API server").await;
+            fail(
+                out,
+                Code::UpstreamUnavailable,
+                "the agent cannot reach the Kubernetes API server",
+            )
+            .await;
             return false;
         }
     };
     let status = resp.status();
     let switching = status == http::StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
-    let rhead = ResponseHead {
+    let mut rhead = ResponseHead {
         status: u32::from(status.as_u16()),
         headers: headers::to_wire(resp.headers(), false, switching),
+        body: Bytes::new(),
+        end_of_body: false,
     };
+    // A small body of known length travels inside the head: one message instead of three.
+    let small = http_body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n <= INLINE_MAX);
+    if !switching && small {
+        return match resp.into_body().collect().await {
+            Ok(b) => {
+                rhead.body = b.to_bytes();
+                rhead.end_of_body = true;
+                send(out, agent_frame::Msg::ResponseHead(rhead)).await
+            }
+            Err(e) => {
+                tracing::warn!(%request_id, error = %e, "cluster response body failed");
+                fail(
+                    out,
+                    Code::UpstreamUnavailable,
+                    "the cluster's response was cut off",
+                )
+                .await;
+                false
+            }
+        };
+    }
     if !send(out, agent_frame::Msg::ResponseHead(rhead)).await {
         return false;
     }
@@ -221,7 +266,12 @@ async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<B
             Ok(u) => u,
             Err(e) => {
                 tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
-                fail(out, Code::UpstreamAborted, "the upgraded connection to the cluster failed").await;
+                fail(
+                    out,
+                    Code::UpstreamAborted,
+                    "the upgraded connection to the cluster failed",
+                )
+                .await;
                 return false;
             }
         };
@@ -243,7 +293,9 @@ async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<B
                         return;
                     }
                     Ok(n) => {
-                        let d = Data { data: Bytes::copy_from_slice(&buf[..n]) };
+                        let d = Data {
+                            data: Bytes::copy_from_slice(&buf[..n]),
+                        };
                         if !send(out, agent_frame::Msg::Data(d)).await {
                             return;
                         }
@@ -268,7 +320,12 @@ async fn respond(up: &Upstream, head: RequestHead, mut body_rx: mpsc::Receiver<B
             }
             Err(e) => {
                 tracing::warn!(%request_id, error = %e, "cluster response body failed");
-                fail(out, Code::UpstreamAborted, "the cluster's response was cut off").await;
+                fail(
+                    out,
+                    Code::UpstreamAborted,
+                    "the cluster's response was cut off",
+                )
+                .await;
                 return false;
             }
         }

@@ -31,6 +31,12 @@ struct Args {
     /// Size of the streamed response in MiB.
     #[arg(long, default_value_t = 1024)]
     stream_mib: u64,
+    /// Only measure (a) throughput at concurrency 32 for this long (for profiling).
+    #[arg(long)]
+    profile_only: bool,
+    /// Idle tunnels per agent in the memory measurement (agentk's default is 2).
+    #[arg(long, default_value_t = 2)]
+    idle_tunnels: usize,
     /// Idle agents for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
@@ -215,6 +221,15 @@ async fn main() -> Result<()> {
     let direct = format!("http://{addr}/api/v1/namespaces/default/pods");
     let proxied = format!("{}/api/v1/namespaces/default/pods", env.proxy_url());
 
+    if args.profile_only {
+        let tp = throughput(&proxy_c, &proxied, &ci, 32, args.seconds).await?;
+        println!(
+            "proxy {tp:.0} req/s; kas pid {} agentk pid {}",
+            env.kas.pid(),
+            env.agents[0].pid()
+        );
+        return Ok(());
+    }
     println!("# kas benchmark (direct = the same backend without kas; proxy = HTTPS to kas -> tunnel -> agentk -> backend)");
     let d = latency(&direct_c, &direct, &token, args.requests).await?;
     let p = latency(&proxy_c, &proxied, &ci, args.requests).await?;
@@ -300,7 +315,7 @@ async fn main() -> Result<()> {
                 kas_address: env.kas_info.agent.clone(),
                 token: t,
                 ca_cert_pem: None,
-                min_idle_tunnels: 2,
+                min_idle_tunnels: args.idle_tunnels,
                 max_tunnels: 512,
                 replica_id: format!("bench-{i}"),
             };
@@ -309,6 +324,7 @@ async fn main() -> Result<()> {
         }
         let start = Instant::now();
         let check = env.kas_info.clone();
+        let idle_per_agent = args.idle_tunnels as u64;
         tokio::task::spawn_blocking(move || {
             wait_for(
                 Duration::from_secs(120),
@@ -317,12 +333,18 @@ async fn main() -> Result<()> {
                     let out =
                         kas_test_support::procs::kasctl_raw(&check, &["agents", "-o", "json"]);
                     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-                    let conns = v
+                    let idle = v
                         .as_array()?
                         .iter()
-                        .filter(|a| a["idle_tunnels"].as_u64() == Some(2))
+                        .filter(|a| {
+                            a["name"].as_str().is_some_and(|s| s.starts_with("idle-"))
+                                && a["idle_tunnels"].as_u64() == Some(idle_per_agent)
+                        })
                         .count();
-                    (conns > n).then_some(())
+                    if progress_tick() {
+                        eprintln!("  ... {idle} of {n} idle agents connected");
+                    }
+                    (idle >= n).then_some(())
                 },
             )
         })
@@ -344,4 +366,10 @@ async fn main() -> Result<()> {
         let _ = stop_tx.send(true);
     }
     Ok(())
+}
+
+/// True every 50th call: about once a second when polled every 20 ms (progress output).
+fn progress_tick() -> bool {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed).is_multiple_of(50)
 }

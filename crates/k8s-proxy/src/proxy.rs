@@ -178,6 +178,9 @@ impl K8sProxy {
             _ => path_and_query.to_string(),
         };
         let upgrade = is_upgrade(&req);
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // A request without a body can be replayed on another tunnel if one breaks.
+        let replayable = upgrade || req.body().is_end_stream();
         let head = RequestHead {
             method: req.method().as_str().to_string(),
             path_and_query,
@@ -185,10 +188,8 @@ impl K8sProxy {
             impersonation: allowed.identity.as_ref().map(to_proto),
             upgrade,
             request_id: request_id.clone(),
+            end_of_body: replayable && !upgrade,
         };
-        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        // A request without a body can be replayed on another tunnel if one breaks.
-        let replayable = upgrade || req.body().is_end_stream();
         let mut body = Some(req.into_body());
 
         let mut attempt = 0;
@@ -284,11 +285,10 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => {
-                    let _ = out
-                        .send(Ok(ServerFrame {
-                            msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
-                        }))
-                        .await;
+                    out.send(ServerFrame {
+                        msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
+                    })
+                    .await;
                     return;
                 }
                 Ok(n) => {
@@ -297,7 +297,7 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
                             data: Bytes::copy_from_slice(&buf[..n]),
                         })),
                     };
-                    if out.send(Ok(f)).await.is_err() {
+                    if !out.send(f).await {
                         return;
                     }
                 }

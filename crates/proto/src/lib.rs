@@ -6,6 +6,8 @@
 
 #![allow(clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// Generated from `proto/agent.proto`.
 pub mod v1 {
     tonic::include_proto!("kas.agent.v1");

@@ -6,7 +6,7 @@
 
 use kas_controlplane::{AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
-use kas_proto::v1::{agent_frame, AgentConfiguration, AgentFrame, ConfigAck, ServerFrame};
+use kas_proto::v1::{agent_frame, AgentConfiguration, AgentFrame, ConfigAck};
 use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
 use kas_tunnel::{ReplicaInfo, TunnelRegistry};
 use std::collections::HashMap;
@@ -107,7 +107,7 @@ type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send
 #[tonic::async_trait]
 impl Agent for AgentService {
     type ConfigureStream = BoxStream<AgentConfiguration>;
-    type TunnelStream = ReceiverStream<Result<ServerFrame, Status>>;
+    type TunnelStream = kas_tunnel::OutboundStream;
 
     async fn configure(
         &self,
@@ -141,7 +141,8 @@ impl Agent for AgentService {
             .insert((agent_id, replica_id.clone()), key.clone());
         tracing::info!(agent_id, replica = %replica_id, "agent replica connected");
 
-        let (tx, rx) = mpsc::channel(4);
+        // Boxed items: a channel allocates room for 32 items up front, per agent replica.
+        let (tx, rx) = mpsc::channel::<Result<Box<AgentConfiguration>, Box<Status>>>(4);
         let cp = self.cp.clone();
         let registry = self.registry.clone();
         let replicas = self.replicas.clone();
@@ -156,7 +157,7 @@ impl Agent for AgentService {
                 if let Some(i) = latest.take() {
                     if i.config_version != sent || sent == 0 {
                         sent = i.config_version;
-                        if tx.send(Ok(config_message(&i))).await.is_err() {
+                        if tx.send(Ok(Box::new(config_message(&i)))).await.is_err() {
                             break;
                         }
                     }
@@ -177,7 +178,7 @@ impl Agent for AgentService {
                             match cp.agent_info(agent_id).await {
                                 Ok(Some(i)) => latest = Some(i),
                                 Ok(None) => {
-                                    let _ = tx.send(Err(Status::unauthenticated("the agent was deleted"))).await;
+                                    let _ = tx.send(Err(Box::new(Status::unauthenticated("the agent was deleted")))).await;
                                     break;
                                 }
                                 Err(e) => tracing::warn!(agent_id, error = %e, "could not load changed agent configuration"),
@@ -185,7 +186,7 @@ impl Agent for AgentService {
                         }
                     }
                     _ = crate::serve::stopped(&mut shutdown) => {
-                        let _ = tx.send(Err(Status::unavailable("kas is shutting down; reconnect"))).await;
+                        let _ = tx.send(Err(Box::new(Status::unavailable("kas is shutting down; reconnect")))).await;
                         break;
                     }
                     _ = tx.closed() => break,
@@ -198,7 +199,10 @@ impl Agent for AgentService {
             drop(map);
             tracing::info!(agent_id, replica = %replica_id, "agent replica disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |r| {
+            r.map(|b| *b).map_err(|e| *e)
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tunnel(
@@ -224,8 +228,8 @@ impl Agent for AgentService {
             _ => return Err(Status::invalid_argument("a tunnel must start with Hello")),
         }
         // Small: the request body pump waits here, which is the backpressure.
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = kas_tunnel::outbound_channel(4);
         self.registry.offer(agent_id, &key, inbound, tx);
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 }

@@ -33,7 +33,7 @@ where
                     let f = ServerFrame {
                         msg: Some(server_frame::Msg::Data(Data { data: chunk })),
                     };
-                    if out.send(Ok(f)).await.is_err() {
+                    if !out.send(f).await {
                         return false;
                     }
                 }
@@ -41,16 +41,14 @@ where
             Some(Err(e)) => {
                 let e = e.to_string();
                 tracing::debug!(error = %e, "request body failed; cancelling the exchange");
-                let _ = out
-                    .send(Err(Status::cancelled("request body failed")))
-                    .await;
+                out.cancel(Status::cancelled("request body failed")).await;
                 return false;
             }
             None => {
                 let f = ServerFrame {
                     msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
                 };
-                return out.send(Ok(f)).await.is_ok();
+                return out.send(f).await;
             }
         }
     }
@@ -65,6 +63,8 @@ pub struct TunnelBody {
     _pump: Option<AbortOnDrop<()>>,
     busy: Option<BusyGuard>,
     reuse: Option<Reuse>,
+    /// A body that came inline in the response head.
+    inline: Option<Bytes>,
     done: bool,
 }
 
@@ -75,15 +75,24 @@ impl TunnelBody {
         pump: Option<AbortOnDrop<()>>,
         busy: BusyGuard,
         reuse: Option<Reuse>,
+        inline: Option<Bytes>,
     ) -> Self {
-        TunnelBody {
+        let mut body = TunnelBody {
             inbound: Some(inbound),
             outbound: Some(outbound),
             _pump: pump,
             busy: Some(busy),
             reuse,
+            inline: None,
             done: false,
+        };
+        if let Some(b) = inline {
+            // The whole response is here: the tunnel is free again at once.
+            body.done = true;
+            body.give_back();
+            body.inline = (!b.is_empty()).then_some(b);
         }
+        body
     }
 
     /// The kas -> agent direction, for raw bytes after a 101 response.
@@ -97,6 +106,9 @@ impl TunnelBody {
     }
 
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, ExchangeError>> {
+        if let Some(b) = self.inline.take() {
+            return Poll::Ready(Ok(Some(b)));
+        }
         if self.done {
             return Poll::Ready(Ok(None));
         }
@@ -109,24 +121,32 @@ impl TunnelBody {
                 Poll::Ready(i) => i,
             };
             return Poll::Ready(match item {
-                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::Data(d)) })) => {
+                Some(Ok(AgentFrame {
+                    msg: Some(agent_frame::Msg::Data(d)),
+                })) => {
                     if d.data.is_empty() {
                         continue;
                     }
                     Ok(Some(d.data))
                 }
-                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::EndOfBody(_)) })) => {
+                Some(Ok(AgentFrame {
+                    msg: Some(agent_frame::Msg::EndOfBody(_)),
+                })) => {
                     self.done = true;
                     self.give_back();
                     Ok(None)
                 }
-                Some(Ok(AgentFrame { msg: Some(agent_frame::Msg::Error(e)) })) => {
+                Some(Ok(AgentFrame {
+                    msg: Some(agent_frame::Msg::Error(e)),
+                })) => {
                     self.done = true;
                     Err(ExchangeError::from_proto(e))
                 }
                 Some(Ok(other)) => {
                     self.done = true;
-                    Err(ExchangeError::Protocol(format!("unexpected frame in body: {other:?}")))
+                    Err(ExchangeError::Protocol(format!(
+                        "unexpected frame in body: {other:?}"
+                    )))
                 }
                 Some(Err(_)) | None => {
                     self.done = true;
@@ -138,7 +158,9 @@ impl TunnelBody {
 
     /// A clean exchange is over: the tunnel serves the next request.
     fn give_back(&mut self) {
-        if let (Some(reuse), Some(inbound), Some(outbound)) = (self.reuse.take(), self.inbound.take(), self.outbound.take()) {
+        if let (Some(reuse), Some(inbound), Some(outbound)) =
+            (self.reuse.take(), self.inbound.take(), self.outbound.take())
+        {
             self.busy = None;
             reuse.give_back(inbound, outbound);
         }
@@ -163,6 +185,14 @@ impl Body for TunnelBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.inline.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match (&self.inline, self.done) {
+            (Some(b), _) => http_body::SizeHint::with_exact(b.len() as u64),
+            (None, true) => http_body::SizeHint::with_exact(0),
+            (None, false) => http_body::SizeHint::default(),
+        }
     }
 }

@@ -24,8 +24,8 @@ mod registry;
 
 pub use body::{frames_from_body, TunnelBody};
 pub use registry::{
-    AcquireError, ConnectedAgent, ConnectedReplica, ReplicaGuard, ReplicaInfo, Tunnel,
-    TunnelRegistry,
+    outbound_channel, AcquireError, ConnectedAgent, ConnectedReplica, Outbound, OutboundStream,
+    ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry,
 };
 
 use kas_proto::v1::TunnelError as ProtoTunnelError;

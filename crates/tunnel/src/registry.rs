@@ -14,8 +14,53 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 
-/// Sender half of the kas -> agent direction of one tunnel.
-pub type Outbound = mpsc::Sender<Result<ServerFrame, Status>>;
+type OutItem = Result<Box<ServerFrame>, Box<Status>>;
+
+/// Sender half of the kas -> agent direction of one tunnel. Items are boxed because
+/// a channel allocates room for 32 of them up front, and kas holds a channel per idle
+/// tunnel of every connected agent.
+#[derive(Clone)]
+pub struct Outbound(mpsc::Sender<OutItem>);
+
+impl Outbound {
+    /// Sends a frame; false when the tunnel is gone.
+    pub async fn send(&self, frame: ServerFrame) -> bool {
+        self.0.send(Ok(Box::new(frame))).await.is_ok()
+    }
+
+    /// Ends the stream with an error status (the agent cancels the exchange).
+    pub async fn cancel(&self, status: Status) {
+        let _ = self.0.send(Err(Box::new(status))).await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// The kas -> agent stream of one tunnel, as the gRPC response.
+pub struct OutboundStream(mpsc::Receiver<OutItem>);
+
+// The gRPC response stream's item is tonic's (large) Status by its definition.
+#[allow(clippy::result_large_err)]
+impl futures::Stream for OutboundStream {
+    type Item = Result<ServerFrame, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(|b| *b).map_err(|e| *e)))
+    }
+}
+
+/// A new tunnel direction with room for `capacity` frames in flight.
+pub fn outbound_channel(capacity: usize) -> (Outbound, OutboundStream) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (Outbound(tx), OutboundStream(rx))
+}
 
 /// What kas knows about one connected agentk replica.
 #[derive(Debug, Clone)]
@@ -204,7 +249,11 @@ impl TunnelRegistry {
     }
 
     /// Takes an idle tunnel of the agent, waiting up to `wait` for one to be offered.
-    pub async fn acquire(self: &Arc<Self>, agent_id: u64, wait: Duration) -> Result<Tunnel, AcquireError> {
+    pub async fn acquire(
+        self: &Arc<Self>,
+        agent_id: u64,
+        wait: Duration,
+    ) -> Result<Tunnel, AcquireError> {
         let rx = {
             let mut agents = self.lock();
             let entry = agents.entry(agent_id).or_default();
@@ -306,7 +355,12 @@ impl Drop for BusyGuard {
 }
 
 impl Tunnel {
-    fn new(registry: &Arc<TunnelRegistry>, agent_id: u64, t: IdleTunnel, busy: &Arc<AtomicUsize>) -> Self {
+    fn new(
+        registry: &Arc<TunnelRegistry>,
+        agent_id: u64,
+        t: IdleTunnel,
+        busy: &Arc<AtomicUsize>,
+    ) -> Self {
         busy.fetch_add(1, Ordering::Relaxed);
         Tunnel {
             registry: Arc::downgrade(registry),
@@ -336,7 +390,8 @@ impl Tunnel {
         &self.replica
     }
 
-    /// Sends the request head and streams `body` (unless the request is an upgrade),
+    /// Sends the request head and streams `body` (unless the request is an upgrade or
+    /// the head says `end_of_body`, in which case `body` is ignored),
     /// then waits for the agent's response head. The response body (or, after a 101,
     /// the agent -> client byte stream) is read from the returned [`TunnelBody`].
     pub async fn round_trip<B>(
@@ -349,14 +404,18 @@ impl Tunnel {
         B::Error: std::fmt::Display + Send,
     {
         let upgrade = head.upgrade;
-        self.outbound
-            .send(Ok(ServerFrame {
+        let complete = head.end_of_body;
+        if !self
+            .outbound
+            .send(ServerFrame {
                 msg: Some(server_frame::Msg::RequestHead(head)),
-            }))
+            })
             .await
-            .map_err(|_| ExchangeError::TunnelClosed)?;
-        let request_sent = Arc::new(AtomicBool::new(false));
-        let pump = if upgrade {
+        {
+            return Err(ExchangeError::TunnelClosed);
+        }
+        let request_sent = Arc::new(AtomicBool::new(complete));
+        let pump = if upgrade || complete {
             None
         } else {
             let (out, sent) = (self.outbound.clone(), request_sent.clone());
@@ -392,9 +451,10 @@ impl Tunnel {
             replica: self.replica.clone(),
             request_sent,
         });
+        let inline = head.end_of_body.then(|| head.body.clone());
         Ok((
             head,
-            TunnelBody::new(self.inbound, self.outbound, pump, self.busy, reuse),
+            TunnelBody::new(self.inbound, self.outbound, pump, self.busy, reuse, inline),
         ))
     }
 }

@@ -1,0 +1,84 @@
+//! The gRPC codec: prost encoding with small initial buffers.
+//!
+//! tonic allocates an encode and a decode buffer per stream up front (8 KiB each by
+//! default). kas holds several idle streams per connected agent, so that default
+//! dominated its memory per agent; buffers still grow on demand for large messages.
+
+use bytes::Buf;
+use std::marker::PhantomData;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
+
+/// Initial buffer per stream and direction.
+const INITIAL_BUFFER: usize = 512;
+/// Encoded bytes gathered before they are handed to HTTP/2 (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+fn settings() -> BufferSettings {
+    BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD)
+}
+
+/// Prost messages with [`INITIAL_BUFFER`]-sized initial buffers.
+#[derive(Debug)]
+pub struct KasCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for KasCodec<T, U> {
+    fn default() -> Self {
+        KasCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for KasCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = KasEncoder<T>;
+    type Decoder = KasDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        KasEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        KasDecoder(PhantomData)
+    }
+}
+
+#[derive(Debug)]
+pub struct KasEncoder<T>(PhantomData<T>);
+
+impl<T: prost::Message> Encoder for KasEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding failed: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        settings()
+    }
+}
+
+#[derive(Debug)]
+pub struct KasDecoder<U>(PhantomData<U>);
+
+impl<U: prost::Message + Default> Decoder for KasDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let msg = U::decode(src.copy_to_bytes(src.remaining()))
+            .map_err(|e| Status::internal(format!("decoding failed: {e}")))?;
+        Ok(Some(msg))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        settings()
+    }
+}

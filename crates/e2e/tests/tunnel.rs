@@ -252,3 +252,40 @@ async fn a_bad_agent_token_gets_a_clear_error_and_backs_off() {
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failing_mid_body_aborts_the_client_response() {
+    let (env, agent, job) = setup().await;
+    let c = http::client(&env.proxy_ca(), false);
+    let resp = http::send(
+        &c,
+        &format!("{}/_test/abort", env.proxy_url()),
+        Some(&bearer(agent, &job)),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    let failed = loop {
+        match body.frame().await {
+            Some(Ok(f)) => got += f.into_data().map(|d| d.len()).unwrap_or(0),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(
+        failed,
+        "the client saw a clean end after {got} bytes of a failed response"
+    );
+    assert!(got <= 64 * 1024);
+    // The tunnel is not reused for a broken exchange, and the next request works.
+    let (code, _) = http::get(
+        &c,
+        &format!("{}/api/v1/pods", env.proxy_url()),
+        Some(&bearer(agent, &job)),
+    )
+    .await;
+    assert_eq!(code, 200);
+    // The upstream error text stays in the agent's own log; kas never sees it.
+    assert!(!env.kas.logs().contains("secret detail"));
+}

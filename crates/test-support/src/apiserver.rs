@@ -6,6 +6,7 @@
 //! impersonation headers of every request so tests can assert them.
 //!
 //! Test-only endpoints under `/_test/`: `bytes?n=N` (a streamed body of N bytes),
+//! `abort` (64 KiB, then the body fails),
 //! `stream` (an endless slow body), `echo` (POST: streams the request body back),
 //! `requests` (the recorded requests as JSON).
 
@@ -529,6 +530,25 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 header::HeaderValue::from_static("application/octet-stream"),
             );
             r
+        }
+        (Method::GET, ["_test", "abort"]) => {
+            // Some bytes, then the body fails: the connection breaks mid-response.
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from(vec![b'a'; 64 * 1024]))))
+                    .await;
+                // Fail a little later, once the head and first bytes are on the wire.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx
+                    .send(Err(std::io::Error::other(
+                        "upstream failed mid-body: secret detail",
+                    )))
+                    .await;
+            });
+            Response::new(
+                StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed_unsync(),
+            )
         }
         (Method::GET, ["_test", "stream"]) => {
             let guard = StreamGuard::new(&state);

@@ -1,0 +1,120 @@
+//! Agent connections: several replicas of one agent, and TLS on the agent listener.
+
+use kas_test_support::fixture::{wait_for, Env};
+use kas_test_support::http;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_one_token_are_one_agent_with_several_connections() {
+    let mut env = Env::start().await;
+    let (agent, token) = env.create_agent(
+        "acme/agents",
+        "prod",
+        "ci_access:\n  projects:\n    - id: acme/shop\n",
+    );
+    env.kasctl(&["project", "create", "acme/shop"]);
+    env.start_agentk(&token, &[]);
+    env.start_agentk(&token, &[]);
+    env.wait_connected(agent, 2);
+    let listed = env.kasctl_json(&["agents"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let table = env.kasctl(&["agents"]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("prod") && l.contains("acme/agents")),
+        "{table}"
+    );
+
+    let job = env.start_job("acme/shop", None, "alice");
+    let c = http::client(&env.proxy_ca(), true);
+    let url = format!("{}/api/v1/namespaces/default/pods", env.proxy_url());
+    let bearer = format!("ci:{agent}:{}", job.token);
+    for _ in 0..10 {
+        assert_eq!(http::get(&c, &url, Some(&bearer)).await.0, 200);
+    }
+    // One replica goes away: the other keeps serving.
+    env.agents[0].kill();
+    wait_for(
+        Duration::from_secs(10),
+        "the replica to be forgotten",
+        || (env.connected(agent)?["replicas"].as_array()?.len() == 1).then_some(()),
+    );
+    for _ in 0..10 {
+        assert_eq!(http::get(&c, &url, Some(&bearer)).await.0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_connect_over_tls_with_a_self_signed_kas() {
+    // A CA and a serving certificate for the agent listener.
+    let certs = tempfile::tempdir().expect("tmp");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test kas CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("leaf");
+    let p = |n: &str| certs.path().join(n);
+    std::fs::write(p("ca.pem"), ca.pem()).expect("write");
+    std::fs::write(p("agent.crt"), leaf.pem()).expect("write");
+    std::fs::write(p("agent.key"), key.serialize_pem()).expect("write");
+    std::fs::write(
+        p("kas.yaml"),
+        format!(
+            "agent:\n  tls:\n    certificate_file: {}\n    key_file: {}\n",
+            p("agent.crt").display(),
+            p("agent.key").display()
+        ),
+    )
+    .expect("write");
+
+    let mut env = Env::start_with(&["--config", p("kas.yaml").to_str().expect("path")]).await;
+    assert!(
+        env.kas_info.agent.starts_with("grpcs://"),
+        "{}",
+        env.kas_info.agent
+    );
+    // agentk dials by host name so the certificate's name matches.
+    env.kas_info.agent = env.kas_info.agent.replace("127.0.0.1", "localhost");
+    let (agent, token) = env.create_agent(
+        "acme/agents",
+        "prod",
+        "ci_access:\n  projects:\n    - id: acme/shop\n",
+    );
+    env.kasctl(&["project", "create", "acme/shop"]);
+
+    // Without the CA the agent cannot verify kas and does not connect.
+    let i = env.start_agentk(&token, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "a TLS failure in agentk's log",
+        || {
+            env.agents[i]
+                .logs()
+                .contains("cannot connect to kas")
+                .then_some(())
+        },
+    );
+    assert!(env.connected(agent).is_none());
+    env.agents[i].kill();
+
+    env.start_agentk(&token, &["--ca-cert", p("ca.pem").to_str().expect("path")]);
+    env.wait_connected(agent, 1);
+    let job = env.start_job("acme/shop", None, "alice");
+    let c = http::client(&env.proxy_ca(), false);
+    let (code, body) = http::get(
+        &c,
+        &format!("{}/api/v1/pods", env.proxy_url()),
+        Some(&format!("ci:{agent}:{}", job.token)),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}\n{}", env.logs());
+}

@@ -179,20 +179,16 @@ fn ensure_groups(tx: &Connection, path: &str, last_id: Option<u64>) -> Result<Gr
     let mut current = None;
     for i in 1..=segs.len() {
         let p = segs[..i].join("/");
-        let found: Option<(i64, Option<i64>, String)> = tx
+        let found = tx
             .query_row(
                 "SELECT id, parent_id, path FROM groups WHERE path = ?1",
                 params![p],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                group_row,
             )
             .optional()
             .map_err(storage)?;
         let g = match found {
-            Some((id, parent_id, path)) => Group {
-                id: id_u64(id),
-                parent_id: parent_id.map(id_u64),
-                path,
-            },
+            Some(g) => g,
             None => {
                 if tx
                     .query_row("SELECT 1 FROM projects WHERE path = ?1", params![p], |_| {
@@ -248,17 +244,56 @@ fn conflict(e: rusqlite::Error, msg: String) -> Error {
     }
 }
 
+/// Every row of a query, mapped.
+fn all<T, P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    params: P,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut st = c.prepare(sql).map_err(storage)?;
+    let rows = st.query_map(params, map).map_err(storage)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(storage)
+}
+
+fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Group> {
+    Ok(Group {
+        id: id_u64(r.get(0)?),
+        parent_id: r.get::<_, Option<i64>>(1)?.map(id_u64),
+        path: r.get(2)?,
+    })
+}
+
+fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Project> {
+    Ok(Project {
+        id: id_u64(r.get(0)?),
+        group_id: id_u64(r.get(1)?),
+        path: r.get(2)?,
+    })
+}
+
+const AGENT_FROM: &str = "FROM agents a JOIN projects p ON p.id = a.project_id";
+
+/// The agent matching `condition` (on `a`, the agents table) with its stored config.
+fn agent_where<P: rusqlite::Params>(
+    c: &Connection,
+    condition: &str,
+    params: P,
+) -> Result<Option<(Agent, String)>> {
+    c.query_row(
+        &format!("SELECT {AGENT_COLS} {AGENT_FROM} WHERE {condition}"),
+        params,
+        agent_row,
+    )
+    .optional()
+    .map_err(storage)
+}
+
 fn project_by_path(c: &Connection, path: &str) -> Result<Project> {
     c.query_row(
         "SELECT id, group_id, path FROM projects WHERE path = ?1",
         params![path.trim().trim_matches('/')],
-        |r| {
-            Ok(Project {
-                id: id_u64(r.get(0)?),
-                group_id: id_u64(r.get(1)?),
-                path: r.get(2)?,
-            })
-        },
+        project_row,
     )
     .optional()
     .map_err(storage)?
@@ -369,19 +404,12 @@ impl ControlPlane for SqliteControlPlane {
 
     async fn list_groups(&self) -> Result<Vec<Group>> {
         self.run(|c| {
-            let mut st = c
-                .prepare("SELECT id, parent_id, path FROM groups ORDER BY path")
-                .map_err(storage)?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok(Group {
-                        id: id_u64(r.get(0)?),
-                        parent_id: r.get::<_, Option<i64>>(1)?.map(id_u64),
-                        path: r.get(2)?,
-                    })
-                })
-                .map_err(storage)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(storage)
+            all(
+                c,
+                "SELECT id, parent_id, path FROM groups ORDER BY path",
+                [],
+                group_row,
+            )
         })
         .await
     }
@@ -434,19 +462,12 @@ impl ControlPlane for SqliteControlPlane {
 
     async fn list_projects(&self) -> Result<Vec<Project>> {
         self.run(|c| {
-            let mut st = c
-                .prepare("SELECT id, group_id, path FROM projects ORDER BY path")
-                .map_err(storage)?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok(Project {
-                        id: id_u64(r.get(0)?),
-                        group_id: id_u64(r.get(1)?),
-                        path: r.get(2)?,
-                    })
-                })
-                .map_err(storage)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(storage)
+            all(
+                c,
+                "SELECT id, group_id, path FROM projects ORDER BY path",
+                [],
+                project_row,
+            )
         })
         .await
     }
@@ -480,15 +501,13 @@ impl ControlPlane for SqliteControlPlane {
 
     async fn list_agents(&self) -> Result<Vec<Agent>> {
         self.run(|c| {
-            let mut st = c
-                .prepare(&format!(
-                    "SELECT {AGENT_COLS} FROM agents a JOIN projects p ON p.id = a.project_id ORDER BY a.id"
-                ))
-                .map_err(storage)?;
-            let rows = st.query_map([], agent_row).map_err(storage)?;
-            rows.map(|r| r.map(|(a, _)| a))
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(storage)
+            let rows = all(
+                c,
+                &format!("SELECT {AGENT_COLS} {AGENT_FROM} ORDER BY a.id"),
+                [],
+                agent_row,
+            )?;
+            Ok(rows.into_iter().map(|(a, _)| a).collect())
         })
         .await
     }
@@ -497,15 +516,15 @@ impl ControlPlane for SqliteControlPlane {
         let (project, name) = (project.to_string(), name.to_string());
         self.run(move |c| {
             let p = project_by_path(c, &project)?;
-            c.query_row(
-                &format!("SELECT {AGENT_COLS} FROM agents a JOIN projects p ON p.id = a.project_id WHERE a.project_id = ?1 AND a.name = ?2"),
+            agent_where(
+                c,
+                "a.project_id = ?1 AND a.name = ?2",
                 params![to_i64("project", p.id)?, name],
-                agent_row,
-            )
-            .optional()
-            .map_err(storage)?
+            )?
             .map(|(a, _)| a)
-            .ok_or_else(|| Error::NotFound(format!("agent `{name}` not found in project `{}`", p.path)))
+            .ok_or_else(|| {
+                Error::NotFound(format!("agent `{name}` not found in project `{}`", p.path))
+            })
         })
         .await
     }
@@ -595,15 +614,13 @@ impl ControlPlane for SqliteControlPlane {
                 Some(p) => Some(to_i64("project", project_by_path(c, p)?.id)?),
                 None => None,
             };
-            let mut st = c
-                .prepare(
-                    "SELECT e.id, e.project_id, p.path, e.name, e.slug, e.tier FROM environments e \
-                     JOIN projects p ON p.id = e.project_id WHERE ?1 IS NULL OR e.project_id = ?1 \
-                     ORDER BY p.path, e.name",
-                )
-                .map_err(storage)?;
-            let rows = st
-                .query_map(params![pid], |r| {
+            all(
+                c,
+                "SELECT e.id, e.project_id, p.path, e.name, e.slug, e.tier FROM environments e \
+                 JOIN projects p ON p.id = e.project_id WHERE ?1 IS NULL OR e.project_id = ?1 \
+                 ORDER BY p.path, e.name",
+                params![pid],
+                |r| {
                     Ok(EnvironmentRecord {
                         id: id_u64(r.get(0)?),
                         project_id: id_u64(r.get(1)?),
@@ -612,9 +629,8 @@ impl ControlPlane for SqliteControlPlane {
                         slug: r.get(4)?,
                         tier: r.get(5)?,
                     })
-                })
-                .map_err(storage)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(storage)
+                },
+            )
         })
         .await
     }
@@ -702,11 +718,12 @@ impl ControlPlane for SqliteControlPlane {
 
     async fn list_jobs(&self) -> Result<Vec<Job>> {
         self.run(|c| {
-            let mut st = c
-                .prepare(&format!("SELECT {JOB_COLS} {JOB_FROM} ORDER BY j.id"))
-                .map_err(storage)?;
-            let rows = st.query_map([], job_row).map_err(storage)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(storage)
+            all(
+                c,
+                &format!("SELECT {JOB_COLS} {JOB_FROM} ORDER BY j.id"),
+                [],
+                job_row,
+            )
         })
         .await
     }
@@ -714,14 +731,7 @@ impl ControlPlane for SqliteControlPlane {
     async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>> {
         let h = hash_token(token).to_vec();
         self.run(move |c| {
-            let row = c
-                .query_row(
-                    &format!("SELECT {AGENT_COLS} FROM agents a JOIN projects p ON p.id = a.project_id WHERE a.token_hash = ?1"),
-                    params![h],
-                    agent_row,
-                )
-                .optional()
-                .map_err(storage)?;
+            let row = agent_where(c, "a.token_hash = ?1", params![h])?;
             row.map(|(a, y)| agent_info(a, y).map(Arc::new)).transpose()
         })
         .await
@@ -732,14 +742,7 @@ impl ControlPlane for SqliteControlPlane {
             return Ok(None);
         };
         self.run(move |c| {
-            let row = c
-                .query_row(
-                    &format!("SELECT {AGENT_COLS} FROM agents a JOIN projects p ON p.id = a.project_id WHERE a.id = ?1"),
-                    params![id],
-                    agent_row,
-                )
-                .optional()
-                .map_err(storage)?;
+            let row = agent_where(c, "a.id = ?1", params![id])?;
             row.map(|(a, y)| agent_info(a, y).map(Arc::new)).transpose()
         })
         .await
@@ -747,17 +750,15 @@ impl ControlPlane for SqliteControlPlane {
 
     async fn all_agent_infos(&self) -> Result<Vec<Arc<AgentInfo>>> {
         self.run(|c| {
-            let mut st = c
-                .prepare(&format!(
-                    "SELECT {AGENT_COLS} FROM agents a JOIN projects p ON p.id = a.project_id ORDER BY p.path, a.name"
-                ))
-                .map_err(storage)?;
-            let rows = st
-                .query_map([], agent_row)
-                .map_err(storage)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(storage)?;
-            rows.into_iter().map(|(a, y)| agent_info(a, y).map(Arc::new)).collect()
+            let rows = all(
+                c,
+                &format!("SELECT {AGENT_COLS} {AGENT_FROM} ORDER BY p.path, a.name"),
+                [],
+                agent_row,
+            )?;
+            rows.into_iter()
+                .map(|(a, y)| agent_info(a, y).map(Arc::new))
+                .collect()
         })
         .await
     }

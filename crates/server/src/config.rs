@@ -87,13 +87,16 @@ struct FileK8sProxy {
 struct FileTls {
     certificate_file: PathBuf,
     key_file: PathBuf,
+    /// The CA that signed `certificate_file`, handed to clients (job kubeconfigs).
+    ca_file: Option<PathBuf>,
 }
 
-/// A certificate and key in PEM files.
+/// A certificate and key in PEM files, and optionally the CA clients should trust.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub certificate_file: PathBuf,
     pub key_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How the Kubernetes API proxy listener does TLS.
@@ -220,10 +223,12 @@ impl Config {
         }
         let mut tls_files = |what: &str, t: &Option<FileTls>| {
             t.as_ref().map(|t| {
-                for (k, p) in [
-                    ("certificate_file", &t.certificate_file),
-                    ("key_file", &t.key_file),
-                ] {
+                let files = [
+                    ("certificate_file", Some(&t.certificate_file)),
+                    ("key_file", Some(&t.key_file)),
+                    ("ca_file", t.ca_file.as_ref()),
+                ];
+                for (k, p) in files.into_iter().filter_map(|(k, p)| p.map(|p| (k, p))) {
                     if !Path::new(p).is_file() {
                         errors.push(format!(
                             "{what}.tls.{k}: {} does not exist or is not a file",
@@ -234,6 +239,7 @@ impl Config {
                 TlsFiles {
                     certificate_file: t.certificate_file.clone(),
                     key_file: t.key_file.clone(),
+                    ca_file: t.ca_file.clone(),
                 }
             })
         };
@@ -321,7 +327,7 @@ mod tests {
         let f = dir.path().join("kas.yaml");
         std::fs::write(
             &f,
-            "listen:\n  agent: nope\n  api: 127.0.0.1:9000\nk8s_proxy:\n  agent_wait_timeout: 5 parsecs\n  tls:\n    certificate_file: /missing.crt\n    key_file: /missing.key\n",
+            "listen:\n  agent: nope\n  api: 127.0.0.1:9000\nk8s_proxy:\n  agent_wait_timeout: 5 parsecs\n  tls:\n    certificate_file: /missing.crt\n    key_file: /missing.key\n    ca_file: /missing-ca.crt\n",
         )
         .expect("write");
         let cli = Cli {
@@ -338,6 +344,7 @@ mod tests {
             "agent_wait_timeout",
             "/missing.crt",
             "/missing.key",
+            "/missing-ca.crt",
             "not a url",
         ] {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");

@@ -152,7 +152,11 @@ impl Kas {
             ProxyTls::Plaintext => (None, None),
             ProxyTls::Files(f) => {
                 let pem = tls::load_pem(&f.certificate_file, &f.key_file)?;
-                (Some(tls::server_config(&pem)?), None)
+                let ca = match &f.ca_file {
+                    Some(p) => Some((tls::read_pem_text(p)?, p.clone())),
+                    None => None,
+                };
+                (Some(tls::server_config(&pem)?), ca)
             }
             ProxyTls::Generated => {
                 let g = tls::generated_proxy_tls(

@@ -67,6 +67,11 @@ impl std::fmt::Debug for CertifiedKeyPem {
     }
 }
 
+/// A PEM file as text.
+pub fn read_pem_text(path: &Path) -> Result<String, TlsError> {
+    Ok(String::from_utf8_lossy(&read(path)?).into_owned())
+}
+
 /// Loads a certificate chain and key from PEM files.
 pub fn load_pem(cert: &Path, key: &Path) -> Result<CertifiedKeyPem, TlsError> {
     let cert_pem = String::from_utf8_lossy(&read(cert)?).into_owned();

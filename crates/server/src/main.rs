@@ -2,20 +2,26 @@ use clap::Parser;
 use kas_server::config::{Cli, Config};
 use kas_server::Kas;
 
-fn init_tracing(level: Option<&str>, format: &str) {
+/// Logs go to stderr through a writer thread, so a request never waits on the write.
+/// The returned guard flushes on drop; keep it for the life of the process.
+fn init_tracing(level: Option<&str>, format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = level
         .map(tracing_subscriber::EnvFilter::new)
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         b.json().init();
     } else {
         b.init();
     }
+    guard
 }
 
 #[tokio::main]
@@ -34,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("kas: invalid configuration: --log-format must be text or json");
         std::process::exit(2);
     }
-    init_tracing(cli.log_level.as_deref(), &cli.log_format);
+    let _log_guard = init_tracing(cli.log_level.as_deref(), &cli.log_format);
     let data_dir = config.data_dir.clone();
     let mut kas = match Kas::start(config).await {
         Ok(k) => k,

@@ -31,6 +31,10 @@ struct Args {
     /// Size of the streamed response in MiB.
     #[arg(long, default_value_t = 1024)]
     stream_mib: u64,
+    /// Serve the proxy over plain HTTP (as behind a TLS-terminating ingress), to see the
+    /// tunnel's cost without TLS.
+    #[arg(long)]
+    plaintext: bool,
     /// Only measure (a) throughput at concurrency 32 for this long (for profiling).
     #[arg(long)]
     profile_only: bool,
@@ -193,7 +197,14 @@ async fn stream(c: &tclient::HttpsClient, url: &str, token: &str) -> Result<f64>
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let mut env = Env::start().await;
+    let cfg_dir = tempfile::tempdir()?;
+    let mut env = if args.plaintext {
+        let f = cfg_dir.path().join("kas.yaml");
+        std::fs::write(&f, "k8s_proxy:\n  plaintext: true\n")?;
+        Env::start_with(&["--config", f.to_str().context("path")?]).await
+    } else {
+        Env::start().await
+    };
     let token = env.api.token.clone();
     let addr = backend(token.clone()).await?;
     // agentk talks to the bench backend, not the test API server.
@@ -215,7 +226,12 @@ async fn main() -> Result<()> {
     env.wait_connected(agent, 1);
     let job = env.start_job("bench/app", None, "bench");
     let ci = format!("ci:{agent}:{}", job.token);
-    let ca = env.proxy_ca();
+    // Plain HTTP needs no CA.
+    let ca = if args.plaintext {
+        Vec::new()
+    } else {
+        env.proxy_ca()
+    };
     let direct_c = tclient::client(&ca, false);
     let proxy_c = tclient::client(&ca, false);
     let direct = format!("http://{addr}/api/v1/namespaces/default/pods");
@@ -230,7 +246,8 @@ async fn main() -> Result<()> {
         );
         return Ok(());
     }
-    println!("# kas benchmark (direct = the same backend without kas; proxy = HTTPS to kas -> tunnel -> agentk -> backend)");
+    let scheme = if args.plaintext { "HTTP" } else { "HTTPS" };
+    println!("# kas benchmark (direct = the same backend without kas; proxy = {scheme} to kas -> tunnel -> agentk -> backend)");
     let d = latency(&direct_c, &direct, &token, args.requests).await?;
     let p = latency(&proxy_c, &proxied, &ci, args.requests).await?;
     println!("(a) small GET, concurrency 1, {} requests", args.requests);

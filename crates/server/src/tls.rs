@@ -32,7 +32,17 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// Writes a private key (or anything secret): readable by the owner only.
 fn write_private(path: &Path, data: &str) -> Result<(), TlsError> {
+    write_with_mode(path, data, 0o600)
+}
+
+/// Writes a certificate: public, so users and tools can read it.
+fn write_public(path: &Path, data: &str) -> Result<(), TlsError> {
+    write_with_mode(path, data, 0o644)
+}
+
+fn write_with_mode(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
     let io = |source| TlsError::Io {
         path: path.to_path_buf(),
         source,
@@ -43,7 +53,7 @@ fn write_private(path: &Path, data: &str) -> Result<(), TlsError> {
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
         #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
         let mut f = opts.open(&tmp).map_err(io)?;
         f.write_all(data.as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
@@ -112,7 +122,7 @@ pub fn generated_proxy_tls(dir: &Path, hosts: &[String]) -> Result<GeneratedTls,
         let key = KeyPair::generate()?;
         let cert = ca_params().self_signed(&key)?;
         write_private(&ca_key_file, &key.serialize_pem())?;
-        write_private(&ca_file, &cert.pem())?;
+        write_public(&ca_file, &cert.pem())?;
         (cert.pem(), key)
     };
     // Same subject and key as the stored CA certificate, so what it signs chains to it.
@@ -151,8 +161,8 @@ pub fn generated_proxy_tls(dir: &Path, hosts: &[String]) -> Result<GeneratedTls,
         key_pem: key.serialize_pem(),
     };
     write_private(&key_file, &serving.key_pem)?;
-    write_private(&cert_file, &serving.cert_pem)?;
-    write_private(&hosts_file, &wanted)?;
+    write_public(&cert_file, &serving.cert_pem)?;
+    write_public(&hosts_file, &wanted)?;
     Ok(GeneratedTls {
         ca_pem,
         ca_file,

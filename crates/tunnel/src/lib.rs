@@ -9,11 +9,15 @@
 //! Frame sequence on one stream (see `proto/agent.proto`):
 //! ```text
 //! agent -> kas : Hello
-//! kas -> agent : RequestHead, Data*, EndOfBody          (upgrade: RequestHead only)
-//! agent -> kas : ResponseHead, Data*, EndOfBody | TunnelError
+//! kas -> agent : RequestHead, Data*, EndOfBody      (RequestHead{end_of_body}: no body;
+//!                                                    upgrade: RequestHead only)
+//! agent -> kas : ResponseHead, Data*, EndOfBody     (ResponseHead{end_of_body}: body inline)
+//!                | TunnelError
 //! after a 101  : Data* both ways, EndOfBody = half-close of that direction
 //! ```
-//! Either side ending its half of the stream early cancels the exchange.
+//! After a clean exchange (both bodies complete) the stream goes back to the registry
+//! and carries the next request. Either side ending its half of the stream early
+//! cancels the exchange and retires the tunnel.
 //!
 //! It does not authenticate or authorize anything and knows nothing of Kubernetes;
 //! it does not know about other kas replicas (routing between replicas is separate).

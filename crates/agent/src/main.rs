@@ -45,25 +45,8 @@ fn fail(msg: String) -> ! {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = cli
-        .log_level
-        .as_deref()
-        .map(tracing_subscriber::EnvFilter::new)
-        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    // Logs go to stderr through a writer thread; the guard flushes them at exit.
-    let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cli.log_format.as_str() {
-        "json" => b.json().init(),
-        "text" => b.init(),
-        other => fail(format!("--log-format must be text or json, not `{other}`")),
-    }
+    let _log_guard = kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format)
+        .unwrap_or_else(|e| fail(e.to_string()));
     let token = std::fs::read_to_string(&cli.token_file)
         .unwrap_or_else(|e| {
             fail(format!(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Command line (each flag also reads an environment variable).
-#[derive(Debug, Clone, Default, clap::Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "kas",
     version,
@@ -42,6 +42,23 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "KAS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+impl Default for Cli {
+    /// What an empty command line means (used by tests and embedders).
+    fn default() -> Self {
+        Cli {
+            config: None,
+            data_dir: None,
+            listen_agent: None,
+            listen_api: None,
+            listen_k8s_proxy: None,
+            listen_observability: None,
+            k8s_proxy_url: None,
+            log_level: None,
+            log_format: "text".into(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -280,6 +297,12 @@ impl Config {
                 Duration::from_secs(20)
             }),
         };
+        if !matches!(cli.log_format.as_str(), "text" | "json") {
+            errors.push(format!(
+                "--log-format must be text or json, not `{}`",
+                cli.log_format
+            ));
+        }
         let data_dir = cli
             .data_dir
             .clone()

@@ -2,28 +2,6 @@ use clap::Parser;
 use kas_server::config::{Cli, Config};
 use kas_server::Kas;
 
-/// Logs go to stderr through a writer thread, so a request never waits on the write.
-/// The returned guard flushes on drop; keep it for the life of the process.
-fn init_tracing(level: Option<&str>, format: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = level
-        .map(tracing_subscriber::EnvFilter::new)
-        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-    guard
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -36,11 +14,13 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    if !matches!(cli.log_format.as_str(), "text" | "json") {
-        eprintln!("kas: invalid configuration: --log-format must be text or json");
-        std::process::exit(2);
-    }
-    let _log_guard = init_tracing(cli.log_level.as_deref(), &cli.log_format);
+    let _log_guard = match kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("kas: invalid configuration: {e}");
+            std::process::exit(2);
+        }
+    };
     let data_dir = config.data_dir.clone();
     let mut kas = match Kas::start(config).await {
         Ok(k) => k,

@@ -1,0 +1,44 @@
+//! Logging set-up shared by the `kas` and `agentk` binaries: a level filter, text or
+//! JSON lines on stderr, written by a background thread so a request never waits on
+//! the write. It does not define what is logged.
+
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+
+/// A bad logging setting.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("--log-format must be text or json, not `{0}`")]
+    Format(String),
+    #[error("invalid log level `{level}`: {message}")]
+    Level { level: String, message: String },
+}
+
+/// Installs the global subscriber. `level` (a filter like `info` or
+/// `kas_server=debug`) wins over `RUST_LOG`; the default is `info`. Keep the returned
+/// guard alive for the life of the process: dropping it flushes pending lines.
+pub fn init(level: Option<&str>, format: &str) -> Result<WorkerGuard, LogError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| LogError::Level {
+            level: l.to_string(),
+            message: e.to_string(),
+        })?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    if !matches!(format, "text" | "json") {
+        return Err(LogError::Format(format.to_string()));
+    }
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+    Ok(guard)
+}

@@ -32,6 +32,9 @@ struct Cli {
     /// Log filter (e.g. info, kas_agent=debug); RUST_LOG also works.
     #[arg(long, env = "AGENTK_LOG_LEVEL")]
     log_level: Option<String>,
+    /// Runtime threads: 1 (default) runs everything on one thread; 0 uses one per core.
+    #[arg(long, env = "AGENTK_WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -42,9 +45,26 @@ fn fail(msg: String) -> ! {
     std::process::exit(2);
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One thread by default: agentk forwards bytes and does little else, and a single
+    // thread avoids cross-thread wake-ups on every frame (lower latency, measured).
+    let runtime = match cli.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let _log_guard = kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format)
         .unwrap_or_else(|e| fail(e.to_string()));
     let token = std::fs::read_to_string(&cli.token_file)

@@ -42,6 +42,9 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "KAS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Runtime threads: 0 (default) uses one per core; 1 runs everything on one thread.
+    #[arg(long, env = "KAS_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 impl Default for Cli {
@@ -57,6 +60,7 @@ impl Default for Cli {
             k8s_proxy_url: None,
             log_level: None,
             log_format: "text".into(),
+            worker_threads: 0,
         }
     }
 }

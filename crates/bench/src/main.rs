@@ -127,27 +127,33 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Latency of `n` requests to each target, interleaved (one direct, one proxied, ...)
+/// so that machine noise hits both sides alike. Returns sorted (direct, proxied).
 async fn latency(
-    c: &tclient::HttpsClient,
-    url: &str,
-    token: &str,
+    direct: (&tclient::HttpsClient, &str, &str),
+    proxied: (&tclient::HttpsClient, &str, &str),
     n: usize,
-) -> Result<Vec<Duration>> {
-    for _ in 0..200 {
-        let (code, _) = tclient::get(c, url, Some(token)).await;
-        if code != 200 {
-            bail!("{url} answered {code}");
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    for (c, url, token) in [direct, proxied] {
+        for _ in 0..200 {
+            let (code, _) = tclient::get(c, url, Some(token)).await;
+            if code != 200 {
+                bail!("{url} answered {code}");
+            }
         }
     }
-    let mut v = Vec::with_capacity(n);
+    let (mut d, mut p) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
-        let t = Instant::now();
-        let resp = tclient::send(c, url, Some(token)).await;
-        resp.into_body().collect().await?;
-        v.push(t.elapsed());
+        for ((c, url, token), out) in [(direct, &mut d), (proxied, &mut p)] {
+            let t = Instant::now();
+            let resp = tclient::send(c, url, Some(token)).await;
+            resp.into_body().collect().await?;
+            out.push(t.elapsed());
+        }
     }
-    v.sort();
-    Ok(v)
+    d.sort();
+    p.sort();
+    Ok((d, p))
 }
 
 async fn throughput(
@@ -248,9 +254,13 @@ async fn main() -> Result<()> {
     }
     let scheme = if args.plaintext { "HTTP" } else { "HTTPS" };
     println!("# kas benchmark (direct = the same backend without kas; proxy = {scheme} to kas -> tunnel -> agentk -> backend)");
-    let d = latency(&direct_c, &direct, &token, args.requests).await?;
-    let p = latency(&proxy_c, &proxied, &ci, args.requests).await?;
-    println!("(a) small GET, concurrency 1, {} requests", args.requests);
+    let (d, p) = latency(
+        (&direct_c, &direct, &token),
+        (&proxy_c, &proxied, &ci),
+        args.requests,
+    )
+    .await?;
+    println!("(a) small GET, concurrency 1, {} requests each, interleaved", args.requests);
     println!(
         "    direct  p50 {:8.1} us   p99 {:8.1} us",
         us(pct(&d, 0.5)),

@@ -3,19 +3,25 @@
 //! path (agent token -> agent, job token -> running job).
 //!
 //! [`ControlPlane`] is the seam; [`SqliteControlPlane`] is the embedded default (one
-//! SQLite file in kas's data dir). It does not route requests or talk to agents.
+//! SQLite file in kas's data dir) and [`PostgresControlPlane`] the shared one (several
+//! kas replicas on one database); both run the same logic ([`SqlControlPlane`]). It does not route requests or talk to agents.
 //! Tokens are generated here, returned once, and stored only as SHA-256 hashes.
 
 mod cached;
 mod model;
+mod postgres;
 mod slug;
+mod sql;
 mod sqlite;
+mod store;
 mod token;
 
 pub use cached::Cached;
 pub use model::*;
 pub use slug::{environment_slug, guess_tier, TIERS};
-pub use sqlite::SqliteControlPlane;
+pub use postgres::{Postgres, PostgresControlPlane};
+pub use sqlite::{Sqlite, SqliteControlPlane};
+pub use store::SqlControlPlane;
 pub use token::{hash_token, new_token, Secret, TokenKind};
 
 use async_trait::async_trait;
@@ -45,6 +51,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Change {
     AgentConfig { agent_id: u64 },
     JobFinished { job_id: u64 },
+    /// Anything may have changed (notifications may have been missed).
+    Resync,
 }
 
 /// The control plane seam. Admin operations take paths as users type them.

@@ -13,7 +13,8 @@ use kas_proto::v1::{
     server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ServerFrame,
 };
 use kas_proto::MAX_DATA_FRAME;
-use kas_tunnel::{headers, AcquireError, ExchangeError, TunnelBody, TunnelRegistry};
+use kas_router::Router;
+use kas_tunnel::{headers, AcquireError, ExchangeError, TunnelBody};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,7 +41,7 @@ impl Default for ProxyOptions {
 /// The Kubernetes API proxy for CI jobs.
 pub struct K8sProxy {
     cp: Arc<dyn ControlPlane>,
-    registry: Arc<TunnelRegistry>,
+    router: Arc<Router>,
     opts: ProxyOptions,
 }
 
@@ -91,10 +92,10 @@ fn internal() -> Response<ProxyBody> {
 impl K8sProxy {
     pub fn new(
         cp: Arc<dyn ControlPlane>,
-        registry: Arc<TunnelRegistry>,
+        router: Arc<Router>,
         opts: ProxyOptions,
     ) -> Arc<Self> {
-        Arc::new(K8sProxy { cp, registry, opts })
+        Arc::new(K8sProxy { cp, router, opts })
     }
 
     /// Handles one client request.
@@ -193,9 +194,15 @@ impl K8sProxy {
         let mut body = Some(req.into_body());
 
         let mut attempt = 0;
+        // Tunnels that broke for this request; the router avoids them when it can.
+        let mut broken: Vec<Arc<str>> = Vec::new();
         let outcome = loop {
             attempt += 1;
-            let tunnel = match self.registry.acquire(agent_id, self.opts.agent_wait).await {
+            let acquired = self
+                .router
+                .acquire(agent_id, self.opts.agent_wait, &broken)
+                .await;
+            let tunnel = match acquired {
                 Ok(t) => t,
                 Err(e) => {
                     let msg = match e {
@@ -210,6 +217,7 @@ impl K8sProxy {
                     return status_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
                 }
             };
+            let label: Arc<str> = Arc::from(tunnel.replica());
             let res = if replayable {
                 tunnel.round_trip(head.clone(), Empty::<Bytes>::new()).await
             } else {
@@ -219,7 +227,10 @@ impl K8sProxy {
                 }
             };
             match res {
-                Err(ExchangeError::TunnelClosed) if replayable && attempt < ATTEMPTS => continue,
+                Err(ExchangeError::TunnelClosed) if replayable && attempt < ATTEMPTS => {
+                    broken.push(label);
+                    continue;
+                }
                 other => break other,
             }
         };

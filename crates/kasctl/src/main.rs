@@ -428,6 +428,7 @@ async fn run(cli: Cli) -> Result<()> {
                         "IDLE TUNNELS",
                         "BUSY",
                         "SINCE",
+                        "KAS",
                     ],
                     list(&v)
                         .iter()
@@ -438,6 +439,10 @@ async fn run(cli: Cli) -> Result<()> {
                                 .filter_map(|r| r["connected_since"].as_u64())
                                 .min()
                                 .unwrap_or(0);
+                            let mut kas: Vec<&str> =
+                                reps.iter().filter_map(|r| r["kas"].as_str()).collect();
+                            kas.sort_unstable();
+                            kas.dedup();
                             vec![
                                 s(a, "id"),
                                 s(a, "name"),
@@ -446,6 +451,7 @@ async fn run(cli: Cli) -> Result<()> {
                                 s(a, "idle_tunnels"),
                                 s(a, "busy_tunnels"),
                                 since(first),
+                                if kas.is_empty() { "-".into() } else { kas.join(",") },
                             ]
                         })
                         .collect(),

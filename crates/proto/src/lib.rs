@@ -1,5 +1,6 @@
 //! The wire protocol between kas and agentk: protobuf messages and the generated gRPC
-//! client and server for the `kas.agent.v1.Agent` service.
+//! client and server for the `kas.agent.v1.Agent` service (agentk <-> kas) and the
+//! `kas.agent.v1.Gateway` service (kas <-> kas, the private API).
 //!
 //! It holds no behaviour beyond the generated code and a few constants; the tunnel
 //! semantics live in the `kas-tunnel` crate.
@@ -22,6 +23,12 @@ pub const REPLICA_ID_METADATA: &str = "x-agent-replica-id";
 
 /// gRPC metadata key carrying the agentk build version.
 pub const AGENT_VERSION_METADATA: &str = "x-agent-version";
+
+/// Private API metadata: the agent a forwarded exchange is for.
+pub const GATEWAY_AGENT_METADATA: &str = "x-kas-agent-id";
+
+/// Private API metadata: the connection (on the gateway kas) to use.
+pub const GATEWAY_CONNECTION_METADATA: &str = "x-kas-connection";
 
 /// Largest Data frame either side sends. Bodies are split into frames of at most this size.
 pub const MAX_DATA_FRAME: usize = 64 * 1024;

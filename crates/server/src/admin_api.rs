@@ -7,7 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kas_controlplane::{ControlPlane, Error as CpError, JobStatus, StartJob};
-use kas_tunnel::TunnelRegistry;
+use kas_router::Router as KasRouter;
+use kas_tunnel::{ConnectedAgent, ConnectedReplica};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
@@ -17,7 +18,7 @@ use subtle::ConstantTimeEq;
 /// Shared state of the admin API.
 pub struct AdminState {
     pub cp: Arc<dyn ControlPlane>,
-    pub registry: Arc<TunnelRegistry>,
+    pub router: Arc<KasRouter>,
     pub admin_token_hash: [u8; 32],
     pub k8s_proxy_url: String,
     pub k8s_proxy_ca_pem: Option<String>,
@@ -349,8 +350,8 @@ async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Con
             .map(|a| (a.id, (a.name, a.project_path)))
             .collect();
     Ok(Json(
-        s.registry
-            .snapshot()
+        connected_everywhere(&s.router)
+            .await
             .into_iter()
             .map(|c| {
                 let (name, config_project) = names.get(&c.agent_id).cloned().unwrap_or_default();
@@ -363,4 +364,45 @@ async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Con
             })
             .collect(),
     ))
+}
+
+/// Connected agents on this kas and, with a shared registry, on every other kas.
+async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
+    let mut agents = router.registry().snapshot();
+    let Some(shared) = router.connections().await else {
+        return agents;
+    };
+    let own = router.kas_id().map(str::to_string);
+    for r in agents.iter_mut().flat_map(|a| a.replicas.iter_mut()) {
+        r.kas = own.clone();
+    }
+    let conns = match shared {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "shared registry unavailable; listing this kas's agents only");
+            return agents;
+        }
+    };
+    for c in conns.into_iter().filter(|c| Some(&c.kas_id) != own.as_ref()) {
+        let replica = ConnectedReplica {
+            replica_id: c.replica_id,
+            agent_version: c.agent_version,
+            peer: String::new(),
+            connected_since: c.since,
+            config_version: 0,
+            idle_tunnels: 0,
+            kas: Some(c.kas_id),
+        };
+        match agents.iter_mut().find(|a| a.agent_id == c.agent_id) {
+            Some(a) => a.replicas.push(replica),
+            None => agents.push(ConnectedAgent {
+                agent_id: c.agent_id,
+                replicas: vec![replica],
+                idle_tunnels: 0,
+                busy_tunnels: 0,
+            }),
+        }
+    }
+    agents.sort_by_key(|a| a.agent_id);
+    agents
 }

@@ -8,6 +8,7 @@ use kas_controlplane::{AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
 use kas_proto::v1::{agent_frame, AgentConfiguration, AgentFrame, ConfigAck};
 use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
+use kas_router::Router;
 use kas_tunnel::{ReplicaInfo, TunnelRegistry};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ type ReplicaKey = (u64, String);
 /// Implements `kas.agent.v1.Agent`.
 pub struct AgentService {
     cp: Arc<dyn ControlPlane>,
+    router: Arc<Router>,
     registry: Arc<TunnelRegistry>,
     /// (agent id, replica id) -> registry key of the replica's live configuration stream.
     replicas: Arc<Mutex<HashMap<ReplicaKey, Arc<str>>>>,
@@ -32,12 +34,13 @@ pub struct AgentService {
 impl AgentService {
     pub fn new(
         cp: Arc<dyn ControlPlane>,
-        registry: Arc<TunnelRegistry>,
+        router: Arc<Router>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         AgentService {
             cp,
-            registry,
+            registry: router.registry().clone(),
+            router,
             replicas: Default::default(),
             shutdown,
         }
@@ -124,7 +127,7 @@ impl Agent for AgentService {
         })?;
         check_protocol(first.protocol_version)?;
         let agent_id = info.agent.id;
-        let guard = self.registry.add_replica(
+        let guard = self.router.add_replica(
             agent_id,
             ReplicaInfo {
                 replica_id: replica_id.clone(),
@@ -170,6 +173,7 @@ impl Agent for AgentService {
                     change = changes.recv() => {
                         let relevant = match change {
                             Ok(Change::AgentConfig { agent_id: id }) => id == agent_id,
+                            Ok(Change::Resync) => true,
                             Ok(_) => false,
                             Err(broadcast::error::RecvError::Lagged(_)) => true,
                             Err(broadcast::error::RecvError::Closed) => break,

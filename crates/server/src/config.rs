@@ -33,6 +33,19 @@ pub struct Cli {
     /// Observability listener (/healthz, /readyz), e.g. 127.0.0.1:8151.
     #[arg(long, env = "KAS_LISTEN_OBSERVABILITY")]
     pub listen_observability: Option<String>,
+    /// Private kas-to-kas API listener (used with Redis), e.g. 127.0.0.1:8155.
+    #[arg(long, env = "KAS_LISTEN_PRIVATE")]
+    pub listen_private: Option<String>,
+    /// URL other kas replicas use to reach this one's private API (default: from the
+    /// listen address, which must then not be 0.0.0.0).
+    #[arg(long, env = "KAS_PRIVATE_URL")]
+    pub private_url: Option<String>,
+    /// Redis URL for the shared agent registry (several kas replicas); absent = in memory.
+    #[arg(long, env = "KAS_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// PostgreSQL URL for the shared control plane; absent = SQLite in the data dir.
+    #[arg(long, env = "KAS_CONTROLPLANE_URL")]
+    pub controlplane_url: Option<String>,
     /// URL CI jobs use to reach the Kubernetes API proxy (goes into job kubeconfigs).
     #[arg(long, env = "KAS_K8S_PROXY_URL")]
     pub k8s_proxy_url: Option<String>,
@@ -57,6 +70,10 @@ impl Default for Cli {
             listen_api: None,
             listen_k8s_proxy: None,
             listen_observability: None,
+            listen_private: None,
+            private_url: None,
+            redis_url: None,
+            controlplane_url: None,
             k8s_proxy_url: None,
             log_level: None,
             log_format: "text".into(),
@@ -75,6 +92,35 @@ struct FileConfig {
     agent: FileAgent,
     #[serde(default)]
     k8s_proxy: FileK8sProxy,
+    #[serde(default)]
+    redis: FileRedis,
+    #[serde(default)]
+    private: FilePrivate,
+    #[serde(default)]
+    controlplane: FileControlPlane,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRedis {
+    url: Option<String>,
+    key_prefix: Option<String>,
+    /// How long a registry entry lives without refresh (default 60s).
+    expiry: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePrivate {
+    url: Option<String>,
+    /// File holding the secret (at least 32 bytes) shared only by the kas replicas.
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileControlPlane {
+    url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +130,7 @@ struct FileListen {
     api: Option<String>,
     k8s_proxy: Option<String>,
     observability: Option<String>,
+    private: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +189,49 @@ pub struct Config {
     /// None: derived from the bound address.
     pub k8s_proxy_url: Option<String>,
     pub agent_wait_timeout: Duration,
+    pub listen_private: SocketAddr,
+    /// Several replicas: the shared registry and the private API (None: single kas).
+    pub shared: Option<SharedConfig>,
+    /// PostgreSQL URL (None: SQLite in the data dir).
+    pub controlplane_url: Option<String>,
+}
+
+/// Settings of a kas that is one of several replicas.
+#[derive(Clone)]
+pub struct SharedConfig {
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub expiry: Duration,
+    /// None: derived from the bound private listener.
+    pub private_url: Option<String>,
+    /// Shared secret of the private API.
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("redis_url", &mask_url(&self.redis_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("expiry", &self.expiry)
+            .field("private_url", &self.private_url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A URL with any password replaced, for logs.
+pub fn mask_url(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &u[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &u[..s + 3], &u[at..]),
+                None => u.to_string(),
+            }
+        }
+        _ => u.to_string(),
+    }
 }
 
 /// Parses `20s`, `500ms`, `2m`, `1h`.
@@ -227,7 +317,14 @@ impl Config {
             &file.listen.observability,
             "127.0.0.1:8151",
         );
+        let listen_private = addr(
+            "private",
+            &cli.listen_private,
+            &file.listen.private,
+            "127.0.0.1:8155",
+        );
         let all = [
+            ("private", listen_private),
             ("agent", listen_agent),
             ("api", listen_api),
             ("k8s_proxy", listen_k8s_proxy),
@@ -307,6 +404,77 @@ impl Config {
                 cli.log_format
             ));
         }
+        let redis_url = cli.redis_url.clone().or(file.redis.url.clone());
+        let shared = redis_url.map(|url| {
+            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+                errors.push(format!(
+                    "redis.url `{}` must start with redis:// (or unix:// for a socket)",
+                    mask_url(&url)
+                ));
+            }
+            let expiry = match &file.redis.expiry {
+                None => Duration::from_secs(60),
+                Some(s) => match parse_duration(s) {
+                    Ok(d) if d >= Duration::from_secs(1) => d,
+                    Ok(_) => {
+                        errors.push("redis.expiry must be at least 1s".into());
+                        Duration::from_secs(60)
+                    }
+                    Err(e) => {
+                        errors.push(format!("redis.expiry: {e}"));
+                        Duration::from_secs(60)
+                    }
+                },
+            };
+            let secret = match &file.private.secret_file {
+                None => {
+                    errors.push("private.secret_file is required with redis.url: the kas replicas authenticate each other with it".into());
+                    Vec::new()
+                }
+                Some(p) => match std::fs::read(p) {
+                    Ok(s) => {
+                        let s = s.trim_ascii().to_vec();
+                        if s.len() < 32 {
+                            errors.push(format!(
+                                "private.secret_file {}: the secret must be at least 32 bytes",
+                                p.display()
+                            ));
+                        }
+                        s
+                    }
+                    Err(e) => {
+                        errors.push(format!("private.secret_file {}: {e}", p.display()));
+                        Vec::new()
+                    }
+                },
+            };
+            let private_url = cli.private_url.clone().or(file.private.url.clone());
+            match &private_url {
+                Some(u) if !u.starts_with("http://") => errors.push(format!(
+                    "private.url `{u}` must be an http:// URL (the private API is plain HTTP/2 on a private network)"
+                )),
+                None if listen_private.ip().is_unspecified() => errors.push(
+                    "private.url is required when the private listener binds all interfaces: other replicas need an address they can reach".into(),
+                ),
+                _ => {}
+            }
+            SharedConfig {
+                redis_url: url,
+                key_prefix: file.redis.key_prefix.clone().unwrap_or_else(|| "kas".into()),
+                expiry,
+                private_url,
+                secret,
+            }
+        });
+        let controlplane_url = cli.controlplane_url.clone().or(file.controlplane.url.clone());
+        if let Some(u) = &controlplane_url {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                errors.push(format!(
+                    "controlplane.url `{}` must be a postgres:// URL",
+                    mask_url(u)
+                ));
+            }
+        }
         let data_dir = cli
             .data_dir
             .clone()
@@ -329,6 +497,9 @@ impl Config {
                 k8s_proxy_tls,
                 k8s_proxy_url,
                 agent_wait_timeout,
+                listen_private,
+                shared,
+                controlplane_url,
             })
         } else {
             Err(errors)
@@ -389,6 +560,47 @@ mod tests {
         })
         .expect_err("invalid");
         assert!(errs[0].contains("agnet"), "{errs:?}");
+    }
+
+    #[test]
+    fn shared_settings_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("kas.yaml");
+        let short = dir.path().join("short-secret");
+        std::fs::write(&short, "too short").expect("write");
+        std::fs::write(
+            &f,
+            format!(
+                "redis:\n  url: http://wrong\n  expiry: 0s\nprivate:\n  secret_file: {}\ncontrolplane:\n  url: mysql://x\n",
+                short.display()
+            ),
+        )
+        .expect("write");
+        let errs = Config::load(&Cli {
+            config: Some(f),
+            ..Default::default()
+        })
+        .expect_err("invalid")
+        .join("\n");
+        for needle in ["redis.url", "redis.expiry", "at least 32 bytes", "controlplane.url"] {
+            assert!(errs.contains(needle), "missing {needle} in:\n{errs}");
+        }
+        let errs = Config::load(&Cli {
+            redis_url: Some("redis://127.0.0.1:1/".into()),
+            ..Default::default()
+        })
+        .expect_err("no secret")
+        .join("\n");
+        assert!(errs.contains("private.secret_file is required"), "{errs}");
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            mask_url("postgres://kas:hunter2@db:5432/kas"),
+            "postgres://kas:***@db:5432/kas"
+        );
+        assert_eq!(mask_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
     }
 
     #[test]

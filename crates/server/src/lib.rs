@@ -12,9 +12,10 @@ mod serve;
 pub mod tls;
 
 use crate::config::{Config, ProxyTls};
-use kas_controlplane::{Cached, ControlPlane, SqliteControlPlane};
+use kas_controlplane::{Cached, ControlPlane, PostgresControlPlane, SqliteControlPlane};
 use kas_k8s_proxy::{K8sProxy, ProxyOptions};
 use kas_proto::v1::agent_server::AgentServer;
+use kas_router::{GatewayService, PrivateAuth, RedisOptions, RedisRegistry, Router};
 use kas_tunnel::TunnelRegistry;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,6 +51,10 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("agent listener TLS: {0}")]
     AgentTls(#[from] tonic::transport::Error),
+    #[error("shared agent registry: {0}")]
+    Redis(#[from] kas_router::RedisError),
+    #[error("private API: {0}")]
+    PrivateSecret(#[from] kas_router::jwt::SecretError),
 }
 
 /// Where a running kas listens, and what a user needs to reach it.
@@ -60,6 +65,10 @@ pub struct Endpoints {
     pub api: SocketAddr,
     pub k8s_proxy: SocketAddr,
     pub observability: SocketAddr,
+    /// The private kas-to-kas API (only with a shared registry).
+    pub private: Option<SocketAddr>,
+    /// This kas's instance id in the shared registry.
+    pub kas_id: Option<String>,
     /// The proxy URL handed to jobs.
     pub k8s_proxy_url: String,
     /// The CA that signs the proxy's certificate, when kas generated it.
@@ -70,6 +79,7 @@ pub struct Endpoints {
 /// A running kas. Dropping it does not stop it; call [`Kas::shutdown`].
 pub struct Kas {
     pub endpoints: Endpoints,
+    router: Arc<Router>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -137,14 +147,33 @@ impl Kas {
             source,
         })?;
         let admin_hash = admin_token(&config.data_dir)?;
-        let sqlite = SqliteControlPlane::open(&config.data_dir.join("controlplane.sqlite"))?;
-        let cp: Arc<dyn ControlPlane> = Arc::new(Cached::new(sqlite));
+        let cp: Arc<dyn ControlPlane> = match &config.controlplane_url {
+            Some(url) => {
+                let url = url.clone();
+                // Connecting and migrating block; keep them off the async workers.
+                let pg = tokio::task::spawn_blocking(move || PostgresControlPlane::connect(&url))
+                    .await
+                    .map_err(|e| kas_controlplane::Error::Storage(Box::new(e)))??;
+                Arc::new(Cached::new(pg))
+            }
+            None => {
+                let path = config.data_dir.join("controlplane.sqlite");
+                Arc::new(Cached::new(SqliteControlPlane::open(&path)?))
+            }
+        };
 
         let agent_l = bind("agent", config.listen_agent).await?;
         let api_l = bind("api", config.listen_api).await?;
         let proxy_l = bind("k8s_proxy", config.listen_k8s_proxy).await?;
         let obs_l = bind("observability", config.listen_observability).await?;
+        let private_l = match &config.shared {
+            Some(_) => Some(bind("private", config.listen_private).await?),
+            None => None,
+        };
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let private_addr = private_l
+            .as_ref()
+            .map(|l| local(l, config.listen_private));
         let agent_addr = local(&agent_l, config.listen_agent);
         let proxy_addr = local(&proxy_l, config.listen_k8s_proxy);
 
@@ -189,6 +218,8 @@ impl Kas {
             api: local(&api_l, config.listen_api),
             k8s_proxy: proxy_addr,
             observability: local(&obs_l, config.listen_observability),
+            private: private_addr,
+            kas_id: None,
             k8s_proxy_url: k8s_proxy_url.clone(),
             k8s_proxy_ca_file: ca.as_ref().map(|(_, f)| f.clone()),
             admin_token_file: config.data_dir.join("admin-token"),
@@ -197,11 +228,51 @@ impl Kas {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry = TunnelRegistry::new();
         let mut tasks = JoinSet::new();
+        let mut endpoints = endpoints;
+
+        // Routing: local only, or shared through Redis and the private API.
+        let router = match (&config.shared, private_l, private_addr) {
+            (Some(sh), Some(private_l), Some(addr)) => {
+                let kas_id = format!("kas-{:08x}", rand::random::<u32>());
+                let url = sh.private_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+                let auth = Arc::new(PrivateAuth::new(&sh.secret, &kas_id)?);
+                let redis = RedisRegistry::start(
+                    RedisOptions {
+                        url: sh.redis_url.clone(),
+                        key_prefix: sh.key_prefix.clone(),
+                        expiry: sh.expiry,
+                    },
+                    &kas_id,
+                )
+                .await?;
+                let gateway = kas_proto::v1::gateway_server::GatewayServer::new(
+                    GatewayService::new(registry.clone()),
+                )
+                .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
+                let verifier = auth.clone();
+                let app = tonic::service::Routes::new(gateway)
+                    .into_axum_router()
+                    .layer(axum::middleware::from_fn(move |req, next| {
+                        private_auth(verifier.clone(), req, next)
+                    }));
+                tasks.spawn(serve::serve_http(
+                    private_l,
+                    None,
+                    hyper_util::service::TowerToHyperService::new(app),
+                    shutdown_rx.clone(),
+                    GRACE,
+                ));
+                endpoints.kas_id = Some(kas_id.clone());
+                Router::shared(registry.clone(), redis, &kas_id, &url, auth)
+            }
+            _ => Router::local(registry.clone()),
+        };
 
         // Agent listener (gRPC).
         let agent_svc = AgentServer::new(agent_api::AgentService::new(
             cp.clone(),
-            registry.clone(),
+            router.clone(),
             shutdown_rx.clone(),
         ))
         .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
@@ -219,7 +290,7 @@ impl Kas {
                 tonic::transport::Identity::from_pem(pem.cert_pem, pem.key_pem),
             ))?;
         }
-        let router = server.add_service(agent_svc);
+        let agent_routes = server.add_service(agent_svc);
         let (mut rx, mut rx2) = (shutdown_rx.clone(), shutdown_rx.clone());
         tasks.spawn(async move {
             // tonic applies its TCP settings only to listeners it binds itself.
@@ -234,7 +305,7 @@ impl Kas {
             // tonic waits for every stream to end; agents' long-lived streams end when
             // they see the shutdown, and the grace period bounds the wait regardless.
             tokio::select! {
-                r = router.serve_with_incoming_shutdown(incoming, stop) => {
+                r = agent_routes.serve_with_incoming_shutdown(incoming, stop) => {
                     if let Err(e) = r {
                         tracing::error!(error = %e, "agent listener failed");
                     }
@@ -246,7 +317,7 @@ impl Kas {
         // Kubernetes API proxy.
         let proxy = K8sProxy::new(
             cp.clone(),
-            registry.clone(),
+            router.clone(),
             ProxyOptions {
                 agent_wait: config.agent_wait_timeout,
             },
@@ -267,7 +338,7 @@ impl Kas {
         // Admin API.
         let state = Arc::new(admin_api::AdminState {
             cp: cp.clone(),
-            registry: registry.clone(),
+            router: router.clone(),
             admin_token_hash: admin_hash,
             k8s_proxy_url,
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
@@ -282,7 +353,7 @@ impl Kas {
         ));
 
         // Observability.
-        let obs = hyper_util::service::TowerToHyperService::new(observability_router(cp.clone()));
+        let obs = hyper_util::service::TowerToHyperService::new(observability_router(cp.clone(), router.clone()));
         tasks.spawn(serve::serve_http(
             obs_l,
             None,
@@ -293,6 +364,7 @@ impl Kas {
 
         Ok(Kas {
             endpoints,
+            router,
             shutdown,
             tasks,
         })
@@ -301,6 +373,8 @@ impl Kas {
     /// Stops accepting, tells agents to reconnect, lets in-flight requests finish
     /// within the grace period, and returns when everything has stopped.
     pub async fn shutdown(mut self) {
+        // Leave the shared registry first so other replicas stop routing here.
+        self.router.shutdown().await;
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
@@ -311,15 +385,46 @@ impl Kas {
     }
 }
 
-fn observability_router(cp: Arc<dyn ControlPlane>) -> axum::Router {
+/// Lets only other kas replicas (a valid private API JWT) through; 401 otherwise.
+async fn private_auth(
+    auth: Arc<PrivateAuth>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.verify(header) {
+        Ok(_) => next.run(req).await,
+        Err(reason) => {
+            tracing::warn!(%reason, "private API: refused a request without a valid token");
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                "unauthorized: this API is for kas replicas only\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+fn observability_router(cp: Arc<dyn ControlPlane>, router: Arc<Router>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let cp = cp.clone();
+                let (cp, router) = (cp.clone(), router.clone());
                 async move {
+                    if !router.ready().await {
+                        tracing::warn!("not ready: shared agent registry (Redis) unusable");
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "shared agent registry unavailable\n",
+                        );
+                    }
                     match cp.list_groups().await {
                         Ok(_) => (axum::http::StatusCode::OK, "ready\n"),
                         Err(e) => {

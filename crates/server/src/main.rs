@@ -52,6 +52,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!("kas: listening api http://{}", e.api);
     println!("kas: listening k8s_proxy {}", e.k8s_proxy_url);
     println!("kas: listening observability http://{}", e.observability);
+    if let Some(p) = e.private {
+        println!("kas: listening private http://{p}");
+    }
+    if let Some(id) = &e.kas_id {
+        println!("kas: instance {id}");
+    }
     if let Some(ca) = &e.k8s_proxy_ca_file {
         println!("kas: k8s proxy CA certificate {}", ca.display());
     }

@@ -80,6 +80,9 @@ pub struct ConnectedReplica {
     pub connected_since: u64,
     pub config_version: u64,
     pub idle_tunnels: usize,
+    /// The kas instance holding the connection (set when there are several).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kas: Option<String>,
 }
 
 /// Snapshot of one connected agent.
@@ -291,6 +294,28 @@ impl TunnelRegistry {
         }
     }
 
+    /// Takes an idle tunnel of one connection (replica key), without waiting; `None`
+    /// when that connection has no idle tunnel (or is gone).
+    pub fn try_acquire_from(self: &Arc<Self>, agent_id: u64, replica: &str) -> Option<Tunnel> {
+        let mut agents = self.lock();
+        let entry = agents.get_mut(&agent_id)?;
+        loop {
+            let pos = entry.idle.iter().position(|t| &*t.replica == replica)?;
+            let t = entry.idle.remove(pos)?;
+            if !t.outbound.is_closed() {
+                return Some(Tunnel::new(self, agent_id, t, &entry.busy));
+            }
+        }
+    }
+
+    /// Keys of the agent's connections (replicas) held here.
+    pub fn connection_keys(&self, agent_id: u64) -> Vec<Arc<str>> {
+        self.lock()
+            .get(&agent_id)
+            .map(|e| e.replicas.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether any replica of the agent is connected here.
     pub fn is_connected(&self, agent_id: u64) -> bool {
         self.lock()
@@ -319,6 +344,7 @@ impl TunnelRegistry {
                             .iter()
                             .filter(|t| &t.replica == k && !t.outbound.is_closed())
                             .count(),
+                        kas: None,
                     })
                     .collect();
                 replicas.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
@@ -369,6 +395,24 @@ impl Tunnel {
             inbound: t.inbound,
             outbound: t.outbound,
             busy: BusyGuard(busy.clone()),
+        }
+    }
+
+    /// A tunnel whose far end is another kas (the gateway kas of the private API)
+    /// rather than an agent. It carries one exchange and is never pooled.
+    pub fn remote(
+        agent_id: u64,
+        label: Arc<str>,
+        inbound: Streaming<AgentFrame>,
+        outbound: Outbound,
+    ) -> Tunnel {
+        Tunnel {
+            registry: Weak::new(),
+            agent_id,
+            replica: label,
+            inbound,
+            outbound,
+            busy: BusyGuard(Arc::new(AtomicUsize::new(1))),
         }
     }
 

@@ -1,0 +1,302 @@
+//! The control plane's behaviour, checked on both backends: the embedded SQLite file
+//! and a real PostgreSQL started for the test.
+
+use kas_controlplane::*;
+use kas_test_support::services::Postgres;
+
+async fn sqlite() -> SqliteControlPlane {
+    SqliteControlPlane::in_memory().expect("db")
+}
+
+/// A fresh PostgreSQL server and a control plane on it (the server lives as long as
+/// the returned guard).
+async fn postgres() -> (Postgres, PostgresControlPlane) {
+    tokio::task::spawn_blocking(|| {
+        let pg = Postgres::start();
+        let cp = PostgresControlPlane::connect(&pg.url()).expect("connect");
+        (pg, cp)
+    })
+    .await
+    .expect("start postgres")
+}
+
+macro_rules! on_both {
+    ($($check:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $check() {
+                super::$check(&super::sqlite().await).await;
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $check() {
+                let (_pg, cp) = super::postgres().await;
+                super::$check(&cp).await;
+            })*
+        }
+    };
+}
+
+on_both!(
+    groups_are_created_like_mkdir_p,
+    project_creates_parents_and_job_context_has_group_chain,
+    agents_tokens_and_config,
+    explicit_ids_do_not_collide_with_generated_ones,
+    paths_compare_case_insensitively,
+);
+
+async fn explicit_ids_do_not_collide_with_generated_ones(cp: &dyn ControlPlane) {
+    cp.create_group("g", Some(23)).await.expect("explicit");
+    let next = cp.create_group("h", None).await.expect("generated");
+    assert!(next.id > 23, "{next:?}");
+    assert!(matches!(
+        cp.create_group("i", Some(23)).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    let p = cp.create_project("g/p", Some(150)).await.expect("explicit");
+    let q = cp.create_project("g/q", None).await.expect("generated");
+    assert!(q.id > p.id);
+}
+
+async fn paths_compare_case_insensitively(cp: &dyn ControlPlane) {
+    cp.create_project("Acme/Web/Shop", None).await.expect("p");
+    assert!(matches!(
+        cp.create_project("acme/web/shop", None).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    assert_eq!(cp.list_groups().await.expect("groups").len(), 2);
+    cp.create_agent("ACME/web/SHOP", "a").await.expect("found by any case");
+}
+
+async fn groups_are_created_like_mkdir_p(cp: &dyn ControlPlane) {
+    let g = cp.create_group("acme/platform", None).await.expect("group");
+    assert_eq!(g.path, "acme/platform");
+    let all = cp.list_groups().await.expect("list");
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].path, "acme");
+    assert_eq!(g.parent_id, Some(all[0].id));
+    // Idempotent without an explicit id.
+    assert_eq!(
+        cp.create_group("acme/platform", None)
+            .await
+            .expect("again")
+            .id,
+        g.id
+    );
+    // Explicit id on an existing group is a conflict.
+    assert!(matches!(
+        cp.create_group("acme", Some(5)).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        cp.create_group("bad//path", None).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        cp.create_group("-x", None).await,
+        Err(Error::Invalid(_))
+    ));
+}
+
+async fn project_creates_parents_and_job_context_has_group_chain(cp: &dyn ControlPlane) {
+    cp.create_group("group1", Some(23)).await.expect("g");
+    cp.create_group("group1/group1-1", Some(25))
+        .await
+        .expect("g");
+    let p = cp
+        .create_project("group1/group1-1/project1", Some(150))
+        .await
+        .expect("p");
+    assert_eq!(p.id, 150);
+    assert!(matches!(
+        cp.create_project("group1/group1-1/project1", None).await,
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        cp.create_project("toplevel", None).await,
+        Err(Error::Invalid(_))
+    ));
+    cp.create_environment("group1/group1-1/project1", "prod", Some("production"))
+        .await
+        .expect("env");
+    assert!(matches!(
+        cp.create_environment("group1/group1-1/project1", "x", Some("prod"))
+            .await,
+        Err(Error::Invalid(_))
+    ));
+    let (job, token) = cp
+        .start_job(&StartJob {
+            project: "group1/group1-1/project1".into(),
+            environment: Some("prod".into()),
+            username: "alice".into(),
+            pipeline_id: None,
+        })
+        .await
+        .expect("job");
+    assert_eq!(job.status, JobStatus::Running);
+    let ctx = cp
+        .authenticate_job(token.expose())
+        .await
+        .expect("auth")
+        .expect("running");
+    assert_eq!(
+        ctx.groups.iter().map(|g| g.id).collect::<Vec<_>>(),
+        [23, 25]
+    );
+    assert_eq!(ctx.project.id, 150);
+    let env = ctx.environment.as_ref().expect("env");
+    assert_eq!(
+        (env.slug.as_str(), env.tier.as_str()),
+        ("prod", "production")
+    );
+    let mut changes = cp.subscribe();
+    cp.finish_job(job.id, JobStatus::Success)
+        .await
+        .expect("finish");
+    assert_eq!(
+        changes.recv().await.expect("change"),
+        Change::JobFinished { job_id: job.id }
+    );
+    assert!(cp
+        .authenticate_job(token.expose())
+        .await
+        .expect("auth")
+        .is_none());
+    assert!(cp
+        .authenticate_job("kasjob-unknown")
+        .await
+        .expect("auth")
+        .is_none());
+    assert!(matches!(
+        cp.finish_job(job.id, JobStatus::Success).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        cp.finish_job(999, JobStatus::Success).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+async fn agents_tokens_and_config(cp: &dyn ControlPlane) {
+    cp.create_project("acme/platform/agents", None)
+        .await
+        .expect("p");
+    let (agent, token) = cp
+        .create_agent("acme/platform/agents", "prod")
+        .await
+        .expect("agent");
+    assert!(matches!(
+        cp.create_agent("acme/platform/agents", "prod").await,
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        cp.create_agent("acme/platform/agents", "Bad_Name").await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        cp.create_agent("acme/none", "x").await,
+        Err(Error::NotFound(_))
+    ));
+    let info = cp
+        .authenticate_agent(token.expose())
+        .await
+        .expect("auth")
+        .expect("found");
+    assert_eq!(info.agent.id, agent.id);
+    assert_eq!(info.config_version, 0);
+    assert!(cp
+        .authenticate_agent("kasagent-wrong")
+        .await
+        .expect("auth")
+        .is_none());
+    let err = cp
+        .set_agent_config(
+            "acme/platform/agents",
+            "prod",
+            "ci_access:\n  projects:\n    - id: acme/x\n      access_as: {bogus: {}}\n",
+        )
+        .await
+        .expect_err("invalid");
+    assert!(
+        err.to_string().contains("ci_access.projects[0].access_as"),
+        "{err}"
+    );
+    let (v, w) = cp
+        .set_agent_config(
+            "acme/platform/agents",
+            "prod",
+            "ci_access:\n  projects:\n    - id: acme/web/shop\n",
+        )
+        .await
+        .expect("valid");
+    assert_eq!(v, 1);
+    assert!(w.is_empty());
+    let info = cp.agent_info(agent.id).await.expect("info").expect("found");
+    assert_eq!(info.config_version, 1);
+    assert_eq!(info.config.ci_access.projects[0].id, "acme/web/shop");
+}
+
+/// Several kas replicas on one database: they start together safely, see each other's
+/// writes, and hear each other's changes.
+#[tokio::test]
+async fn postgres_replicas_share_data_and_changes() {
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .expect("start");
+    let url = pg.url();
+    let replicas: Vec<PostgresControlPlane> = tokio::task::spawn_blocking(move || {
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || PostgresControlPlane::connect(&url))
+            })
+            .collect();
+        starts
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("connect"))
+            .collect()
+    })
+    .await
+    .expect("connect all");
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let mut changes_b = b.subscribe();
+    a.create_project("acme/agents", None).await.expect("p");
+    let (agent, token) = a.create_agent("acme/agents", "prod").await.expect("agent");
+    let seen = b
+        .authenticate_agent(token.expose())
+        .await
+        .expect("auth")
+        .expect("replica b sees the agent");
+    assert_eq!(seen.agent.id, agent.id);
+    a.set_agent_config("acme/agents", "prod", "ci_access: {}\n")
+        .await
+        .expect("config");
+    let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes_b.recv())
+        .await
+        .expect("a change within 5 s")
+        .expect("change");
+    assert_eq!(change, Change::AgentConfig { agent_id: agent.id });
+
+    // A job finished through one replica stops working on another at once (its cache
+    // is cleared by the notification, and the database says so anyway).
+    let cached_b = Cached::new(b.clone());
+    let (job, jt) = a
+        .start_job(&StartJob {
+            project: "acme/agents".into(),
+            username: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("job");
+    assert!(cached_b.authenticate_job(jt.expose()).await.expect("a").is_some());
+    a.finish_job(job.id, JobStatus::Success).await.expect("finish");
+    let revoked = async {
+        while cached_b.authenticate_job(jt.expose()).await.expect("a").is_some() {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), revoked)
+        .await
+        .expect("revoked on the other replica");
+}

@@ -1,0 +1,233 @@
+//! Request routing: which kas holds which agent connection, and how a request that
+//! entered one kas reaches an agent connected to another.
+//!
+//! A single kas routes only to its own connections ([`Router::local`]). With Redis
+//! ([`Router::shared`]) every kas records its connections in a shared registry
+//! ([`redis`]); a kas that receives a request for an agent it does not hold (the
+//! routing kas) picks a connection from the registry and forwards the exchange over
+//! the private API to the kas holding it (the gateway kas, [`gateway`]), which uses
+//! exactly that connection. A request for an agent connected nowhere waits, woken by
+//! the registry's pub/sub event the moment the agent connects anywhere.
+//!
+//! It does not authenticate clients or authorize jobs; that happens before routing.
+
+pub mod gateway;
+pub mod jwt;
+pub mod redis;
+
+pub use gateway::{GatewayService, OpenError, Peers};
+pub use jwt::PrivateAuth;
+pub use redis::{Connection, RedisError, RedisOptions, RedisRegistry};
+
+use kas_tunnel::{AcquireError, ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry};
+use rand::seq::SliceRandom;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Aborts a spawned task when dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Routing across replicas: this kas's identity, the registry and the peers.
+struct Shared {
+    kas_id: String,
+    kas_url: String,
+    redis: Arc<RedisRegistry>,
+    peers: Peers,
+}
+
+/// Picks a tunnel for a request: local first, then another kas; see the crate docs.
+pub struct Router {
+    local: Arc<TunnelRegistry>,
+    shared: Option<Shared>,
+}
+
+/// A connected agent replica's registration, local and (with Redis) shared.
+/// Dropping it forgets the replica everywhere.
+pub struct Registration {
+    local: ReplicaGuard,
+    shared: Option<(Arc<RedisRegistry>, u64)>,
+}
+
+impl Registration {
+    /// The connection key (what the private API names).
+    pub fn replica_key(&self) -> &Arc<str> {
+        self.local.replica_key()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some((redis, agent_id)) = &self.shared {
+            redis.unregister(*agent_id, self.local.replica_key());
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Router {
+    /// One kas on its own: only local connections.
+    pub fn local(registry: Arc<TunnelRegistry>) -> Arc<Router> {
+        Arc::new(Router {
+            local: registry,
+            shared: None,
+        })
+    }
+
+    /// One of several kas replicas sharing `redis`; `kas_url` is this kas's private
+    /// API URL as the other replicas reach it.
+    pub fn shared(
+        registry: Arc<TunnelRegistry>,
+        redis: Arc<RedisRegistry>,
+        kas_id: &str,
+        kas_url: &str,
+        auth: Arc<PrivateAuth>,
+    ) -> Arc<Router> {
+        Arc::new(Router {
+            local: registry,
+            shared: Some(Shared {
+                kas_id: kas_id.to_string(),
+                kas_url: kas_url.to_string(),
+                redis,
+                peers: Peers::new(auth),
+            }),
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<TunnelRegistry> {
+        &self.local
+    }
+
+    /// This kas's instance id when it shares a registry.
+    pub fn kas_id(&self) -> Option<&str> {
+        self.shared.as_ref().map(|s| s.kas_id.as_str())
+    }
+
+    /// Registers a connected agent replica here and, with Redis, in the registry.
+    pub fn add_replica(&self, agent_id: u64, info: ReplicaInfo) -> Registration {
+        let local = self.local.add_replica(agent_id, info.clone());
+        let shared = self.shared.as_ref().map(|s| {
+            s.redis.register(Connection {
+                agent_id,
+                connection: local.replica_key().to_string(),
+                kas_id: s.kas_id.clone(),
+                kas_url: s.kas_url.clone(),
+                replica_id: info.replica_id.clone(),
+                agent_version: info.agent_version.clone(),
+                since: unix_now(),
+            });
+            (s.redis.clone(), agent_id)
+        });
+        Registration { local, shared }
+    }
+
+    /// A tunnel to `agent_id`: a local one if this kas holds the agent, else one
+    /// through another kas (skipping `avoid`, labels of tunnels that already failed
+    /// for this request), else waits up to `wait` for the agent to connect anywhere.
+    pub async fn acquire(
+        &self,
+        agent_id: u64,
+        wait: Duration,
+        avoid: &[Arc<str>],
+    ) -> Result<Tunnel, AcquireError> {
+        let Some(shared) = &self.shared else {
+            return self.local.acquire(agent_id, wait).await;
+        };
+        let deadline = Instant::now() + wait;
+        let mut failed: Vec<String> = Vec::new();
+        loop {
+            // Subscribe before looking, so a connect between the two is not missed.
+            let mut events = shared.redis.events();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if self.local.is_connected(agent_id) {
+                return self.local.acquire(agent_id, remaining).await;
+            }
+            match shared.redis.connections(agent_id).await {
+                Ok(conns) => {
+                    let mut candidates: Vec<Connection> = conns
+                        .into_iter()
+                        .filter(|c| c.kas_id != shared.kas_id)
+                        .filter(|c| {
+                            let label = format!("{}#{}", c.kas_url, c.connection);
+                            !failed.contains(&label) && !avoid.iter().any(|a| **a == *label)
+                        })
+                        .collect();
+                    candidates.shuffle(&mut rand::thread_rng());
+                    for c in candidates {
+                        match shared.peers.open(&c.kas_url, agent_id, &c.connection).await {
+                            Ok(t) => return Ok(t),
+                            Err(e) => {
+                                tracing::info!(agent_id, kas = %c.kas_id, connection = %c.connection, error = %e, "route via another kas failed; trying the next");
+                                failed.push(format!("{}#{}", c.kas_url, c.connection));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(agent_id, error = %e, "registry lookup failed; only this kas's connections can be used");
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(AcquireError::NotConnected);
+            }
+            tokio::select! {
+                r = self.local.acquire(agent_id, remaining) => return r,
+                woke = connected_elsewhere(&mut events, agent_id) => {
+                    if !woke {
+                        // Event source gone (shutting down): wait out the local path.
+                        return self.local.acquire(agent_id, deadline.saturating_duration_since(Instant::now())).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every live connection in the shared registry (`None` for a single kas).
+    pub async fn connections(&self) -> Option<Result<Vec<Connection>, RedisError>> {
+        match &self.shared {
+            Some(s) => Some(s.redis.all_connections().await),
+            None => None,
+        }
+    }
+
+    /// Whether the shared registry (if any) is usable.
+    pub async fn ready(&self) -> bool {
+        match &self.shared {
+            Some(s) => s.redis.ping().await,
+            None => true,
+        }
+    }
+
+    /// Removes this kas's entries from the shared registry (graceful shutdown).
+    pub async fn shutdown(&self) {
+        if let Some(s) = &self.shared {
+            s.redis.shutdown().await;
+        }
+    }
+}
+
+/// Resolves `true` when `agent_id` (or "any agent") connected somewhere; `false` if
+/// the event source closed.
+async fn connected_elsewhere(events: &mut tokio::sync::broadcast::Receiver<u64>, agent_id: u64) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(id) if id == agent_id || id == redis::ANY => return true,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return true,
+            Err(RecvError::Closed) => return false,
+        }
+    }
+}

@@ -24,8 +24,9 @@ use tonic::{Code, Request, Status};
 /// Settings of the connection to kas.
 #[derive(Clone)]
 pub struct ConnectOptions {
-    /// `grpc://host:port` or `grpcs://host:port`.
-    pub kas_address: String,
+    /// `grpc://host:port` or `grpcs://host:port`, one or more. A name resolving to
+    /// several addresses counts as several kas.
+    pub kas_addresses: Vec<String>,
     pub token: String,
     /// PEM CA bundle to trust for `grpcs://` (for a kas with a self-signed certificate).
     pub ca_cert_pem: Option<Vec<u8>>,
@@ -37,7 +38,7 @@ pub struct ConnectOptions {
 impl std::fmt::Debug for ConnectOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectOptions")
-            .field("kas_address", &self.kas_address)
+            .field("kas_addresses", &self.kas_addresses)
             .field("token", &"****")
             .field("min_idle_tunnels", &self.min_idle_tunnels)
             .field("max_tunnels", &self.max_tunnels)
@@ -57,6 +58,8 @@ pub enum SessionError {
     Address(String),
     #[error("cannot connect to kas: {0}")]
     Connect(#[source] tonic::transport::Error),
+    #[error("cannot resolve kas address `{0}`: {1}")]
+    Resolve(String, #[source] std::io::Error),
     #[error("kas rejected the agent: {}", .0.message())]
     Rejected(Status),
     #[error("connection to kas lost: {}", .0.message())]
@@ -92,18 +95,66 @@ impl Backoff {
     }
 }
 
-fn endpoint(opts: &ConnectOptions) -> Result<Endpoint, SessionError> {
-    let addr = &opts.kas_address;
-    let (tls, rest) = if let Some(r) = addr.strip_prefix("grpcs://") {
-        (true, r)
+/// One kas to dial: a configured address resolved to one socket address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    tls: bool,
+    /// The host as configured (TLS server name).
+    host: String,
+    addr: std::net::SocketAddr,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "grpcs" } else { "grpc" };
+        write!(f, "{scheme}://{} ({})", self.host, self.addr)
+    }
+}
+
+fn split_address(addr: &str) -> Result<(bool, &str), SessionError> {
+    if let Some(r) = addr.strip_prefix("grpcs://") {
+        Ok((true, r))
     } else if let Some(r) = addr.strip_prefix("grpc://") {
-        (false, r)
+        Ok((false, r))
     } else {
-        return Err(SessionError::Address(addr.clone()));
-    };
-    let scheme = if tls { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{rest}"))
-        .map_err(|_| SessionError::Address(addr.clone()))?
+        Err(SessionError::Address(addr.to_string()))
+    }
+}
+
+/// Every kas the configured addresses name, resolved now (names may change).
+async fn resolve(addresses: &[String]) -> Result<Vec<Target>, SessionError> {
+    let mut out = Vec::new();
+    let mut last_err = None;
+    for a in addresses {
+        let (tls, rest) = split_address(a)?;
+        let rest = rest.trim_end_matches('/');
+        let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
+        match tokio::net::lookup_host(rest).await {
+            Ok(addrs) => {
+                for addr in addrs {
+                    let t = Target {
+                        tls,
+                        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                        addr,
+                    };
+                    if !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+            Err(e) => last_err = Some(SessionError::Resolve(a.clone(), e)),
+        }
+    }
+    match (out.is_empty(), last_err) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
+    }
+}
+
+fn endpoint(opts: &ConnectOptions, t: &Target) -> Result<Endpoint, SessionError> {
+    let scheme = if t.tls { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{}", t.addr))
+        .map_err(|_| SessionError::Address(t.to_string()))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -111,10 +162,8 @@ fn endpoint(opts: &ConnectOptions) -> Result<Endpoint, SessionError> {
         .keep_alive_while_idle(true)
         .initial_stream_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(64 * 1024 * 1024);
-    if tls {
-        let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
-        let mut cfg =
-            ClientTlsConfig::new().domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+    if t.tls {
+        let mut cfg = ClientTlsConfig::new().domain_name(t.host.clone());
         if let Some(ca) = &opts.ca_cert_pem {
             cfg = cfg.ca_certificate(Certificate::from_pem(ca));
         }
@@ -152,15 +201,46 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    // Replicas start at different kas (spreading their connections) and move on to the
+    // next kas whenever a session ends (re-homing when a kas goes away).
+    let mut next = rand::random::<usize>();
+    // Kas tried since the last good session: no backoff until each was tried once.
+    let mut tried = 0usize;
     loop {
         let started = Instant::now();
-        let result = tokio::select! {
-            r = session(&opts, upstream.clone(), &config_tx) => r,
-            _ = stop.wait_for(|s| *s) => return,
+        let targets = match resolve(&opts.kas_addresses).await {
+            Ok(t) if !t.is_empty() => t,
+            Ok(_) => {
+                tracing::error!(addresses = ?opts.kas_addresses, "no kas address resolved");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot resolve kas");
+                Vec::new()
+            }
         };
+        let result = match targets.get(next % targets.len().max(1)) {
+            Some(target) => tokio::select! {
+                r = session(&opts, target, upstream.clone(), &config_tx) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            },
+            None => Err(SessionError::Closed),
+        };
+        next = next.wrapping_add(1);
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
+            tried = 0;
         }
+        tried += 1;
+        let rejected = matches!(&result, Err(SessionError::Rejected(s)) if s.code() == Code::Unauthenticated);
+        if !rejected && targets.len() > 1 && tried < targets.len() {
+            // Another kas may well be up: try it at once.
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "disconnected from kas; trying the next one");
+            }
+            continue;
+        }
+        tried = 0;
         let delay = match &result {
             Err(SessionError::Rejected(s)) if s.code() == Code::Unauthenticated => {
                 tracing::error!(error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
@@ -195,10 +275,11 @@ fn classify(s: Status) -> SessionError {
 /// One connection: configuration stream plus tunnel pool, until either breaks.
 async fn session(
     opts: &ConnectOptions,
+    target: &Target,
     upstream: Arc<Upstream>,
     config_tx: &watch::Sender<Option<AgentConfiguration>>,
 ) -> Result<(), SessionError> {
-    let channel = endpoint(opts)?
+    let channel = endpoint(opts, target)?
         .connect()
         .await
         .map_err(SessionError::Connect)?;
@@ -223,7 +304,7 @@ async fn session(
         .map_err(classify)?
         .ok_or(SessionError::Closed)?;
     apply(first, config_tx, &ack_tx).await;
-    tracing::info!(kas = %opts.kas_address, "connected to kas");
+    tracing::info!(kas = %target, "connected to kas");
 
     let pool = Arc::new(Pool {
         idle: AtomicUsize::new(0),

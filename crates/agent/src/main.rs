@@ -8,9 +8,10 @@ use tokio::sync::watch;
 #[derive(Debug, Parser)]
 #[command(name = "agentk", version)]
 struct Cli {
-    /// kas agent listener: grpc://host:port or grpcs://host:port.
-    #[arg(long, env = "AGENTK_KAS_ADDRESS")]
-    kas_address: String,
+    /// kas agent listener: grpc://host:port or grpcs://host:port. Repeat it (or use a
+    /// name resolving to several addresses) for several kas replicas.
+    #[arg(long, env = "AGENTK_KAS_ADDRESS", value_delimiter = ',', required = true)]
+    kas_address: Vec<String>,
     /// File holding the agent token.
     #[arg(long, env = "AGENTK_TOKEN_FILE")]
     token_file: PathBuf,
@@ -95,10 +96,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .unwrap_or_else(|e| fail(e.to_string()));
     let client = access.client().unwrap_or_else(|e| fail(e.to_string()));
-    tracing::info!(cluster = %access.server, kas = %cli.kas_address, "agentk starting");
+    tracing::info!(cluster = %access.server, kas = ?cli.kas_address, "agentk starting");
     let upstream = Arc::new(Upstream { access, client });
     let opts = ConnectOptions {
-        kas_address: cli.kas_address,
+        kas_addresses: cli.kas_address,
         token,
         ca_cert_pem,
         min_idle_tunnels: cli.min_idle_tunnels,

@@ -339,7 +339,7 @@ async fn main() -> Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         for (i, t) in tokens.into_iter().enumerate() {
             let opts = kas_agent::ConnectOptions {
-                kas_address: env.kas_info.agent.clone(),
+                kas_addresses: vec![env.kas_info.agent.clone()],
                 token: t,
                 ca_cert_pem: None,
                 min_idle_tunnels: args.idle_tunnels,

@@ -182,6 +182,7 @@ impl Router {
             if remaining.is_zero() {
                 return Err(AcquireError::NotConnected);
             }
+            tracing::info!(agent_id, wait_ms = remaining.as_millis() as u64, "waiting for the agent to connect");
             tokio::select! {
                 r = self.local.acquire(agent_id, remaining) => return r,
                 woke = connected_elsewhere(&mut events, agent_id) => {

@@ -83,6 +83,9 @@ pub struct KasInfo {
     pub api: String,
     pub k8s_proxy: String,
     pub observability: String,
+    pub private: String,
+    /// Instance id in the shared registry (several replicas only).
+    pub instance: String,
     pub admin_token_file: PathBuf,
 }
 
@@ -111,12 +114,14 @@ pub fn start_kas(data_dir: &Path, args: &[&str], log_dir: &Path) -> (Proc, KasIn
                     "api" => info.api = url.to_string(),
                     "k8s_proxy" => info.k8s_proxy = url.to_string(),
                     "observability" => info.observability = url.to_string(),
+                    "private" => info.private = url.to_string(),
                     _ => {}
                 },
                 (Some("admin"), Some("token"), Some("file")) => {
                     info.admin_token_file =
                         PathBuf::from(line.rsplit(' ').next().unwrap_or_default())
                 }
+                (Some("instance"), Some(id), _) => info.instance = id.to_string(),
                 (Some("ready"), _, _) => {
                     let _ = tx.send(info.clone());
                 }

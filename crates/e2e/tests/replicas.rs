@@ -1,0 +1,197 @@
+//! Several kas replicas on one Redis and one PostgreSQL (real servers started for the
+//! tests): routing between replicas, re-homing, waiting for agents, Redis outages and
+//! the private API's authentication.
+
+use kas_test_support::fixture::wait_for;
+use kas_test_support::replicas::{Replicas, EXPIRY};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const PROJECT: &str = "acme/web/shop";
+
+fn config(user: &str) -> String {
+    format!("ci_access:\n  projects:\n    - id: {PROJECT}\n      access_as:\n        impersonate:\n          username: {user}\n")
+}
+
+fn assert_ok(out: &std::process::Output, what: &str, r: &Replicas) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r.logs()
+    );
+}
+
+/// The identity the cluster saw for the request listing pods in `ns`.
+fn seen_as(r: &Replicas, ns: &str) -> Option<String> {
+    r.api
+        .recorded_for(&format!("/api/v1/namespaces/{ns}/pods"))
+        .last()
+        .and_then(|rec| rec.impersonate_user.clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_entering_any_replica_reach_the_right_agent() {
+    let mut r = Replicas::start(3).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token_a) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    let (b, token_b) = r.create_agent("acme/platform/agents", "beta", &config("agent-beta"));
+    // alpha on kas 0 and 1, beta on kas 1 and 2: every entry point has to route
+    // across replicas for one of them.
+    r.start_agentk(&token_a, &[0]);
+    r.start_agentk(&token_a, &[1]);
+    r.start_agentk(&token_b, &[1]);
+    r.start_agentk(&token_b, &[2]);
+    for via in 0..3 {
+        r.wait_connections(via, a, 2);
+        r.wait_connections(via, b, 2);
+    }
+    let job = r.start_job(PROJECT, "alice");
+    for via in 0..3 {
+        for (name, user) in [("alpha", "agent-alpha"), ("beta", "agent-beta")] {
+            let ns = format!("via{via}-{name}");
+            let ctx = format!("acme/platform/agents:{name}");
+            let out = r.kubectl(via, &job, &ctx, &["get", "pods", "-n", &ns]);
+            assert_ok(&out, &format!("kubectl via kas {via} to {name}"), &r);
+            assert_eq!(seen_as(&r, &ns).as_deref(), Some(user), "via kas {via}");
+        }
+    }
+    // A configuration change made through one replica reaches agents on the others.
+    let listing = r.kasctl(2, &["agents"]);
+    assert!(listing.contains("alpha") && listing.contains("beta"), "{listing}");
+    // Finishing the job through one replica revokes it on all of them.
+    r.kasctl(1, &["job", "finish", &job.id.to_string()]);
+    for via in 0..3 {
+        let out = r.kubectl(via, &job, "acme/platform/agents:alpha", &["get", "pods"]);
+        assert!(!out.status.success(), "finished job still works via kas {via}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_rehome_when_a_kas_is_killed_and_its_entries_expire() {
+    let mut r = Replicas::start(2).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[0, 1]);
+    r.start_agentk(&token, &[0, 1]);
+    let conns = r.wait_connections(0, a, 2);
+    let victim = r.index_of(&conns[0]);
+    let survivor = 1 - victim;
+    let dead_id = r.info[victim].instance.clone();
+    let job = r.start_job(PROJECT, "alice");
+    let ctx = "acme/platform/agents:alpha";
+    let out = r.kubectl(survivor, &job, ctx, &["get", "pods", "-n", "before"]);
+    assert_ok(&out, "kubectl before the kill", &r);
+
+    let killed_at = Instant::now();
+    r.kill_kas(victim);
+    // Every agent replica re-homes to the survivor within 5 s.
+    wait_for(Duration::from_secs(5), "agents to re-home", || {
+        let c = r.connections(survivor, a);
+        let on_survivor = c.iter().filter(|k| **k == r.info[survivor].instance).count();
+        (on_survivor == 2).then_some(())
+    });
+    let rehomed = killed_at.elapsed();
+    let out = r.kubectl(survivor, &job, ctx, &["get", "pods", "-n", "after"]);
+    assert_ok(&out, "kubectl after the kill", &r);
+    assert_eq!(seen_as(&r, "after").as_deref(), Some("agent-alpha"));
+    // The dead replica's entries are gone within the expiry (plus one sweep).
+    wait_for(EXPIRY * 2, "dead kas entries to expire", || {
+        (!r.connections(survivor, a).contains(&dead_id)).then_some(())
+    });
+    eprintln!("re-homed in {rehomed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waits_for_its_agent_to_connect_anywhere() {
+    let mut r = Replicas::start(2).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (_, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    let job = r.start_job(PROJECT, "alice");
+    let ctx = "acme/platform/agents:alpha";
+    // Sent through kas 0 before the agent exists anywhere...
+    let child = r
+        .kubectl_cmd(0, &job, ctx, &["get", "pods", "-n", "waiting"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    // ...once kas 0 is holding it, the agent connects to kas 1.
+    wait_for(Duration::from_secs(10), "kas 0 to hold the request", || {
+        r.kas[0]
+            .as_ref()
+            .is_some_and(|k| k.logs().contains("waiting for the agent to connect"))
+            .then_some(())
+    });
+    let connected_at = Instant::now();
+    r.start_agentk(&token, &[1]);
+    let out = child.wait_with_output().expect("kubectl");
+    assert_ok(&out, "kubectl waiting for the agent", &r);
+    assert_eq!(seen_as(&r, "waiting").as_deref(), Some("agent-alpha"));
+    eprintln!("answered {:?} after the agent started", connected_at.elapsed());
+
+    // An agent that never connects: 503 with a Status saying so, after the timeout.
+    let (never, _) = r.create_agent("acme/platform/agents", "never", &config("x"));
+    let job2 = r.start_job(PROJECT, "bob");
+    let ca = std::fs::read(r.path("kas-data").join("k8s-proxy-ca.crt")).expect("CA");
+    let client = kas_test_support::http::client(&ca, false);
+    let url = format!("{}/api/v1/namespaces", r.info[0].k8s_proxy.trim_end_matches('/'));
+    let bearer = format!("ci:{never}:{}", job2.token);
+    let (code, body) = kas_test_support::http::get(&client, &url, Some(&bearer)).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"kind\":\"Status\""), "{body}");
+    assert!(body.contains("not connected"), "{body}");
+}
+
+fn raw_status(addr: &str, headers: &str) -> String {
+    let hostport = addr.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).expect("connect private API");
+    write!(
+        s,
+        "POST /kas.agent.v1.Gateway/Forward HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/grpc\r\nContent-Length: 0\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_private_api_refuses_missing_and_forged_tokens() {
+    let r = Replicas::start(1).await;
+    let private = &r.info[0].private;
+    assert!(raw_status(private, "").contains(" 401 "));
+    let forged = kas_router::PrivateAuth::new(&[1u8; 32], "intruder")
+        .expect("auth")
+        .token();
+    let status = raw_status(private, &format!("Authorization: Bearer {forged}\r\n"));
+    assert!(status.contains(" 401 "), "{status}");
+    assert!(raw_status(private, "Authorization: Bearer not-a-jwt\r\n").contains(" 401 "));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_outage_keeps_local_routes_and_the_registry_recovers() {
+    let mut r = Replicas::start(2).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[0]);
+    r.wait_connections(1, a, 1);
+    let job = r.start_job(PROJECT, "alice");
+    let ctx = "acme/platform/agents:alpha";
+
+    // Redis down for a while: the kas holding the agent keeps serving it.
+    tokio::task::block_in_place(|| r.redis.stop());
+    let out = r.kubectl(0, &job, ctx, &["get", "pods", "-n", "redis-down"]);
+    assert_ok(&out, "kubectl with Redis down", &r);
+    assert_eq!(seen_as(&r, "redis-down").as_deref(), Some("agent-alpha"));
+
+    // Redis back, empty: the registry is complete again within one refresh.
+    tokio::task::block_in_place(|| r.redis.restart());
+    let back = Instant::now();
+    wait_for(EXPIRY, "registry to be rebuilt", || {
+        (r.connections(1, a).len() == 1).then_some(())
+    });
+    eprintln!("registry rebuilt {:?} after Redis returned", back.elapsed());
+    let out = r.kubectl(1, &job, ctx, &["get", "pods", "-n", "redis-back"]);
+    assert_ok(&out, "kubectl across replicas after Redis returned", &r);
+}

@@ -134,7 +134,10 @@ async fn resolve(addresses: &[String]) -> Result<Vec<Target>, SessionError> {
                 for addr in addrs {
                     let t = Target {
                         tls,
-                        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                        host: host
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_string(),
                         addr,
                     };
                     if !out.contains(&t) {
@@ -232,7 +235,8 @@ pub async fn run(
             tried = 0;
         }
         tried += 1;
-        let rejected = matches!(&result, Err(SessionError::Rejected(s)) if s.code() == Code::Unauthenticated);
+        let rejected =
+            matches!(&result, Err(SessionError::Rejected(s)) if s.code() == Code::Unauthenticated);
         if !rejected && targets.len() > 1 && tried < targets.len() {
             // Another kas may well be up: try it at once.
             if let Err(e) = &result {

@@ -10,7 +10,12 @@ use tokio::sync::watch;
 struct Cli {
     /// kas agent listener: grpc://host:port or grpcs://host:port. Repeat it (or use a
     /// name resolving to several addresses) for several kas replicas.
-    #[arg(long, env = "AGENTK_KAS_ADDRESS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "AGENTK_KAS_ADDRESS",
+        value_delimiter = ',',
+        required = true
+    )]
     kas_address: Vec<String>,
     /// File holding the agent token.
     #[arg(long, env = "AGENTK_TOKEN_FILE")]

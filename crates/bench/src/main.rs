@@ -260,7 +260,10 @@ async fn main() -> Result<()> {
         args.requests,
     )
     .await?;
-    println!("(a) small GET, concurrency 1, {} requests each, interleaved", args.requests);
+    println!(
+        "(a) small GET, concurrency 1, {} requests each, interleaved",
+        args.requests
+    );
     println!(
         "    direct  p50 {:8.1} us   p99 {:8.1} us",
         us(pct(&d, 0.5)),

@@ -18,8 +18,8 @@ mod token;
 
 pub use cached::Cached;
 pub use model::*;
-pub use slug::{environment_slug, guess_tier, TIERS};
 pub use postgres::{Postgres, PostgresControlPlane};
+pub use slug::{environment_slug, guess_tier, TIERS};
 pub use sqlite::{Sqlite, SqliteControlPlane};
 pub use store::SqlControlPlane;
 pub use token::{hash_token, new_token, Secret, TokenKind};
@@ -49,8 +49,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A change other components react to (caches, connected agents).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    AgentConfig { agent_id: u64 },
-    JobFinished { job_id: u64 },
+    AgentConfig {
+        agent_id: u64,
+    },
+    JobFinished {
+        job_id: u64,
+    },
     /// Anything may have changed (notifications may have been missed).
     Resync,
 }

@@ -219,7 +219,8 @@ fn cells(r: &postgres::Row) -> Result<Row, DbError> {
             r.try_get::<_, Option<i16>>(i)
                 .map(|v| v.map(|v| Cell::Int(i64::from(v))))
         } else if *t == Type::BYTEA {
-            r.try_get::<_, Option<Vec<u8>>>(i).map(|v| v.map(Cell::Bytes))
+            r.try_get::<_, Option<Vec<u8>>>(i)
+                .map(|v| v.map(Cell::Bytes))
         } else {
             r.try_get::<_, Option<String>>(i).map(|v| v.map(Cell::Text))
         }

@@ -68,7 +68,8 @@ impl Row {
         }
     }
     pub(crate) fn int(&self, i: usize) -> Result<i64> {
-        self.opt_int(i)?.ok_or_else(|| bad_column(i, "a non-null integer"))
+        self.opt_int(i)?
+            .ok_or_else(|| bad_column(i, "a non-null integer"))
     }
     /// A non-negative id column.
     pub(crate) fn id(&self, i: usize) -> Result<u64> {
@@ -87,7 +88,8 @@ impl Row {
         }
     }
     pub(crate) fn text(&self, i: usize) -> Result<String> {
-        self.opt_text(i)?.ok_or_else(|| bad_column(i, "non-null text"))
+        self.opt_text(i)?
+            .ok_or_else(|| bad_column(i, "non-null text"))
     }
 }
 

@@ -53,7 +53,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 "#;
 
-
 /// The embedded control plane.
 pub type SqliteControlPlane = SqlControlPlane<Sqlite>;
 

@@ -189,7 +189,11 @@ const AGENT_COLS: &str =
 const AGENT_FROM: &str = "FROM agents a JOIN projects p ON p.id = a.project_id";
 
 /// The agent matching `condition` (on `a`, the agents table) with its stored config.
-fn agent_where(tx: &mut dyn Tx, condition: &str, params: &[Val]) -> Result<Option<(Agent, String)>> {
+fn agent_where(
+    tx: &mut dyn Tx,
+    condition: &str,
+    params: &[Val],
+) -> Result<Option<(Agent, String)>> {
     tx.query_opt(
         &format!("SELECT {AGENT_COLS} {AGENT_FROM} WHERE {condition}"),
         params,
@@ -282,7 +286,10 @@ fn group_chain(tx: &mut dyn Tx, mut group_id: Option<u64>) -> Result<Vec<Named>>
             "SELECT path, parent_id FROM groups WHERE id = $1",
             &[to_i64("group", id)?.into()],
         )?;
-        chain.push(Named { id, path: r.text(0)? });
+        chain.push(Named {
+            id,
+            path: r.text(0)?,
+        });
         group_id = r.opt_id(1)?;
         if chain.len() > 64 {
             return Err(Error::Storage("group hierarchy is cyclic".into()));

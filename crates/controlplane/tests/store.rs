@@ -66,7 +66,9 @@ async fn paths_compare_case_insensitively(cp: &dyn ControlPlane) {
         Err(Error::AlreadyExists(_))
     ));
     assert_eq!(cp.list_groups().await.expect("groups").len(), 2);
-    cp.create_agent("ACME/web/SHOP", "a").await.expect("found by any case");
+    cp.create_agent("ACME/web/SHOP", "a")
+        .await
+        .expect("found by any case");
 }
 
 async fn groups_are_created_like_mkdir_p(cp: &dyn ControlPlane) {
@@ -289,10 +291,21 @@ async fn postgres_replicas_share_data_and_changes() {
         })
         .await
         .expect("job");
-    assert!(cached_b.authenticate_job(jt.expose()).await.expect("a").is_some());
-    a.finish_job(job.id, JobStatus::Success).await.expect("finish");
+    assert!(cached_b
+        .authenticate_job(jt.expose())
+        .await
+        .expect("a")
+        .is_some());
+    a.finish_job(job.id, JobStatus::Success)
+        .await
+        .expect("finish");
     let revoked = async {
-        while cached_b.authenticate_job(jt.expose()).await.expect("a").is_some() {
+        while cached_b
+            .authenticate_job(jt.expose())
+            .await
+            .expect("a")
+            .is_some()
+        {
             tokio::task::yield_now().await;
         }
     };

@@ -58,12 +58,18 @@ async fn requests_entering_any_replica_reach_the_right_agent() {
     }
     // A configuration change made through one replica reaches agents on the others.
     let listing = r.kasctl(2, &["agents"]);
-    assert!(listing.contains("alpha") && listing.contains("beta"), "{listing}");
+    assert!(
+        listing.contains("alpha") && listing.contains("beta"),
+        "{listing}"
+    );
     // Finishing the job through one replica revokes it on all of them.
     r.kasctl(1, &["job", "finish", &job.id.to_string()]);
     for via in 0..3 {
         let out = r.kubectl(via, &job, "acme/platform/agents:alpha", &["get", "pods"]);
-        assert!(!out.status.success(), "finished job still works via kas {via}");
+        assert!(
+            !out.status.success(),
+            "finished job still works via kas {via}"
+        );
     }
 }
 
@@ -88,7 +94,10 @@ async fn agents_rehome_when_a_kas_is_killed_and_its_entries_expire() {
     // Every agent replica re-homes to the survivor within 5 s.
     wait_for(Duration::from_secs(5), "agents to re-home", || {
         let c = r.connections(survivor, a);
-        let on_survivor = c.iter().filter(|k| **k == r.info[survivor].instance).count();
+        let on_survivor = c
+            .iter()
+            .filter(|k| **k == r.info[survivor].instance)
+            .count();
         (on_survivor == 2).then_some(())
     });
     let rehomed = killed_at.elapsed();
@@ -128,14 +137,20 @@ async fn a_request_waits_for_its_agent_to_connect_anywhere() {
     let out = child.wait_with_output().expect("kubectl");
     assert_ok(&out, "kubectl waiting for the agent", &r);
     assert_eq!(seen_as(&r, "waiting").as_deref(), Some("agent-alpha"));
-    eprintln!("answered {:?} after the agent started", connected_at.elapsed());
+    eprintln!(
+        "answered {:?} after the agent started",
+        connected_at.elapsed()
+    );
 
     // An agent that never connects: 503 with a Status saying so, after the timeout.
     let (never, _) = r.create_agent("acme/platform/agents", "never", &config("x"));
     let job2 = r.start_job(PROJECT, "bob");
     let ca = std::fs::read(r.path("kas-data").join("k8s-proxy-ca.crt")).expect("CA");
     let client = kas_test_support::http::client(&ca, false);
-    let url = format!("{}/api/v1/namespaces", r.info[0].k8s_proxy.trim_end_matches('/'));
+    let url = format!(
+        "{}/api/v1/namespaces",
+        r.info[0].k8s_proxy.trim_end_matches('/')
+    );
     let bearer = format!("ci:{never}:{}", job2.token);
     let (code, body) = kas_test_support::http::get(&client, &url, Some(&bearer)).await;
     assert_eq!(code, 503, "{body}");

@@ -90,11 +90,7 @@ fn internal() -> Response<ProxyBody> {
 }
 
 impl K8sProxy {
-    pub fn new(
-        cp: Arc<dyn ControlPlane>,
-        router: Arc<Router>,
-        opts: ProxyOptions,
-    ) -> Arc<Self> {
+    pub fn new(cp: Arc<dyn ControlPlane>, router: Arc<Router>, opts: ProxyOptions) -> Arc<Self> {
         Arc::new(K8sProxy { cp, router, opts })
     }
 

@@ -451,7 +451,11 @@ async fn run(cli: Cli) -> Result<()> {
                                 s(a, "idle_tunnels"),
                                 s(a, "busy_tunnels"),
                                 since(first),
-                                if kas.is_empty() { "-".into() } else { kas.join(",") },
+                                if kas.is_empty() {
+                                    "-".into()
+                                } else {
+                                    kas.join(",")
+                                },
                             ]
                         })
                         .collect(),

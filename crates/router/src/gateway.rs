@@ -15,8 +15,7 @@ use http_body_util::{Empty, StreamBody};
 use kas_proto::v1::gateway_client::GatewayClient;
 use kas_proto::v1::gateway_server::Gateway;
 use kas_proto::v1::{
-    agent_frame, server_frame, tunnel_error, AgentFrame, Data, EndOfBody, ServerFrame,
-    TunnelError,
+    agent_frame, server_frame, tunnel_error, AgentFrame, Data, EndOfBody, ServerFrame, TunnelError,
 };
 use kas_proto::{GATEWAY_AGENT_METADATA, GATEWAY_CONNECTION_METADATA};
 use kas_tunnel::{outbound_channel, ExchangeError, Tunnel, TunnelRegistry};
@@ -42,11 +41,8 @@ impl GatewayService {
     }
 }
 
-fn metadata<'a>(req: &'a Request<Streaming<ServerFrame>>, key: &str) -> Result<&'a str, Status> {
-    req.metadata()
-        .get(key)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| Status::invalid_argument(format!("missing {key}")))
+fn metadata<'a>(req: &'a Request<Streaming<ServerFrame>>, key: &str) -> Option<&'a str> {
+    req.metadata().get(key).and_then(|v| v.to_str().ok())
 }
 
 type FrameSender = mpsc::Sender<Result<AgentFrame, Status>>;
@@ -59,10 +55,16 @@ impl Gateway for GatewayService {
         &self,
         req: Request<Streaming<ServerFrame>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
-        let agent_id: u64 = metadata(&req, GATEWAY_AGENT_METADATA)?
-            .parse()
-            .map_err(|_| Status::invalid_argument("bad agent id"))?;
-        let connection = metadata(&req, GATEWAY_CONNECTION_METADATA)?.to_string();
+        let agent_id: u64 = metadata(&req, GATEWAY_AGENT_METADATA)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("missing or bad {GATEWAY_AGENT_METADATA}"))
+            })?;
+        let connection = metadata(&req, GATEWAY_CONNECTION_METADATA)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("missing {GATEWAY_CONNECTION_METADATA}"))
+            })?
+            .to_string();
         let tunnel = match self.registry.try_acquire_from(agent_id, &connection) {
             Some(t) => t,
             // The named connection is here but busy: any of this kas's own connections
@@ -122,9 +124,15 @@ async fn relay(tunnel: Tunnel, mut inbound: Streaming<ServerFrame>, tx: FrameSen
     };
     let bodyless = head.upgrade || head.end_of_body;
     let (res, rest) = if bodyless {
-        (tunnel.round_trip(head, Empty::<Bytes>::new()).await, Some(inbound))
+        (
+            tunnel.round_trip(head, Empty::<Bytes>::new()).await,
+            Some(inbound),
+        )
     } else {
-        (tunnel.round_trip(head, body_from_frames(inbound)).await, None)
+        (
+            tunnel.round_trip(head, body_from_frames(inbound)).await,
+            None,
+        )
     };
     let (rhead, mut body) = match res {
         Ok(x) => x,
@@ -202,7 +210,7 @@ pub enum OpenError {
         source: tonic::transport::Error,
     },
     #[error("the gateway kas refused: {0}")]
-    Refused(Status),
+    Refused(Box<Status>),
     #[error("the gateway kas did not answer in time")]
     Timeout,
 }
@@ -259,15 +267,15 @@ impl Peers {
             (GATEWAY_CONNECTION_METADATA, connection.to_string()),
         ];
         for (k, v) in pairs {
-            let v = v
-                .parse()
-                .map_err(|_| OpenError::Refused(Status::invalid_argument("bad metadata")))?;
+            let v = v.parse().map_err(|_| {
+                OpenError::Refused(Box::new(Status::invalid_argument("bad metadata")))
+            })?;
             md.insert(k, v);
         }
         let resp = tokio::time::timeout(GATEWAY_WAIT * 2, client.forward(req))
             .await
             .map_err(|_| OpenError::Timeout)?
-            .map_err(OpenError::Refused)?;
+            .map_err(|s| OpenError::Refused(Box::new(s)))?;
         let label: Arc<str> = Arc::from(format!("{url}#{connection}"));
         Ok(Tunnel::remote(agent_id, label, resp.into_inner(), out))
     }

@@ -140,8 +140,14 @@ mod tests {
             jsonwebtoken::encode(&Header::default(), &c, &EncodingKey::from_secret(&key))
                 .expect("sign")
         };
-        assert!(v.verify(Some(&format!("Bearer {}", sign(AUDIENCE, now() + 60)))).is_ok());
-        assert!(v.verify(Some(&format!("Bearer {}", sign(AUDIENCE, now() - 600)))).is_err());
-        assert!(v.verify(Some(&format!("Bearer {}", sign("other", now() + 60)))).is_err());
+        assert!(v
+            .verify(Some(&format!("Bearer {}", sign(AUDIENCE, now() + 60))))
+            .is_ok());
+        assert!(v
+            .verify(Some(&format!("Bearer {}", sign(AUDIENCE, now() - 600))))
+            .is_err());
+        assert!(v
+            .verify(Some(&format!("Bearer {}", sign("other", now() + 60))))
+            .is_err());
     }
 }

@@ -182,7 +182,11 @@ impl Router {
             if remaining.is_zero() {
                 return Err(AcquireError::NotConnected);
             }
-            tracing::info!(agent_id, wait_ms = remaining.as_millis() as u64, "waiting for the agent to connect");
+            tracing::info!(
+                agent_id,
+                wait_ms = remaining.as_millis() as u64,
+                "waiting for the agent to connect"
+            );
             tokio::select! {
                 r = self.local.acquire(agent_id, remaining) => return r,
                 woke = connected_elsewhere(&mut events, agent_id) => {
@@ -221,7 +225,10 @@ impl Router {
 
 /// Resolves `true` when `agent_id` (or "any agent") connected somewhere; `false` if
 /// the event source closed.
-async fn connected_elsewhere(events: &mut tokio::sync::broadcast::Receiver<u64>, agent_id: u64) -> bool {
+async fn connected_elsewhere(
+    events: &mut tokio::sync::broadcast::Receiver<u64>,
+    agent_id: u64,
+) -> bool {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match events.recv().await {

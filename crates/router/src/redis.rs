@@ -198,7 +198,9 @@ impl RedisRegistry {
             let all: HashMap<String, String> = conn.hgetall(&key).await?;
             out.extend(live(all.into_values()));
         }
-        out.sort_by(|a, b| (a.agent_id, &a.kas_id, &a.connection).cmp(&(b.agent_id, &b.kas_id, &b.connection)));
+        out.sort_by(|a, b| {
+            (a.agent_id, &a.kas_id, &a.connection).cmp(&(b.agent_id, &b.kas_id, &b.connection))
+        });
         Ok(out)
     }
 
@@ -265,7 +267,11 @@ impl RedisRegistry {
         let mut removed = 0;
         for key in self.agent_keys().await? {
             let mut conn = self.conn.clone();
-            let n: u64 = script.key(&key).arg(now_ms()).invoke_async(&mut conn).await?;
+            let n: u64 = script
+                .key(&key)
+                .arg(now_ms())
+                .invoke_async(&mut conn)
+                .await?;
             removed += n;
         }
         Ok(removed)
@@ -274,7 +280,12 @@ impl RedisRegistry {
     /// Stops the background tasks and deletes this kas's entries.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
         let own: Vec<(u64, String)> = self
@@ -401,7 +412,11 @@ async fn listener(reg: Arc<RedisRegistry>, client: redis::Client) {
                             continue;
                         };
                         // "*": the registry was rebuilt; every waiter should look again.
-                        let id = if payload == "*" { Some(ANY) } else { payload.parse().ok() };
+                        let id = if payload == "*" {
+                            Some(ANY)
+                        } else {
+                            payload.parse().ok()
+                        };
                         if let Some(id) = id {
                             let _ = reg.events.send(id);
                         }

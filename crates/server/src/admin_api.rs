@@ -383,7 +383,10 @@ async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
             return agents;
         }
     };
-    for c in conns.into_iter().filter(|c| Some(&c.kas_id) != own.as_ref()) {
+    for c in conns
+        .into_iter()
+        .filter(|c| Some(&c.kas_id) != own.as_ref())
+    {
         let replica = ConnectedReplica {
             replica_id: c.replica_id,
             agent_version: c.agent_version,

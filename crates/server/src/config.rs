@@ -466,7 +466,10 @@ impl Config {
                 secret,
             }
         });
-        let controlplane_url = cli.controlplane_url.clone().or(file.controlplane.url.clone());
+        let controlplane_url = cli
+            .controlplane_url
+            .clone()
+            .or(file.controlplane.url.clone());
         if let Some(u) = &controlplane_url {
             if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
                 errors.push(format!(
@@ -582,7 +585,12 @@ mod tests {
         })
         .expect_err("invalid")
         .join("\n");
-        for needle in ["redis.url", "redis.expiry", "at least 32 bytes", "controlplane.url"] {
+        for needle in [
+            "redis.url",
+            "redis.expiry",
+            "at least 32 bytes",
+            "controlplane.url",
+        ] {
             assert!(errs.contains(needle), "missing {needle} in:\n{errs}");
         }
         let errs = Config::load(&Cli {
@@ -600,7 +608,10 @@ mod tests {
             mask_url("postgres://kas:hunter2@db:5432/kas"),
             "postgres://kas:***@db:5432/kas"
         );
-        assert_eq!(mask_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(
+            mask_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
     }
 
     #[test]

@@ -171,9 +171,7 @@ impl Kas {
             None => None,
         };
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-        let private_addr = private_l
-            .as_ref()
-            .map(|l| local(l, config.listen_private));
+        let private_addr = private_l.as_ref().map(|l| local(l, config.listen_private));
         let agent_addr = local(&agent_l, config.listen_agent);
         let proxy_addr = local(&proxy_l, config.listen_k8s_proxy);
 
@@ -234,7 +232,10 @@ impl Kas {
         let router = match (&config.shared, private_l, private_addr) {
             (Some(sh), Some(private_l), Some(addr)) => {
                 let kas_id = format!("kas-{:08x}", rand::random::<u32>());
-                let url = sh.private_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+                let url = sh
+                    .private_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{addr}"));
                 let auth = Arc::new(PrivateAuth::new(&sh.secret, &kas_id)?);
                 let redis = RedisRegistry::start(
                     RedisOptions {
@@ -353,7 +354,10 @@ impl Kas {
         ));
 
         // Observability.
-        let obs = hyper_util::service::TowerToHyperService::new(observability_router(cp.clone(), router.clone()));
+        let obs = hyper_util::service::TowerToHyperService::new(observability_router(
+            cp.clone(),
+            router.clone(),
+        ));
         tasks.spawn(serve::serve_http(
             obs_l,
             None,

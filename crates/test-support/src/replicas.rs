@@ -122,7 +122,14 @@ impl Replicas {
         std::fs::write(&cfg, config).expect("config");
         self.kasctl(
             0,
-            &["agent", "config", "set", project, name, cfg.to_str().expect("path")],
+            &[
+                "agent",
+                "config",
+                "set",
+                project,
+                name,
+                cfg.to_str().expect("path"),
+            ],
         );
         (id, token_file)
     }
@@ -182,7 +189,15 @@ impl Replicas {
         let kubeconfig = self.path(&format!("job-{}.yaml", rand::random::<u32>()));
         let v = self.kasctl_json(
             0,
-            &["job", "start", project, "--user", user, "--kubeconfig", kubeconfig.to_str().expect("path")],
+            &[
+                "job",
+                "start",
+                project,
+                "--user",
+                user,
+                "--kubeconfig",
+                kubeconfig.to_str().expect("path"),
+            ],
         );
         Job {
             id: v["id"].as_u64().expect("job id"),

@@ -151,7 +151,8 @@ fn system_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+        (f.first() == Some(&name))
+            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
     })
 }
 
@@ -201,7 +202,11 @@ impl Postgres {
     }
 
     fn launch(&mut self) {
-        let sock = self.data.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
+        let sock = self
+            .data
+            .parent()
+            .unwrap_or(Path::new("/tmp"))
+            .to_path_buf();
         let mut cmd = Command::new(self.bin.join("postgres"));
         cmd.arg("-D")
             .arg(&self.data)

@@ -315,7 +315,7 @@ async fn session(
         total: AtomicUsize::new(0),
         wake: Notify::new(),
     });
-    // Owns every tunnel task of this session: they stop when the session ends.
+    // Every tunnel task of this session; on the session's end they are left to finish.
     let mut tunnels = JoinSet::new();
     let manager = async {
         loop {
@@ -350,6 +350,10 @@ async fn session(
         e = configs_loop => e,
         _ = manager => SessionError::Closed,
     };
+    // Exchanges in flight finish on their own (a stopping kas drains them within its
+    // grace period; a dead one breaks them): only the pool stops here. Idle tunnels end
+    // when kas closes them.
+    tunnels.detach_all();
     Err(err)
 }
 

@@ -99,9 +99,11 @@ impl SqlControlPlane<Postgres> {
     /// needed and starts listening for changes made by other kas replicas. Must be
     /// called on a blocking-capable thread (not inside an async task).
     pub fn connect(url: &str) -> Result<Self> {
-        let config: Config = url.parse().map_err(|e| {
+        let mut config: Config = url.parse().map_err(|e| {
             Error::Invalid(format!("controlplane.url is not a PostgreSQL URL: {e}"))
         })?;
+        // "relation already exists, skipping" and the like are not worth an INFO line.
+        config.notice_callback(|n| tracing::debug!(notice = %n.message(), "postgres notice"));
         if matches!(config.get_ssl_mode(), postgres::config::SslMode::Require) {
             return Err(Error::Invalid(
                 "controlplane.url asks for sslmode=require, which this kas does not support; use sslmode=disable on a private network".into(),

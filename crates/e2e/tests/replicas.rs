@@ -89,6 +89,28 @@ async fn agents_rehome_when_a_kas_is_killed_and_its_entries_expire() {
     let out = r.kubectl(survivor, &job, ctx, &["get", "pods", "-n", "before"]);
     assert_ok(&out, "kubectl before the kill", &r);
 
+    // Traffic through the survivor during the kill.
+    let ca = std::fs::read(r.path("kas-data").join("k8s-proxy-ca.crt")).expect("CA");
+    let client = kas_test_support::http::client(&ca, false);
+    let url = format!(
+        "{}/api/v1/namespaces/traffic/pods",
+        r.info[survivor].k8s_proxy.trim_end_matches('/')
+    );
+    let bearer = format!("ci:{a}:{}", job.token);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let (code, body) = kas_test_support::http::get(&client, &url, Some(&bearer)).await;
+                results.push((started, code, body));
+            }
+            results
+        })
+    };
+
     let killed_at = Instant::now();
     r.kill_kas(victim);
     // Every agent replica re-homes to the survivor within 5 s.
@@ -101,6 +123,26 @@ async fn agents_rehome_when_a_kas_is_killed_and_its_entries_expire() {
         (on_survivor == 2).then_some(())
     });
     let rehomed = killed_at.elapsed();
+    let rehomed_at = Instant::now();
+    wait_for(Duration::from_secs(10), "traffic after re-homing", || {
+        (r.api.recorded_for("/api/v1/namespaces/traffic/pods").len() > 20).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = traffic.await.expect("traffic");
+    for (started, code, body) in &results {
+        // In flight on the dead kas: a clean error Status; everything else: success.
+        if *started > rehomed_at {
+            assert_eq!(*code, 200, "request after re-homing failed: {body}");
+        } else if *code != 200 {
+            assert!(matches!(code, 502 | 503), "unclean failure {code}: {body}");
+            assert!(body.contains("\"kind\":\"Status\""), "{body}");
+        }
+    }
+    let failed = results.iter().filter(|r| r.1 != 200).count();
+    eprintln!(
+        "{} requests during the kill, {failed} failed cleanly",
+        results.len()
+    );
     let out = r.kubectl(survivor, &job, ctx, &["get", "pods", "-n", "after"]);
     assert_ok(&out, "kubectl after the kill", &r);
     assert_eq!(seen_as(&r, "after").as_deref(), Some("agent-alpha"));
@@ -209,4 +251,77 @@ async fn redis_outage_keeps_local_routes_and_the_registry_recovers() {
     eprintln!("registry rebuilt {:?} after Redis returned", back.elapsed());
     let out = r.kubectl(1, &job, ctx, &["get", "pods", "-n", "redis-back"]);
     assert_ok(&out, "kubectl across replicas after Redis returned", &r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_and_leaves_the_registry() {
+    use http_body_util::BodyExt;
+    let mut r = Replicas::start(2).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[0, 1]);
+    let conns = r.wait_connections(0, a, 1);
+    let victim = r.index_of(&conns[0]);
+    let other = 1 - victim;
+    let victim_id = r.info[victim].instance.clone();
+    let job = r.start_job(PROJECT, "alice");
+
+    // A large response in flight through the kas about to stop.
+    let ca = std::fs::read(r.path("kas-data").join("k8s-proxy-ca.crt")).expect("CA");
+    let client = kas_test_support::http::client(&ca, false);
+    let size: usize = 32 << 20;
+    let url = format!(
+        "{}/_test/bytes?n={size}",
+        r.info[victim].k8s_proxy.trim_end_matches('/')
+    );
+    let bearer = format!("ci:{a}:{}", job.token);
+    let resp = kas_test_support::http::send(&client, &url, Some(&bearer)).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    while got == 0 {
+        let frame = body.frame().await.expect("a frame").expect("data");
+        got += frame.data_ref().map(|d| d.len()).unwrap_or(0);
+    }
+
+    let pid = r.kas[victim].as_ref().expect("running").pid();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // The stopping kas leaves the registry at once, well before its entries would expire...
+    let gone = Instant::now();
+    wait_for(EXPIRY, "the stopping kas to leave the registry", || {
+        (!r.connections(other, a).contains(&victim_id)).then_some(())
+    });
+    assert!(gone.elapsed() < EXPIRY, "entries only expired");
+    // ...while the request in flight finishes whole.
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap_or_else(|e| {
+            let exited = r.kas[victim].as_mut().map(|k| k.child.try_wait());
+            panic!(
+                "the in-flight body broke after {got} bytes: {e}; kas exited: {exited:?}\n{}",
+                r.logs()
+            )
+        });
+        got += frame.data_ref().map(|d| d.len()).unwrap_or(0);
+    }
+    assert_eq!(got, size);
+    // The agent moved to the other kas, which serves new requests.
+    wait_for(Duration::from_secs(10), "agent to re-home", || {
+        (r.connections(other, a) == [r.info[other].instance.clone()]).then_some(())
+    });
+    let out = r.kubectl(
+        other,
+        &job,
+        "acme/platform/agents:alpha",
+        &["get", "pods", "-n", "after-term"],
+    );
+    assert_ok(&out, "kubectl after SIGTERM", &r);
+    let exited = tokio::task::block_in_place(|| r.kas[victim].as_mut().expect("proc").child.wait());
+    assert!(
+        exited.as_ref().is_ok_and(|s| s.success()),
+        "kas did not exit cleanly: {exited:?}"
+    );
 }

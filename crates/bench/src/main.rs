@@ -4,7 +4,11 @@
 //!
 //! (a) small GET: added latency p50/p99 at concurrency 1, throughput ratio at 32;
 //! (b) a streamed response (1 GiB by default): throughput ratio;
-//! (c) kas resident memory per idle connected agent (1,000 agents by default).
+//! (c) kas resident memory per idle connected agent (1,000 agents by default);
+//! (d)-(f) routing between kas replicas (see `routing.rs`; needs redis-server and
+//! PostgreSQL installed, as the tests do).
+
+mod routing;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -44,6 +48,15 @@ struct Args {
     /// Idle agents for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
+    /// Skip (d)-(f), the measurements with several kas replicas.
+    #[arg(long)]
+    skip_routing: bool,
+    /// Only run (d)-(f).
+    #[arg(long)]
+    routing_only: bool,
+    /// Agents in the registry measurement (f).
+    #[arg(long, default_value_t = 10_000)]
+    registry_agents: usize,
 }
 
 const SMALL: &str = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":[{"metadata":{"name":"web-0","namespace":"default"}}]}"#;
@@ -164,19 +177,35 @@ async fn throughput(
     secs: u64,
 ) -> Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_failure = Arc::new(std::sync::Mutex::new(None::<String>));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..conc)
         .map(|_| {
-            let (c, url, token, done) =
-                (c.clone(), url.to_string(), token.to_string(), done.clone());
+            let (c, url, token) = (c.clone(), url.to_string(), token.to_string());
+            let (done, failed, first) = (done.clone(), failed.clone(), first_failure.clone());
             tokio::spawn(async move {
                 while Instant::now() < deadline {
                     let resp = tclient::send(&c, &url, Some(&token)).await;
-                    if resp.status() != 200 {
-                        return;
-                    }
-                    if resp.into_body().collect().await.is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await;
+                    match body {
+                        Ok(_) if status == 200 => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            let what = match other {
+                                Ok(b) => {
+                                    format!("{status}: {}", String::from_utf8_lossy(&b.to_bytes()))
+                                }
+                                Err(e) => format!("{status}, body failed: {e}"),
+                            };
+                            first
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(what);
+                        }
                     }
                 }
             })
@@ -185,6 +214,17 @@ async fn throughput(
     let start = Instant::now();
     for t in tasks {
         t.await?;
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        let first = first_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        bail!(
+            "{failed} requests to {url} failed during the throughput run; the first: {}",
+            first.unwrap_or_default()
+        );
     }
     Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
@@ -203,6 +243,9 @@ async fn stream(c: &tclient::HttpsClient, url: &str, token: &str) -> Result<f64>
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.routing_only {
+        return routing::run(args.requests, args.seconds, args.registry_agents).await;
+    }
     let cfg_dir = tempfile::tempdir()?;
     let mut env = if args.plaintext {
         let f = cfg_dir.path().join("kas.yaml");
@@ -394,6 +437,10 @@ async fn main() -> Result<()> {
             (after.saturating_sub(before)) as f64 / n as f64
         );
         let _ = stop_tx.send(true);
+    }
+    if !args.skip_routing {
+        drop(env);
+        routing::run(args.requests, args.seconds, args.registry_agents).await?;
     }
     Ok(())
 }

@@ -325,3 +325,52 @@ async fn sigterm_drains_in_flight_requests_and_leaves_the_registry() {
         "kas did not exit cleanly: {exited:?}"
     );
 }
+
+/// Many exchanges through another kas, concurrently: HTTP/2 peers close a connection
+/// that resets too many streams (1,024), so forwarded exchanges must end cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn thousands_of_forwarded_exchanges_all_succeed() {
+    let mut r = Replicas::start(2).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[1]);
+    r.wait_connections(0, a, 1);
+    let job = r.start_job(PROJECT, "alice");
+    let ca = std::fs::read(r.path("kas-data").join("k8s-proxy-ca.crt")).expect("CA");
+    let url = format!(
+        "{}/api/v1/namespaces/many/pods",
+        r.info[0].k8s_proxy.trim_end_matches('/')
+    );
+    let bearer = format!("ci:{a}:{}", job.token);
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let client = kas_test_support::http::client(&ca, false);
+            let (url, bearer) = (url.clone(), bearer.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for _ in 0..100 {
+                    let (code, body) =
+                        kas_test_support::http::get(&client, &url, Some(&bearer)).await;
+                    if code != 200 {
+                        failures.push(format!("{code}: {body}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.expect("worker"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed, first: {}",
+        failures.len(),
+        failures[0]
+    );
+    assert_eq!(
+        r.api.recorded_for("/api/v1/namespaces/many/pods").len(),
+        1600
+    );
+}

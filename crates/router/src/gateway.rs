@@ -104,11 +104,26 @@ fn body_from_frames(
             })) => Some((Ok(Frame::data(d.data)), Some(inbound))),
             Ok(Some(ServerFrame {
                 msg: Some(server_frame::Msg::EndOfBody(_)),
-            })) => None,
+            })) => {
+                // The routing kas closes its side right after; see it close, so the
+                // stream ends cleanly instead of being reset.
+                drain(inbound).await;
+                None
+            }
             Ok(_) => Some((Err("the request body ended early".to_string()), None)),
             Err(s) => Some((Err(s.to_string()), None)),
         }
     }))
+}
+
+/// Reads the request direction to its end (briefly): an HTTP/2 stream whose request
+/// side is dropped unread is reset, and too many resets make the peer close the
+/// whole connection.
+async fn drain(mut inbound: Streaming<ServerFrame>) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
 }
 
 async fn send(tx: &FrameSender, msg: agent_frame::Msg) -> bool {
@@ -149,16 +164,19 @@ async fn relay(tunnel: Tunnel, mut inbound: Streaming<ServerFrame>, tx: FrameSen
     if !send(&tx, agent_frame::Msg::ResponseHead(rhead)).await {
         return;
     }
-    let up = match (switching, rest, body.outbound()) {
-        (true, Some(mut rest), Some(out)) => Some(crate::AbortOnDrop(tokio::spawn(async move {
-            while let Ok(Some(f)) = rest.message().await {
-                let end = matches!(f.msg, Some(server_frame::Msg::EndOfBody(_)));
-                if !out.send(f).await || end {
-                    return;
+    let (up, rest) = match (switching, rest, body.outbound()) {
+        (true, Some(mut rest), Some(out)) => (
+            Some(crate::AbortOnDrop(tokio::spawn(async move {
+                while let Ok(Some(f)) = rest.message().await {
+                    let end = matches!(f.msg, Some(server_frame::Msg::EndOfBody(_)));
+                    if !out.send(f).await || end {
+                        return;
+                    }
                 }
-            }
-        }))),
-        _ => None,
+            }))),
+            None,
+        ),
+        (_, rest, _) => (None, rest),
     };
     loop {
         match body.next_chunk().await {
@@ -186,11 +204,13 @@ async fn relay(tunnel: Tunnel, mut inbound: Streaming<ServerFrame>, tx: FrameSen
             }
         }
     }
-    if switching {
+    match (up, rest) {
         // Keep relaying the client's bytes until the client side ends too.
-        if let Some(mut up) = up {
+        (Some(mut up), _) => {
             let _ = (&mut up.0).await;
         }
+        (None, Some(rest)) => drain(rest).await,
+        (None, None) => {}
     }
 }
 

@@ -17,7 +17,7 @@ pub mod redis;
 
 pub use gateway::{GatewayService, OpenError, Peers};
 pub use jwt::PrivateAuth;
-pub use redis::{Connection, RedisError, RedisOptions, RedisRegistry};
+pub use redis::{Connection, Event, RedisError, RedisOptions, RedisRegistry};
 
 use kas_tunnel::{AcquireError, ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry};
 use rand::seq::SliceRandom;
@@ -155,8 +155,8 @@ impl Router {
             }
             match shared.redis.connections(agent_id).await {
                 Ok(conns) => {
-                    let mut candidates: Vec<Connection> = conns
-                        .into_iter()
+                    let mut candidates: Vec<&Connection> = conns
+                        .iter()
                         .filter(|c| c.kas_id != shared.kas_id)
                         .filter(|c| {
                             let label = format!("{}#{}", c.kas_url, c.connection);
@@ -169,6 +169,7 @@ impl Router {
                             Ok(t) => return Ok(t),
                             Err(e) => {
                                 tracing::info!(agent_id, kas = %c.kas_id, connection = %c.connection, error = %e, "route via another kas failed; trying the next");
+                                shared.redis.forget(agent_id);
                                 failed.push(format!("{}#{}", c.kas_url, c.connection));
                             }
                         }
@@ -226,13 +227,14 @@ impl Router {
 /// Resolves `true` when `agent_id` (or "any agent") connected somewhere; `false` if
 /// the event source closed.
 async fn connected_elsewhere(
-    events: &mut tokio::sync::broadcast::Receiver<u64>,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
     agent_id: u64,
 ) -> bool {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match events.recv().await {
-            Ok(id) if id == agent_id || id == redis::ANY => return true,
+            Ok(Event::Connected(id)) if id == agent_id => return true,
+            Ok(Event::Any) => return true,
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => return true,
             Err(RecvError::Closed) => return false,

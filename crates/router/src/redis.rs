@@ -4,8 +4,13 @@
 //! - `kas:agent:<agent id>`: a hash with one field per connection,
 //!   `<kas id>/<connection key>` -> `"<expiry unix ms> <json Connection>"`. The hash
 //!   itself also expires, so an agent nobody refreshes disappears entirely.
-//! - channel `kas:agent-events`: `<agent id>` published whenever a connection is
-//!   registered, so a request waiting for that agent wakes at once.
+//! - channel `kas:agent-events`: `c:<agent id>` when a connection is registered (a
+//!   request waiting for that agent wakes at once), `d:<agent id>` when one ends, `*`
+//!   when the registry was rebuilt after Redis lost it.
+//!
+//! Lookups are cached per agent for a third of the expiry; every event about the agent
+//! (or a `*`, or a lost subscription) drops the cached entry, so the request path
+//! usually makes no Redis round trip at all.
 //!
 //! Each kas refreshes its own fields every third of the expiry (rewriting them whole,
 //! so after Redis lost its data the registry is complete again after one refresh),
@@ -64,6 +69,12 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 "#;
 
+const UNREGISTER: &str = r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
 const SWEEP: &str = r#"
 local h = redis.call('HGETALL', KEYS[1])
 local removed = 0
@@ -77,8 +88,29 @@ end
 return removed
 "#;
 
-/// Event meaning "any agent may have connected": look again.
-pub const ANY: u64 = u64::MAX;
+/// A registry change announced on the event channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Connected(u64),
+    Disconnected(u64),
+    /// Anything may have changed (registry rebuilt, or events were missed).
+    Any,
+}
+
+impl Event {
+    fn parse(s: &str) -> Option<Event> {
+        if s == "*" {
+            return Some(Event::Any);
+        }
+        let (kind, id) = s.split_once(':')?;
+        let id = id.parse().ok()?;
+        match kind {
+            "c" => Some(Event::Connected(id)),
+            "d" => Some(Event::Disconnected(id)),
+            _ => None,
+        }
+    }
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -99,7 +131,9 @@ pub struct RedisRegistry {
     kas_id: String,
     conn: ConnectionManager,
     commands: mpsc::UnboundedSender<Command>,
-    events: broadcast::Sender<u64>,
+    events: broadcast::Sender<Event>,
+    /// agent id -> (when read, live connections): see the module docs.
+    cache: Mutex<HashMap<u64, (std::time::Instant, Arc<Vec<Connection>>)>>,
     stop: watch::Sender<bool>,
     /// Connections this kas registered (what a refresh rewrites).
     own: Arc<Mutex<HashMap<(u64, String), Connection>>>,
@@ -126,6 +160,7 @@ impl RedisRegistry {
             conn,
             commands,
             events,
+            cache: Mutex::default(),
             stop,
             own: Arc::default(),
             tasks: Mutex::new(Vec::new()),
@@ -178,16 +213,48 @@ impl RedisRegistry {
         });
     }
 
-    /// Connect events (agent ids), from every kas.
-    pub fn events(&self) -> broadcast::Receiver<u64> {
+    /// Registry events from every kas.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
 
-    /// Live connections of an agent on every kas (expired entries left out).
-    pub async fn connections(&self, agent_id: u64) -> Result<Vec<Connection>, RedisError> {
+    /// Live connections of an agent on every kas (expired entries left out), from
+    /// the cache when fresh.
+    pub async fn connections(&self, agent_id: u64) -> Result<Arc<Vec<Connection>>, RedisError> {
+        let ttl = self.opts.expiry / 3;
+        if let Some((at, c)) = self.lock_cache().get(&agent_id) {
+            if at.elapsed() < ttl {
+                return Ok(c.clone());
+            }
+        }
+        let read_at = std::time::Instant::now();
         let mut conn = self.conn.clone();
         let all: HashMap<String, String> = conn.hgetall(self.agent_key(agent_id)).await?;
-        Ok(live(all.into_values()))
+        let live = Arc::new(live(all.into_values()));
+        self.lock_cache().insert(agent_id, (read_at, live.clone()));
+        Ok(live)
+    }
+
+    /// Drops the cached connections of an agent (one of them failed).
+    pub fn forget(&self, agent_id: u64) {
+        self.lock_cache().remove(&agent_id);
+    }
+
+    fn lock_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (std::time::Instant, Arc<Vec<Connection>>)>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies an event to the cache and passes it on.
+    fn deliver(&self, e: Event) {
+        match e {
+            Event::Connected(id) | Event::Disconnected(id) => {
+                self.lock_cache().remove(&id);
+            }
+            Event::Any => self.lock_cache().clear(),
+        }
+        let _ = self.events.send(e);
     }
 
     /// Every live connection of every agent (for listings; scans the keyspace).
@@ -320,7 +387,7 @@ impl RedisRegistry {
                     .arg(self.value(c))
                     .arg(self.opts.expiry.as_millis() as u64)
                     .arg(self.channel())
-                    .arg(c.agent_id)
+                    .arg(format!("c:{}", c.agent_id))
                     .invoke_async::<i64>(&mut conn)
                     .await?;
             }
@@ -328,7 +395,12 @@ impl RedisRegistry {
                 agent_id,
                 connection,
             } => {
-                conn.hdel::<_, _, i64>(self.agent_key(*agent_id), self.field(connection))
+                Script::new(UNREGISTER)
+                    .key(self.agent_key(*agent_id))
+                    .arg(self.field(connection))
+                    .arg(self.channel())
+                    .arg(format!("d:{agent_id}"))
+                    .invoke_async::<i64>(&mut conn)
                     .await?;
             }
         }
@@ -404,24 +476,20 @@ async fn listener(reg: Arc<RedisRegistry>, client: redis::Client) {
             Ok(mut ps) => match ps.subscribe(reg.channel()).await {
                 Ok(()) => {
                     delay = Duration::from_millis(100);
-                    // Connects may have been missed while unsubscribed.
-                    let _ = reg.events.send(ANY);
+                    // Events may have been missed while unsubscribed.
+                    reg.deliver(Event::Any);
                     let mut stream = ps.on_message();
                     while let Some(msg) = stream.next().await {
                         let Ok(payload) = msg.get_payload::<String>() else {
                             continue;
                         };
-                        // "*": the registry was rebuilt; every waiter should look again.
-                        let id = if payload == "*" {
-                            Some(ANY)
-                        } else {
-                            payload.parse().ok()
-                        };
-                        if let Some(id) = id {
-                            let _ = reg.events.send(id);
+                        if let Some(e) = Event::parse(&payload) {
+                            reg.deliver(e);
                         }
                     }
                     tracing::warn!("redis event subscription ended; reconnecting");
+                    // Until resubscribed nothing invalidates the cache.
+                    reg.lock_cache().clear();
                 }
                 Err(e) => tracing::warn!(error = %e, "redis subscribe failed"),
             },

@@ -369,6 +369,9 @@ pub struct Tunnel {
     inbound: Streaming<AgentFrame>,
     outbound: Outbound,
     busy: BusyGuard,
+    /// Carries one exchange only (a forward to another kas): the request direction is
+    /// closed as soon as the request is complete, as an HTTP/2 peer expects.
+    one_shot: bool,
 }
 
 /// Counts a tunnel as busy while it lives.
@@ -395,6 +398,7 @@ impl Tunnel {
             inbound: t.inbound,
             outbound: t.outbound,
             busy: BusyGuard(busy.clone()),
+            one_shot: false,
         }
     }
 
@@ -413,6 +417,7 @@ impl Tunnel {
             inbound,
             outbound,
             busy: BusyGuard(Arc::new(AtomicUsize::new(1))),
+            one_shot: true,
         }
     }
 
@@ -459,10 +464,18 @@ impl Tunnel {
             return Err(ExchangeError::TunnelClosed);
         }
         let request_sent = Arc::new(AtomicBool::new(complete));
+        // A one-shot tunnel keeps its request direction open only while the request
+        // still needs it: for an upgrade, or in the body pump until the body is sent.
+        let keep = if self.one_shot && !upgrade {
+            std::mem::replace(&mut self.outbound, outbound_channel(1).0)
+        } else {
+            self.outbound.clone()
+        };
         let pump = if upgrade || complete {
+            drop(keep);
             None
         } else {
-            let (out, sent) = (self.outbound.clone(), request_sent.clone());
+            let (out, sent) = (keep, request_sent.clone());
             Some(AbortOnDrop(tokio::spawn(async move {
                 if frames_from_body(body, out).await {
                     sent.store(true, Ordering::SeqCst);
@@ -517,8 +530,20 @@ impl Reuse {
         if !self.request_sent.load(Ordering::SeqCst) {
             return;
         }
-        if let Some(r) = self.registry.upgrade() {
-            r.offer(self.agent_id, &self.replica, inbound, outbound);
+        match self.registry.upgrade() {
+            Some(r) => r.offer(self.agent_id, &self.replica, inbound, outbound),
+            // A one-shot tunnel: read the far end's close instead of resetting the
+            // stream (HTTP/2 peers limit how many resets they accept).
+            None => {
+                drop(outbound);
+                let mut inbound = inbound;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                });
+            }
         }
     }
 }

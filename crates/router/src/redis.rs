@@ -88,6 +88,9 @@ end
 return removed
 "#;
 
+/// agent id -> (when read, live connections).
+type Cache = HashMap<u64, (std::time::Instant, Arc<Vec<Connection>>)>;
+
 /// A registry change announced on the event channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -133,7 +136,7 @@ pub struct RedisRegistry {
     commands: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<Event>,
     /// agent id -> (when read, live connections): see the module docs.
-    cache: Mutex<HashMap<u64, (std::time::Instant, Arc<Vec<Connection>>)>>,
+    cache: Mutex<Cache>,
     stop: watch::Sender<bool>,
     /// Connections this kas registered (what a refresh rewrites).
     own: Arc<Mutex<HashMap<(u64, String), Connection>>>,
@@ -240,9 +243,7 @@ impl RedisRegistry {
         self.lock_cache().remove(&agent_id);
     }
 
-    fn lock_cache(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, (std::time::Instant, Arc<Vec<Connection>>)>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 

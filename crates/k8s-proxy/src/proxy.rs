@@ -196,7 +196,7 @@ impl K8sProxy {
             attempt += 1;
             let acquired = self
                 .router
-                .acquire(agent_id, self.opts.agent_wait, &broken)
+                .acquire(agent_id, self.opts.agent_wait, &broken, replayable)
                 .await;
             let tunnel = match acquired {
                 Ok(t) => t,

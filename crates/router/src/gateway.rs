@@ -267,11 +267,18 @@ impl Peers {
     }
 
     /// Opens a forwarded exchange to `connection` of `agent_id` on the kas at `url`.
+    ///
+    /// `eager`: wait until the gateway accepted the stream, so that a refusal is known
+    /// before any of the request is sent (needed when the request body cannot be
+    /// replayed elsewhere). Otherwise the request head travels with the stream's
+    /// opening, saving a round trip, and a refusal shows up as the tunnel closing
+    /// before the response head (the proxy then retries elsewhere).
     pub async fn open(
         &self,
         url: &str,
         agent_id: u64,
         connection: &str,
+        eager: bool,
     ) -> Result<Tunnel, OpenError> {
         let mut client = self.client(url)?;
         let (out, stream) = outbound_channel(16);
@@ -292,11 +299,28 @@ impl Peers {
             })?;
             md.insert(k, v);
         }
-        let resp = tokio::time::timeout(GATEWAY_WAIT * 2, client.forward(req))
-            .await
-            .map_err(|_| OpenError::Timeout)?
-            .map_err(|s| OpenError::Refused(Box::new(s)))?;
         let label: Arc<str> = Arc::from(format!("{url}#{connection}"));
-        Ok(Tunnel::remote(agent_id, label, resp.into_inner(), out))
+        let call = async move {
+            match tokio::time::timeout(GATEWAY_WAIT * 2, client.forward(req)).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(
+                    "the gateway kas did not answer in time",
+                )),
+            }
+        };
+        if eager {
+            let resp = call.await.map_err(|s| OpenError::Refused(Box::new(s)))?;
+            return Ok(Tunnel::remote(
+                agent_id,
+                label,
+                Box::pin(resp.into_inner()),
+                out,
+            ));
+        }
+        let inbound = futures::stream::once(call).flat_map(|r| match r {
+            Ok(resp) => resp.into_inner().boxed(),
+            Err(status) => futures::stream::once(std::future::ready(Err(status))).boxed(),
+        });
+        Ok(Tunnel::remote(agent_id, label, Box::pin(inbound), out))
     }
 }

@@ -135,11 +135,14 @@ impl Router {
     /// A tunnel to `agent_id`: a local one if this kas holds the agent, else one
     /// through another kas (skipping `avoid`, labels of tunnels that already failed
     /// for this request), else waits up to `wait` for the agent to connect anywhere.
+    /// `replayable`: the request can be sent again if a forward fails before the
+    /// response starts (then a forward is opened optimistically, see [`Peers::open`]).
     pub async fn acquire(
         &self,
         agent_id: u64,
         wait: Duration,
         avoid: &[Arc<str>],
+        replayable: bool,
     ) -> Result<Tunnel, AcquireError> {
         let Some(shared) = &self.shared else {
             return self.local.acquire(agent_id, wait).await;
@@ -165,7 +168,11 @@ impl Router {
                         .collect();
                     candidates.shuffle(&mut rand::thread_rng());
                     for c in candidates {
-                        match shared.peers.open(&c.kas_url, agent_id, &c.connection).await {
+                        let opened = shared
+                            .peers
+                            .open(&c.kas_url, agent_id, &c.connection, !replayable)
+                            .await;
+                        match opened {
                             Ok(t) => return Ok(t),
                             Err(e) => {
                                 tracing::info!(agent_id, kas = %c.kas_id, connection = %c.connection, error = %e, "route via another kas failed; trying the next");

@@ -233,7 +233,7 @@ impl Agent for AgentService {
         }
         // Small: the request body pump waits here, which is the backpressure.
         let (tx, rx) = kas_tunnel::outbound_channel(4);
-        self.registry.offer(agent_id, &key, inbound, tx);
+        self.registry.offer(agent_id, &key, Box::pin(inbound), tx);
         Ok(Response::new(rx))
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::registry::{AbortOnDrop, BusyGuard, Outbound, Reuse};
 use crate::ExchangeError;
+use crate::Inbound;
 use bytes::Bytes;
 use futures::Stream;
 use http_body::{Body, Frame};
@@ -11,7 +12,7 @@ use kas_proto::v1::{agent_frame, server_frame, AgentFrame, Data, EndOfBody, Serv
 use kas_proto::MAX_DATA_FRAME;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 /// Streams `body` as Data frames of at most [`MAX_DATA_FRAME`] bytes, then EndOfBody.
 /// Waits on the channel for capacity, so a slow agent slows the client down instead
@@ -58,7 +59,7 @@ where
 /// bytes from the upstream. Dropping it ends the tunnel (the agent cancels).
 pub struct TunnelBody {
     /// Both halves are taken when the tunnel goes back to the pool.
-    inbound: Option<Streaming<AgentFrame>>,
+    inbound: Option<Inbound>,
     outbound: Option<Outbound>,
     _pump: Option<AbortOnDrop<()>>,
     busy: Option<BusyGuard>,
@@ -70,7 +71,7 @@ pub struct TunnelBody {
 
 impl TunnelBody {
     pub(crate) fn new(
-        inbound: Streaming<AgentFrame>,
+        inbound: Inbound,
         outbound: Outbound,
         pump: Option<AbortOnDrop<()>>,
         busy: BusyGuard,

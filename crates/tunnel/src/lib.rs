@@ -34,6 +34,19 @@ pub use registry::{
 
 use kas_proto::v1::TunnelError as ProtoTunnelError;
 
+/// The agent -> kas direction of a tunnel: the agent's gRPC stream, or (for an
+/// exchange forwarded to another kas) the gateway's.
+pub type Inbound = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<kas_proto::v1::AgentFrame, tonic::Status>> + Send>,
+>;
+
+/// The next frame of an inbound stream, in `Streaming::message` form.
+pub(crate) async fn next_frame(
+    inbound: &mut Inbound,
+) -> Result<Option<kas_proto::v1::AgentFrame>, tonic::Status> {
+    futures::StreamExt::next(inbound).await.transpose()
+}
+
 /// Errors of one exchange through a tunnel, classified by origin.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {

@@ -2,6 +2,7 @@
 
 use crate::body::{frames_from_body, TunnelBody};
 use crate::ExchangeError;
+use crate::Inbound;
 use bytes::Bytes;
 use kas_proto::v1::{
     agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 type OutItem = Result<Box<ServerFrame>, Box<Status>>;
 
@@ -96,7 +97,7 @@ pub struct ConnectedAgent {
 
 struct IdleTunnel {
     replica: Arc<str>,
-    inbound: Streaming<AgentFrame>,
+    inbound: Inbound,
     outbound: Outbound,
 }
 
@@ -226,7 +227,7 @@ impl TunnelRegistry {
         self: &Arc<Self>,
         agent_id: u64,
         replica: &Arc<str>,
-        inbound: Streaming<AgentFrame>,
+        inbound: Inbound,
         outbound: Outbound,
     ) {
         let mut agents = self.lock();
@@ -366,7 +367,7 @@ pub struct Tunnel {
     registry: Weak<TunnelRegistry>,
     agent_id: u64,
     replica: Arc<str>,
-    inbound: Streaming<AgentFrame>,
+    inbound: Inbound,
     outbound: Outbound,
     busy: BusyGuard,
     /// Carries one exchange only (a forward to another kas): the request direction is
@@ -404,12 +405,7 @@ impl Tunnel {
 
     /// A tunnel whose far end is another kas (the gateway kas of the private API)
     /// rather than an agent. It carries one exchange and is never pooled.
-    pub fn remote(
-        agent_id: u64,
-        label: Arc<str>,
-        inbound: Streaming<AgentFrame>,
-        outbound: Outbound,
-    ) -> Tunnel {
+    pub fn remote(agent_id: u64, label: Arc<str>, inbound: Inbound, outbound: Outbound) -> Tunnel {
         Tunnel {
             registry: Weak::new(),
             agent_id,
@@ -482,7 +478,7 @@ impl Tunnel {
                 }
             })))
         };
-        let first = self.inbound.message().await;
+        let first = crate::next_frame(&mut self.inbound).await;
         let head = match first {
             Ok(Some(AgentFrame {
                 msg: Some(agent_frame::Msg::ResponseHead(h)),
@@ -526,7 +522,7 @@ pub(crate) struct Reuse {
 }
 
 impl Reuse {
-    pub(crate) fn give_back(self, inbound: Streaming<AgentFrame>, outbound: Outbound) {
+    pub(crate) fn give_back(self, inbound: Inbound, outbound: Outbound) {
         if !self.request_sent.load(Ordering::SeqCst) {
             return;
         }
@@ -539,7 +535,7 @@ impl Reuse {
                 let mut inbound = inbound;
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        while let Ok(Some(_)) = inbound.message().await {}
+                        while let Ok(Some(_)) = crate::next_frame(&mut inbound).await {}
                     })
                     .await;
                 });

@@ -56,12 +56,43 @@ async fn requests_entering_any_replica_reach_the_right_agent() {
             assert_eq!(seen_as(&r, &ns).as_deref(), Some(user), "via kas {via}");
         }
     }
-    // A configuration change made through one replica reaches agents on the others.
     let listing = r.kasctl(2, &["agents"]);
     assert!(
         listing.contains("alpha") && listing.contains("beta"),
         "{listing}"
     );
+    // A configuration change made through one replica reaches the agent replicas
+    // connected to the others within 5 s (PostgreSQL NOTIFY -> each kas -> its agents).
+    let cfg = r.path("beta-v2.yaml");
+    std::fs::write(&cfg, config("agent-beta")).expect("config");
+    let v = r.kasctl_json(
+        0,
+        &[
+            "agent",
+            "config",
+            "set",
+            "acme/platform/agents",
+            "beta",
+            cfg.to_str().expect("path"),
+        ],
+    );
+    let version = v["version"].as_u64().expect("version");
+    for via in [1, 2] {
+        let own = r.info[via].instance.clone();
+        wait_for(Duration::from_secs(5), "config to reach the agent", || {
+            let agents = r.kasctl_json(via, &["agents"]);
+            agents
+                .as_array()?
+                .iter()
+                .find(|x| x["id"].as_u64() == Some(b))?["replicas"]
+                .as_array()?
+                .iter()
+                .any(|rep| {
+                    rep["kas"] == own.as_str() && rep["config_version"].as_u64() == Some(version)
+                })
+                .then_some(())
+        });
+    }
     // Finishing the job through one replica revokes it on all of them.
     r.kasctl(1, &["job", "finish", &job.id.to_string()]);
     for via in 0..3 {

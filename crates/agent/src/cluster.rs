@@ -234,6 +234,23 @@ impl ClusterAccess {
         &self,
     ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>, ClusterConfigError>
     {
+        self.build_client(true)
+    }
+
+    /// A client for in-cluster services: it trusts the cluster's CA but never presents
+    /// the agent's client certificate (services must not receive cluster credentials).
+    pub fn service_client(
+        &self,
+    ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>, ClusterConfigError>
+    {
+        self.build_client(false)
+    }
+
+    fn build_client(
+        &self,
+        with_identity: bool,
+    ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>, ClusterConfigError>
+    {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -255,7 +272,8 @@ impl ClusterAccess {
             }
             builder.with_root_certificates(roots)
         };
-        let tls = match &self.client_identity {
+        let identity = self.client_identity.as_ref().filter(|_| with_identity);
+        let tls = match identity {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let certs = rustls_pemfile::certs(&mut cert.as_slice())

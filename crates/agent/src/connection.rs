@@ -307,7 +307,7 @@ async fn session(
         .await
         .map_err(classify)?
         .ok_or(SessionError::Closed)?;
-    apply(first, config_tx, &ack_tx).await;
+    apply(first, &upstream, config_tx, &ack_tx).await;
     tracing::info!(kas = %target, "connected to kas");
 
     let pool = Arc::new(Pool {
@@ -340,7 +340,7 @@ async fn session(
     let configs_loop = async {
         loop {
             match configs.message().await {
-                Ok(Some(c)) => apply(c, config_tx, &ack_tx).await,
+                Ok(Some(c)) => apply(c, &upstream, config_tx, &ack_tx).await,
                 Ok(None) => return SessionError::Closed,
                 Err(s) => return classify(s),
             }
@@ -359,10 +359,12 @@ async fn session(
 
 async fn apply(
     c: AgentConfiguration,
+    upstream: &Upstream,
     config_tx: &watch::Sender<Option<AgentConfiguration>>,
     ack_tx: &mpsc::Sender<ConfigAck>,
 ) {
     let version = c.version;
+    upstream.configure(&c.config_yaml, &c.config_project_path);
     tracing::info!(agent_id = c.agent_id, agent = %c.agent_name, version, "applied agent configuration");
     config_tx.send_replace(Some(c));
     let _ = ack_tx

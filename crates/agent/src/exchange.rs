@@ -13,16 +13,55 @@ use kas_proto::v1::{
     RequestHead, ResponseHead, ServerFrame, TunnelError,
 };
 use kas_proto::MAX_DATA_FRAME;
+use kas_authz::services::{service_allowed, AllowedService};
 use kas_tunnel::headers;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
+
 /// What the agent needs to serve requests.
 pub struct Upstream {
     pub access: ClusterAccess,
-    pub client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// The cluster API, with the agent's credentials.
+    pub client: HttpsClient,
+    /// In-cluster services, without credentials.
+    pub service_client: HttpsClient,
+    /// The services the configuration allows (replaced on every configuration).
+    services: std::sync::RwLock<std::sync::Arc<Vec<AllowedService>>>,
+}
+
+impl Upstream {
+    pub fn new(access: ClusterAccess) -> Result<Self, crate::cluster::ClusterConfigError> {
+        Ok(Upstream {
+            client: access.client()?,
+            service_client: access.service_client()?,
+            access,
+            services: Default::default(),
+        })
+    }
+
+    /// Applies a configuration from kas (already validated there).
+    pub fn configure(&self, yaml: &str, config_project: &str) {
+        let services = match kas_authz::parse_agent_config(yaml, config_project) {
+            Ok((c, _)) => c.allowed_services(),
+            Err(e) => {
+                // kas validated it; a newer kas may know fields this agent does not.
+                tracing::warn!(error = %e, "cannot read service_access from the configuration; no services allowed");
+                Vec::new()
+            }
+        };
+        *self.services.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(services);
+    }
+
+    fn allowed_services(&self) -> std::sync::Arc<Vec<AllowedService>> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 pub type Out = mpsc::Sender<AgentFrame>;
@@ -87,18 +126,45 @@ async fn fail(out: &Out, code: Code, message: &str) {
     .await;
 }
 
-fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, String> {
+/// The URI of an in-cluster service request, if `service_access` allows it.
+fn service_uri(
+    allowed: &[AllowedService],
+    svc: &kas_proto::v1::Service,
+    path_and_query: &str,
+) -> Result<Uri, (Code, String)> {
+    let bad = |m: &str| (Code::BadRequest, m.to_string());
     if !path_and_query.starts_with('/') {
-        return Err("request path must start with '/'".into());
+        return Err(bad("request path must start with '/'"));
+    }
+    let port = u16::try_from(svc.port).map_err(|_| bad("invalid service port"))?;
+    let path = path_and_query.split('?').next().unwrap_or("/");
+    if !service_allowed(allowed, &svc.scheme, &svc.host, port, path) {
+        return Err((
+            Code::Forbidden,
+            format!(
+                "{}://{}:{port}{path} is not allowed by this agent's service_access",
+                svc.scheme, svc.host
+            ),
+        ));
+    }
+    format!("{}://{}:{port}{path_and_query}", svc.scheme, svc.host)
+        .parse()
+        .map_err(|_| bad("invalid service URL"))
+}
+
+fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, (Code, String)> {
+    let bad = |m: &str| (Code::BadRequest, m.to_string());
+    if !path_and_query.starts_with('/') {
+        return Err(bad("request path must start with '/'"));
     }
     let prefix = base.path().trim_end_matches('/');
     let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(
         format!("{prefix}{path_and_query}")
             .parse()
-            .map_err(|_| "request path is invalid".to_string())?,
+            .map_err(|_| bad("request path is invalid"))?,
     );
-    Uri::from_parts(parts).map_err(|_| "request path is invalid".to_string())
+    Uri::from_parts(parts).map_err(|_| bad("request path is invalid"))
 }
 
 /// Largest response body sent inline in the response head.
@@ -172,22 +238,29 @@ async fn respond(
     out: &Out,
 ) -> bool {
     let request_id = head.request_id.as_str();
-    let uri = match target_uri(&up.access.server, &head.path_and_query) {
+    let target = match &head.service {
+        None => target_uri(&up.access.server, &head.path_and_query),
+        Some(svc) => service_uri(&up.allowed_services(), svc, &head.path_and_query),
+    };
+    let uri = match target {
         Ok(u) => u,
-        Err(m) => {
-            fail(out, Code::BadRequest, &m).await;
+        Err((code, m)) => {
+            tracing::info!(%request_id, reason = %m, "refused a request");
+            fail(out, code, &m).await;
             return false;
         }
     };
+    let to_service = head.service.is_some();
     let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
         fail(out, Code::BadRequest, "invalid method").await;
         return false;
     };
     let mut req_headers = headers::from_wire(&head.headers, true);
-    if let Some(a) = up.access.auth.header() {
+    // Services never see the agent's credentials or an impersonation.
+    if let Some(a) = up.access.auth.header().filter(|_| !to_service) {
         req_headers.insert(http::header::AUTHORIZATION, a);
     }
-    if let Some(i) = &head.impersonation {
+    if let Some(i) = head.impersonation.as_ref().filter(|_| !to_service) {
         match impersonation_headers(i) {
             Ok(h) => {
                 for (n, v) in h {
@@ -214,16 +287,22 @@ async fn respond(
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = req_headers;
-    let mut resp = match up.client.request(req).await {
+    let client = if to_service {
+        &up.service_client
+    } else {
+        &up.client
+    };
+    let mut resp = match client.request(req).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(%request_id, error = %e, "cannot reach the cluster API");
-            fail(
-                out,
-                Code::UpstreamUnavailable,
-                "the agent cannot reach the Kubernetes API server",
-            )
-            .await;
+            // The cause stays in the agent's log; kas and the caller learn only this.
+            tracing::warn!(%request_id, error = %e, service = to_service, "upstream unreachable");
+            let m = if to_service {
+                "the agent cannot reach the service"
+            } else {
+                "the agent cannot reach the Kubernetes API server"
+            };
+            fail(out, Code::UpstreamUnavailable, m).await;
             return false;
         }
     };

@@ -102,7 +102,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .unwrap_or_else(|e| fail(e.to_string()));
     let client = access.client().unwrap_or_else(|e| fail(e.to_string()));
     tracing::info!(cluster = %access.server, kas = ?cli.kas_address, "agentk starting");
-    let upstream = Arc::new(Upstream { access, client });
+    drop(client);
+    let upstream = Arc::new(Upstream::new(access).unwrap_or_else(|e| fail(e.to_string())));
     let opts = ConnectOptions {
         kas_addresses: cli.kas_address,
         token,

@@ -15,6 +15,20 @@ pub const MAX_GROUPS: usize = 100;
 pub struct AgentConfig {
     #[serde(default)]
     pub ci_access: CiAccess,
+    /// In-cluster services the application may reach through the agent.
+    #[serde(default)]
+    pub service_access: Vec<crate::services::ServiceEntry>,
+}
+
+impl AgentConfig {
+    /// The parsed `service_access` entries (invalid ones were refused on validation,
+    /// so they are skipped here).
+    pub fn allowed_services(&self) -> Vec<crate::services::AllowedService> {
+        self.service_access
+            .iter()
+            .filter_map(|e| crate::services::parse_service_url(&e.url).ok())
+            .collect()
+    }
 }
 
 /// Which projects and groups may use the agent from CI/CD jobs.
@@ -215,6 +229,11 @@ pub fn parse_agent_config(
                 &e.access_as,
             )
         }));
+    for (i, e) in config.service_access.iter().enumerate() {
+        if let Err(m) = crate::services::parse_service_url(&e.url) {
+            problems.push(problem(format!("service_access[{i}].url"), m));
+        }
+    }
     let mut seen = HashSet::new();
     for (at, id, ns, envs, access_as) in entries {
         if let Err(m) = validate_path(id) {

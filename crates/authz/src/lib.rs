@@ -1,6 +1,9 @@
 //! The CI access model: the `ci_access` section of an agent's `config.yaml`, its
 //! validation, and the pure decision "may this CI job use this agent, and as whom".
 //!
+//! It also parses `service_access` (which in-cluster services the application may
+//! reach through the agent; see [`services`]).
+//!
 //! Everything here is synchronous and free of I/O so it can be tested exhaustively.
 //! It does not look anything up: callers pass the job's project, group chain and
 //! environment, and the agent's parsed configuration. It builds the impersonation
@@ -9,6 +12,7 @@
 mod config;
 mod decide;
 mod glob;
+pub mod services;
 
 pub use config::{
     parse_agent_config, AccessAs, AgentConfig, CiAccess, ConfigError, ConfigWarning, GroupEntry,

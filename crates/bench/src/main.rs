@@ -376,10 +376,7 @@ async fn main() -> Result<()> {
             tokens.push(v["token"].as_str().context("token")?.to_string());
         }
         let access = kas_agent::ClusterAccess::from_kubeconfig(&kubeconfig, None)?;
-        let upstream = Arc::new(kas_agent::Upstream {
-            client: access.client()?,
-            access,
-        });
+        let upstream = Arc::new(kas_agent::Upstream::new(access)?);
         let kas_pid = env.kas.pid();
         let before = proc_status_kib(kas_pid, "VmRSS:");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

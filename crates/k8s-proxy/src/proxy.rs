@@ -186,6 +186,7 @@ impl K8sProxy {
             upgrade,
             request_id: request_id.clone(),
             end_of_body: replayable && !upgrade,
+            service: None,
         };
         let mut body = Some(req.into_body());
 

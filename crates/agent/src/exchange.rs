@@ -8,12 +8,12 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioIo;
+use kas_authz::services::{service_allowed, AllowedService};
 use kas_proto::v1::{
     agent_frame, server_frame, tunnel_error::Code, AgentFrame, Data, EndOfBody, Impersonation,
     RequestHead, ResponseHead, ServerFrame, TunnelError,
 };
 use kas_proto::MAX_DATA_FRAME;
-use kas_authz::services::{service_allowed, AllowedService};
 use kas_tunnel::headers;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

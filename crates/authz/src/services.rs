@@ -37,7 +37,11 @@ pub fn parse_service_url(url: &str) -> Result<AllowedService, String> {
     let default_port = match scheme.as_str() {
         "http" => 80,
         "https" => 443,
-        _ => return Err(format!("`{url}`: only http and https services can be reached")),
+        _ => {
+            return Err(format!(
+                "`{url}`: only http and https services can be reached"
+            ))
+        }
     };
     if rest.contains(['?', '#', '@']) {
         return Err(format!(
@@ -68,7 +72,9 @@ pub fn parse_service_url(url: &str) -> Result<AllowedService, String> {
         return Err(format!("`{url}`: port 0 is not a port"));
     }
     if has_dot_segment(path) {
-        return Err(format!("`{url}`: the path must not contain `.` or `..` segments"));
+        return Err(format!(
+            "`{url}`: the path must not contain `.` or `..` segments"
+        ));
     }
     let mut prefix = path.to_string();
     if !prefix.ends_with('/') {
@@ -137,11 +143,19 @@ mod tests {
     fn urls_parse_with_defaults() {
         let s = parse_service_url("http://Prometheus.monitoring.svc:9090/api/v1").expect("ok");
         assert_eq!(
-            (s.scheme.as_str(), s.host.as_str(), s.port, s.path_prefix.as_str()),
+            (
+                s.scheme.as_str(),
+                s.host.as_str(),
+                s.port,
+                s.path_prefix.as_str()
+            ),
             ("http", "prometheus.monitoring.svc", 9090, "/api/v1/")
         );
         assert_eq!(parse_service_url("https://svc").expect("ok").port, 443);
-        assert_eq!(parse_service_url("http://svc").expect("ok").path_prefix, "/");
+        assert_eq!(
+            parse_service_url("http://svc").expect("ok").path_prefix,
+            "/"
+        );
         for bad in [
             "svc:80",
             "ftp://svc/",
@@ -161,11 +175,9 @@ mod tests {
         let err = crate::parse_agent_config("service_access:\n  - url: ftp://x/\n", "a/b")
             .expect_err("refused");
         assert!(err.to_string().contains("service_access[0].url"), "{err}");
-        let (c, _) = crate::parse_agent_config(
-            "service_access:\n  - url: http://prom:9090/api/\n",
-            "a/b",
-        )
-        .expect("valid");
+        let (c, _) =
+            crate::parse_agent_config("service_access:\n  - url: http://prom:9090/api/\n", "a/b")
+                .expect("valid");
         assert_eq!(c.allowed_services()[0].port, 9090);
     }
 

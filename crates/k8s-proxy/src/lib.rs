@@ -11,6 +11,6 @@ mod status;
 mod token;
 
 pub use kubeconfig::{job_kubeconfig, KubeconfigError};
-pub use proxy::{K8sProxy, ProxyBody, ProxyOptions};
+pub use proxy::{exchange, ExchangeFailure, K8sProxy, ProxyBody, ProxyOptions};
 pub use status::status_response;
 pub use token::{parse_ci_token, CiToken, TokenError};

@@ -188,60 +188,23 @@ impl K8sProxy {
             end_of_body: replayable && !upgrade,
             service: None,
         };
-        let mut body = Some(req.into_body());
+        let body = req.into_body();
 
-        let mut attempt = 0;
-        // Tunnels that broke for this request; the router avoids them when it can.
-        let mut broken: Vec<Arc<str>> = Vec::new();
-        let outcome = loop {
-            attempt += 1;
-            let acquired = self
-                .router
-                .acquire(agent_id, self.opts.agent_wait, &broken, replayable)
-                .await;
-            let tunnel = match acquired {
-                Ok(t) => t,
-                Err(e) => {
-                    let msg = match e {
-                        AcquireError::NotConnected => {
-                            format!("agent {agent_id} is not connected to kas")
-                        }
-                        AcquireError::NoFreeTunnel => {
-                            format!("agent {agent_id} has no free tunnel; retry later")
-                        }
-                    };
-                    tracing::warn!(%request_id, agent_id, job_id = job.job_id, status = 503, "k8s-proxy: {msg}");
-                    return status_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
-                }
-            };
-            let label: Arc<str> = Arc::from(tunnel.replica());
-            let res = if replayable {
-                tunnel.round_trip(head.clone(), Empty::<Bytes>::new()).await
-            } else {
-                match body.take() {
-                    Some(b) => tunnel.round_trip(head.clone(), b).await,
-                    None => break Err(ExchangeError::TunnelClosed),
-                }
-            };
-            match res {
-                Err(ExchangeError::TunnelClosed) if replayable && attempt < ATTEMPTS => {
-                    broken.push(label);
-                    continue;
-                }
-                other => break other,
-            }
-        };
+        let outcome = exchange(
+            &self.router,
+            agent_id,
+            &head,
+            body,
+            replayable,
+            self.opts.agent_wait,
+        )
+        .await;
         let (rhead, tbody) = match outcome {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = 502, "k8s-proxy: exchange failed");
-                let msg = match e {
-                    ExchangeError::Agent { message, .. } => {
-                        format!("the agent could not complete the request: {message}")
-                    }
-                    _ => "the agent's connection broke before it answered; retry".to_string(),
-                };
-                return status_response(StatusCode::BAD_GATEWAY, &msg);
+                let code = e.status();
+                tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = code.as_u16(), "k8s-proxy: no response from the agent");
+                return status_response(code, &e.to_string());
             }
         };
         let Ok(status) = StatusCode::from_u16(rhead.status as u16) else {
@@ -324,4 +287,87 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
     };
     let (_, tunnel) = tokio::join!(up, down);
     drop(tunnel);
+}
+
+/// Why an exchange through an agent produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeFailure {
+    #[error("agent {0} is not connected to kas")]
+    NotConnected(u64),
+    #[error("agent {0} has no free tunnel; retry later")]
+    NoFreeTunnel(u64),
+    #[error("the agent refused the request: {0}")]
+    Refused(String),
+    #[error("the agent could not complete the request: {0}")]
+    Agent(String),
+    #[error("the agent's connection broke before it answered; retry")]
+    Broken,
+}
+
+impl ExchangeFailure {
+    /// The HTTP status a client gets for this failure.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ExchangeFailure::NotConnected(_) | ExchangeFailure::NoFreeTunnel(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ExchangeFailure::Refused(_) => StatusCode::FORBIDDEN,
+            ExchangeFailure::Agent(_) | ExchangeFailure::Broken => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Sends one request to `agent_id` through the router and waits for the response head.
+/// A request without a body (`replayable`) is retried on another tunnel when one
+/// breaks before the agent answered. Used by the CI proxy and the application API.
+pub async fn exchange<B>(
+    router: &Router,
+    agent_id: u64,
+    head: &RequestHead,
+    body: B,
+    replayable: bool,
+    wait: Duration,
+) -> Result<(kas_proto::v1::ResponseHead, TunnelBody), ExchangeFailure>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display + Send,
+{
+    let mut body = Some(body);
+    let mut attempt = 0;
+    // Tunnels that broke for this request; the router avoids them when it can.
+    let mut broken: Vec<Arc<str>> = Vec::new();
+    loop {
+        attempt += 1;
+        let tunnel = router
+            .acquire(agent_id, wait, &broken, replayable)
+            .await
+            .map_err(|e| match e {
+                AcquireError::NotConnected => ExchangeFailure::NotConnected(agent_id),
+                AcquireError::NoFreeTunnel => ExchangeFailure::NoFreeTunnel(agent_id),
+            })?;
+        let label: Arc<str> = Arc::from(tunnel.replica());
+        let res = if replayable {
+            tunnel.round_trip(head.clone(), Empty::<Bytes>::new()).await
+        } else {
+            match body.take() {
+                Some(b) => tunnel.round_trip(head.clone(), b).await,
+                None => return Err(ExchangeFailure::Broken),
+            }
+        };
+        match res {
+            Ok(x) => return Ok(x),
+            Err(ExchangeError::TunnelClosed) if replayable && attempt < ATTEMPTS => {
+                broken.push(label);
+            }
+            Err(ExchangeError::Agent { code, message })
+                if code == kas_proto::v1::tunnel_error::Code::Forbidden as i32 =>
+            {
+                return Err(ExchangeFailure::Refused(message))
+            }
+            Err(ExchangeError::Agent { message, .. }) => {
+                return Err(ExchangeFailure::Agent(message))
+            }
+            Err(_) => return Err(ExchangeFailure::Broken),
+        }
+    }
 }

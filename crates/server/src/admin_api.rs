@@ -367,7 +367,7 @@ async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Con
 }
 
 /// Connected agents on this kas and, with a shared registry, on every other kas.
-async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
+pub(crate) async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
     let mut agents = router.registry().snapshot();
     let Some(shared) = router.connections().await else {
         return agents;

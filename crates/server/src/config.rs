@@ -46,6 +46,10 @@ pub struct Cli {
     /// PostgreSQL URL for the shared control plane; absent = SQLite in the data dir.
     #[arg(long, env = "KAS_CONTROLPLANE_URL")]
     pub controlplane_url: Option<String>,
+    /// File with the secret (at least 32 bytes) that signs the application's JWTs;
+    /// absent = the application API is off.
+    #[arg(long, env = "KAS_APPLICATION_SECRET_FILE")]
+    pub application_secret_file: Option<PathBuf>,
     /// URL CI jobs use to reach the Kubernetes API proxy (goes into job kubeconfigs).
     #[arg(long, env = "KAS_K8S_PROXY_URL")]
     pub k8s_proxy_url: Option<String>,
@@ -74,6 +78,7 @@ impl Default for Cli {
             private_url: None,
             redis_url: None,
             controlplane_url: None,
+            application_secret_file: None,
             k8s_proxy_url: None,
             log_level: None,
             log_format: "text".into(),
@@ -98,6 +103,17 @@ struct FileConfig {
     private: FilePrivate,
     #[serde(default)]
     controlplane: FileControlPlane,
+    #[serde(default)]
+    application: FileApplication,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApplication {
+    /// File with the secret that signs the application's JWTs.
+    secret_file: Option<PathBuf>,
+    /// JSON-lines file for the Kubernetes integration log (besides the `k8s_integration` log target).
+    integration_log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +210,44 @@ pub struct Config {
     pub shared: Option<SharedConfig>,
     /// PostgreSQL URL (None: SQLite in the data dir).
     pub controlplane_url: Option<String>,
+    /// The application API (None: off).
+    pub application: Option<ApplicationConfig>,
+}
+
+/// The application API's settings.
+#[derive(Clone)]
+pub struct ApplicationConfig {
+    pub secret: Vec<u8>,
+    pub integration_log_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ApplicationConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplicationConfig")
+            .field("secret", &"<redacted>")
+            .field("integration_log_file", &self.integration_log_file)
+            .finish()
+    }
+}
+
+/// Reads a shared secret file (trimmed), recording a problem if it is unusable.
+fn read_secret(what: &str, path: &Path, errors: &mut Vec<String>) -> Vec<u8> {
+    match std::fs::read(path) {
+        Ok(s) => {
+            let s = s.trim_ascii().to_vec();
+            if s.len() < 32 {
+                errors.push(format!(
+                    "{what} {}: the secret must be at least 32 bytes",
+                    path.display()
+                ));
+            }
+            s
+        }
+        Err(e) => {
+            errors.push(format!("{what} {}: {e}", path.display()));
+            Vec::new()
+        }
+    }
 }
 
 /// Settings of a kas that is one of several replicas.
@@ -431,22 +485,7 @@ impl Config {
                     errors.push("private.secret_file is required with redis.url: the kas replicas authenticate each other with it".into());
                     Vec::new()
                 }
-                Some(p) => match std::fs::read(p) {
-                    Ok(s) => {
-                        let s = s.trim_ascii().to_vec();
-                        if s.len() < 32 {
-                            errors.push(format!(
-                                "private.secret_file {}: the secret must be at least 32 bytes",
-                                p.display()
-                            ));
-                        }
-                        s
-                    }
-                    Err(e) => {
-                        errors.push(format!("private.secret_file {}: {e}", p.display()));
-                        Vec::new()
-                    }
-                },
+                Some(p) => read_secret("private.secret_file", p, &mut errors),
             };
             let private_url = cli.private_url.clone().or(file.private.url.clone());
             match &private_url {
@@ -466,6 +505,17 @@ impl Config {
                 secret,
             }
         });
+        let application = cli
+            .application_secret_file
+            .clone()
+            .or(file.application.secret_file.clone())
+            .map(|p| ApplicationConfig {
+                secret: read_secret("application.secret_file", &p, &mut errors),
+                integration_log_file: file.application.integration_log_file.clone(),
+            });
+        if application.is_none() && file.application.integration_log_file.is_some() {
+            errors.push("application.integration_log_file needs application.secret_file (the application API is off without it)".into());
+        }
         let controlplane_url = cli
             .controlplane_url
             .clone()
@@ -503,6 +553,7 @@ impl Config {
                 listen_private,
                 shared,
                 controlplane_url,
+                application,
             })
         } else {
             Err(errors)

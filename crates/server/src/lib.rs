@@ -7,6 +7,7 @@
 
 mod admin_api;
 mod agent_api;
+pub mod application_api;
 pub mod config;
 mod serve;
 pub mod tls;
@@ -344,7 +345,18 @@ impl Kas {
             k8s_proxy_url,
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
         });
-        let api = hyper_util::service::TowerToHyperService::new(admin_api::router(state));
+        let mut api_router = admin_api::router(state);
+        if let Some(app) = &config.application {
+            let app_state = Arc::new(application_api::AppState {
+                cp: cp.clone(),
+                router: router.clone(),
+                decoding: jsonwebtoken::DecodingKey::from_secret(&app.secret),
+                agent_wait: config.agent_wait_timeout,
+                log: application_api::IntegrationLog::new(app.integration_log_file.clone()),
+            });
+            api_router = api_router.merge(application_api::router(app_state));
+        }
+        let api = hyper_util::service::TowerToHyperService::new(api_router);
         tasks.spawn(serve::serve_http(
             api_l,
             None,

@@ -1,5 +1,6 @@
 //! A **test** Kubernetes API server. It is not a cluster: it keeps namespaces, pods and
-//! configmaps in memory and serves discovery, list/get/create/update/patch/delete,
+//! configmaps in memory (plus fixed, read-only `apps/v1` deployments and
+//! `rbac.authorization.k8s.io/v1` cluster roles) and serves discovery, list/get/create/update/patch/delete,
 //! watch streaming, pod logs (with `follow`), and `exec` over WebSocket
 //! (`v5.channel.k8s.io`/`v4.channel.k8s.io`, echoing stdin). It authenticates one
 //! bearer token (the agent's ServiceAccount) and records the identity and
@@ -8,6 +9,8 @@
 //! Test-only endpoints under `/_test/`: `bytes?n=N` (a streamed body of N bytes),
 //! `abort` (64 KiB, then the body fails),
 //! `stream` (an endless slow body), `echo` (POST: streams the request body back),
+//! `slow?ms=N` (answers after N ms, default 2000); any request with `_delay_ms=N` in
+//! its query is answered N ms late,
 //! `requests` (the recorded requests as JSON).
 
 use crate::time::{now_secs, rfc3339};
@@ -456,6 +459,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
+    // Any request may ask to be slow (a cluster under load), for caching tests.
+    if let Some(ms) = param("_delay_ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     match (method.clone(), segs.as_slice()) {
         (Method::GET, ["version"]) => json_resp(
             StatusCode::OK,
@@ -465,10 +472,50 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             StatusCode::OK,
             &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]}),
         ),
-        (Method::GET, ["apis"]) => json_resp(
+        (Method::GET, ["apis"]) => {
+            let g = |name: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}});
+            json_resp(
+                StatusCode::OK,
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [g("apps"), g("rbac.authorization.k8s.io")]}),
+            )
+        }
+        (Method::GET, ["apis", "apps", "v1"]) => json_resp(
             StatusCode::OK,
-            &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
+            &json!({"kind": "APIResourceList", "groupVersion": "apps/v1", "resources": [
+                {"name": "deployments", "singularName": "", "namespaced": true, "kind": "Deployment", "verbs": ["get", "list"], "shortNames": ["deploy"]}
+            ]}),
         ),
+        (Method::GET, ["apis", "rbac.authorization.k8s.io", "v1"]) => json_resp(
+            StatusCode::OK,
+            &json!({"kind": "APIResourceList", "groupVersion": "rbac.authorization.k8s.io/v1", "resources": [
+                {"name": "clusterroles", "singularName": "", "namespaced": false, "kind": "ClusterRole", "verbs": ["get", "list"], "shortNames": []}
+            ]}),
+        ),
+        // Read-only, fixed objects: enough for clients that span several API groups.
+        (Method::GET, ["apis", "apps", "v1", "deployments"])
+        | (Method::GET, ["apis", "apps", "v1", "namespaces", "default", "deployments"]) => {
+            json_resp(
+                StatusCode::OK,
+                &json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {"resourceVersion": "1"}, "items": [
+                    {"metadata": {"name": "web", "namespace": "default"}, "spec": {"replicas": 2}}
+                ]}),
+            )
+        }
+        (Method::GET, ["apis", "apps", "v1", "namespaces", _, "deployments"]) => json_resp(
+            StatusCode::OK,
+            &json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {"resourceVersion": "1"}, "items": []}),
+        ),
+        (Method::GET, ["apis", "rbac.authorization.k8s.io", "v1", "clusterroles"]) => json_resp(
+            StatusCode::OK,
+            &json!({"kind": "ClusterRoleList", "apiVersion": "rbac.authorization.k8s.io/v1", "metadata": {"resourceVersion": "1"}, "items": [
+                {"metadata": {"name": "cluster-admin"}}, {"metadata": {"name": "view"}}
+            ]}),
+        ),
+        (Method::GET, ["_test", "slow"]) => {
+            let ms: u64 = param("ms").and_then(|v| v.parse().ok()).unwrap_or(2000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            json_resp(StatusCode::OK, &json!({"kind": "Slow", "waitedMs": ms}))
+        }
         (Method::GET, ["api", "v1"]) => {
             let r = |name: &str, kind: &str, namespaced: bool, verbs: Value, short: Value| json!({"name": name, "singularName": "", "namespaced": namespaced, "kind": kind, "verbs": verbs, "shortNames": short});
             let crud = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);

@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod fixture;
 pub mod http;
 pub mod procs;
+pub mod prometheus;
 pub mod replicas;
 pub mod services;
 mod time;

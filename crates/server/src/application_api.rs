@@ -1,0 +1,403 @@
+//! The application API on kas's API listener: how the central application reaches its
+//! agents, their clusters' APIs and in-cluster services. Authenticated by an HS256 JWT
+//! (audience `kas-application`, `exp` required) signed with a secret shared with the
+//! application; anything else gets 401.
+//!
+//! - `GET  /application/v1/agents`: agents and their connection state.
+//! - `ANY  /application/v1/agents/<id>/kubernetes/<path>`: the cluster API, as the agent,
+//!   or as the user the application names with `Impersonate-User` (`-Uid`, `-Group`,
+//!   `-Extra-*`): the application is trusted to say whom it acts for.
+//! - `ANY  /application/v1/agents/<id>/services/<scheme>/<host>/<port>/<path>`: an
+//!   in-cluster HTTP service, if the agent's `service_access` allows it.
+//!
+//! Bodies stream both ways. Every call is recorded in the Kubernetes integration log
+//! (tracing target `k8s_integration`, and optionally a JSON-lines file), without secrets.
+
+use crate::admin_api::connected_everywhere;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use kas_controlplane::ControlPlane;
+use kas_k8s_proxy::{exchange, ExchangeFailure};
+use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, Service};
+use kas_router::Router as KasRouter;
+use kas_tunnel::headers;
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// The audience application JWTs must name.
+pub const AUDIENCE: &str = "kas-application";
+
+/// What the application API needs.
+pub struct AppState {
+    pub cp: Arc<dyn ControlPlane>,
+    pub router: Arc<KasRouter>,
+    pub decoding: DecodingKey,
+    pub agent_wait: Duration,
+    pub log: IntegrationLog,
+}
+
+/// The Kubernetes integration log: one structured record per cluster call.
+#[derive(Clone)]
+pub struct IntegrationLog {
+    file: Option<mpsc::UnboundedSender<String>>,
+}
+
+/// One cluster call made for the application.
+#[derive(Debug, Serialize)]
+struct Record<'a> {
+    time: u64,
+    agent_id: u64,
+    target: &'a str,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'a str>,
+    request_id: &'a str,
+}
+
+impl IntegrationLog {
+    /// Logs to the `k8s_integration` tracing target and, with `file`, appends JSON
+    /// lines to it (written by a background task, so a slow disk never blocks a call).
+    pub fn new(file: Option<std::path::PathBuf>) -> IntegrationLog {
+        let file = file.map(|path| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            tokio::spawn(async move {
+                let f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .await;
+                let mut f = match f {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "cannot open the Kubernetes integration log");
+                        return;
+                    }
+                };
+                while let Some(line) = rx.recv().await {
+                    if let Err(e) = f.write_all(line.as_bytes()).await {
+                        tracing::error!(error = %e, "cannot write the Kubernetes integration log");
+                    }
+                }
+            });
+            tx
+        });
+        IntegrationLog { file }
+    }
+
+    fn record(&self, r: &Record<'_>) {
+        tracing::info!(
+            target: "k8s_integration",
+            agent_id = r.agent_id, target_kind = r.target, method = r.method, path = r.path,
+            status = r.status, duration_ms = r.duration_ms, error_code = r.error_code,
+            request_id = r.request_id, "cluster call"
+        );
+        if let Some(tx) = &self.file {
+            if let Ok(mut line) = serde_json::to_string(r) {
+                line.push('\n');
+                let _ = tx.send(line);
+            }
+        }
+    }
+}
+
+/// The application API router (paths under `/application/v1`).
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/agents", get(list_agents))
+        .route("/agents/:id/kubernetes", any(kubernetes))
+        .route("/agents/:id/kubernetes/*path", any(kubernetes))
+        .route("/agents/:id/services/:scheme/:host/:port", any(service))
+        .route(
+            "/agents/:id/services/:scheme/:host/:port/*path",
+            any(service),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    Router::new().nest("/application/v1", api)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        Json(json!({ "error": message, "code": status.as_u16() })),
+    )
+        .into_response()
+}
+
+async fn auth(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_audience(&[AUDIENCE]);
+    v.set_required_spec_claims(&["exp", "aud"]);
+    v.leeway = 5;
+    match token.map(|t| jsonwebtoken::decode::<serde_json::Value>(t.trim(), &state.decoding, &v)) {
+        Some(Ok(_)) => next.run(req).await,
+        Some(Err(e)) => {
+            tracing::info!(reason = %e, "application API: invalid token");
+            error(StatusCode::UNAUTHORIZED, "invalid application token")
+        }
+        None => error(StatusCode::UNAUTHORIZED, "an application token is required"),
+    }
+}
+
+#[derive(Serialize)]
+struct AgentState {
+    id: u64,
+    name: String,
+    config_project: String,
+    connected: bool,
+    replicas: usize,
+    kas: Vec<String>,
+    connected_since: Option<u64>,
+    agent_versions: Vec<String>,
+}
+
+async fn list_agents(State(s): State<Arc<AppState>>) -> Response {
+    let agents = match s.cp.list_agents().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "application API: control plane unavailable");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable");
+        }
+    };
+    let connected = connected_everywhere(&s.router).await;
+    let out: Vec<AgentState> = agents
+        .into_iter()
+        .map(|a| {
+            let c = connected.iter().find(|c| c.agent_id == a.id);
+            let reps = c.map(|c| c.replicas.as_slice()).unwrap_or_default();
+            let mut kas: Vec<String> = reps.iter().filter_map(|r| r.kas.clone()).collect();
+            kas.sort();
+            kas.dedup();
+            let mut versions: Vec<String> = reps.iter().map(|r| r.agent_version.clone()).collect();
+            versions.sort();
+            versions.dedup();
+            AgentState {
+                id: a.id,
+                name: a.name,
+                config_project: a.project_path,
+                connected: !reps.is_empty(),
+                replicas: reps.len(),
+                kas,
+                connected_since: reps.iter().map(|r| r.connected_since).min(),
+                agent_versions: versions,
+            }
+        })
+        .collect();
+    Json(out).into_response()
+}
+
+/// Path and query after `prefix_segments` segments of the request path.
+fn rest_of(req: &Request, prefix_segments: usize) -> String {
+    let path = req.uri().path();
+    let rest: Vec<&str> = path.split('/').skip(prefix_segments + 1).collect();
+    let mut out = format!("/{}", rest.join("/"));
+    if let Some(q) = req.uri().query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+// Inside the nested router the URI path starts at `/agents/...` (axum strips the
+// `/application/v1` prefix).
+fn agent_id(req: &Request) -> Option<u64> {
+    // /agents/<id>/...
+    req.uri().path().split('/').nth(2)?.parse().ok()
+}
+
+/// The impersonation the application asks for with `Impersonate-*` headers.
+fn impersonation(h: &HeaderMap) -> Result<Option<Impersonation>, String> {
+    let text = |v: &http::HeaderValue| {
+        v.to_str()
+            .map(str::to_string)
+            .map_err(|_| "impersonation headers must be text".to_string())
+    };
+    let Some(user) = h.get("impersonate-user") else {
+        if h.keys().any(|k| k.as_str().starts_with("impersonate-")) {
+            return Err("Impersonate-User is required with other Impersonate-* headers".into());
+        }
+        return Ok(None);
+    };
+    let mut i = Impersonation {
+        username: text(user)?,
+        ..Default::default()
+    };
+    if let Some(uid) = h.get("impersonate-uid") {
+        i.uid = text(uid)?;
+    }
+    for g in h.get_all("impersonate-group") {
+        i.groups.push(text(g)?);
+    }
+    for (name, value) in h {
+        if let Some(key) = name.as_str().strip_prefix("impersonate-extra-") {
+            let key = percent_encoding::percent_decode_str(key)
+                .decode_utf8()
+                .map_err(|_| "bad Impersonate-Extra key".to_string())?
+                .to_string();
+            match i.extra.iter_mut().find(|e| e.key == key) {
+                Some(e) => e.values.push(text(value)?),
+                None => i.extra.push(ExtraValues {
+                    key,
+                    values: vec![text(value)?],
+                }),
+            }
+        }
+    }
+    if i.username.trim().is_empty() {
+        return Err("Impersonate-User must not be empty".into());
+    }
+    Ok(Some(i))
+}
+
+async fn kubernetes(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let Some(id) = agent_id(&req) else {
+        return error(StatusCode::NOT_FOUND, "no such agent");
+    };
+    let path = rest_of(&req, 3);
+    let imp = match impersonation(req.headers()) {
+        Ok(i) => i,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    forward(s, id, "kubernetes".to_string(), None, imp, path, req).await
+}
+
+async fn service(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let Some(id) = agent_id(&req) else {
+        return error(StatusCode::NOT_FOUND, "no such agent");
+    };
+    let segs: Vec<String> = req
+        .uri()
+        .path()
+        .split('/')
+        .skip(4)
+        .take(3)
+        .map(str::to_string)
+        .collect();
+    let (scheme, host, port) = match segs.as_slice() {
+        [scheme, host, port] => (scheme.clone(), host.clone(), port.parse::<u32>().ok()),
+        _ => return error(StatusCode::NOT_FOUND, "no such service path"),
+    };
+    let Some(port) = port.filter(|p| *p > 0 && *p <= 65535) else {
+        return error(StatusCode::BAD_REQUEST, "the service port is not a port");
+    };
+    if !matches!(scheme.as_str(), "http" | "https") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the service scheme must be http or https",
+        );
+    }
+    let path = rest_of(&req, 6);
+    let target = format!("service:{scheme}://{host}:{port}");
+    let svc = Service { scheme, host, port };
+    forward(s, id, target, Some(svc), None, path, req).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn forward(
+    s: Arc<AppState>,
+    agent_id: u64,
+    target: String,
+    service: Option<Service>,
+    impersonation: Option<Impersonation>,
+    path_and_query: String,
+    req: Request,
+) -> Response {
+    let started = Instant::now();
+    let request_id = format!("{:016x}", rand::random::<u64>());
+    let method = req.method().as_str().to_string();
+    let log_path = path_and_query
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let record = |status: u16, code: Option<&str>| {
+        s.log.record(&Record {
+            time: unix_now(),
+            agent_id,
+            target: &target,
+            method: &method,
+            path: &log_path,
+            status,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            error_code: code,
+            request_id: &request_id,
+        })
+    };
+    match s.cp.agent_info(agent_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            record(404, Some("unknown_agent"));
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("agent {agent_id} does not exist"),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "application API: control plane unavailable");
+            record(503, Some("control_plane"));
+            return error(StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable");
+        }
+    }
+    let replayable = http_body::Body::is_end_stream(req.body());
+    let head = RequestHead {
+        method: method.clone(),
+        path_and_query,
+        headers: headers::to_wire(req.headers(), true, false),
+        impersonation,
+        upgrade: false,
+        request_id: request_id.clone(),
+        end_of_body: replayable,
+        service,
+    };
+    let body = req.into_body();
+    match exchange(&s.router, agent_id, &head, body, replayable, s.agent_wait).await {
+        Ok((rhead, tbody)) => {
+            let status =
+                StatusCode::from_u16(rhead.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
+            record(status.as_u16(), None);
+            let mut resp = Response::new(Body::new(tbody.map_err(axum::Error::new)));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers::from_wire(&rhead.headers, false);
+            resp
+        }
+        Err(e) => {
+            let code = match &e {
+                ExchangeFailure::NotConnected(_) => "agent_not_connected",
+                ExchangeFailure::NoFreeTunnel(_) => "agent_busy",
+                ExchangeFailure::Refused(_) => "refused_by_agent",
+                ExchangeFailure::Agent(_) => "upstream_unavailable",
+                ExchangeFailure::Broken => "tunnel_broken",
+            };
+            record(e.status().as_u16(), Some(code));
+            error(e.status(), &e.to_string())
+        }
+    }
+}

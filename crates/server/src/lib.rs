@@ -7,6 +7,7 @@
 
 mod admin_api;
 mod agent_api;
+mod agents_page;
 pub mod application_api;
 pub mod config;
 mod serve;
@@ -345,7 +346,16 @@ impl Kas {
             k8s_proxy_url,
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
         });
-        let mut api_router = admin_api::router(state);
+        let page = Arc::new(agents_page::PageState::new(
+            cp.clone(),
+            router.clone(),
+            admin_hash,
+        ));
+        let mut api_router = admin_api::router(state).merge(
+            axum::Router::new()
+                .route("/ui/agents", axum::routing::get(agents_page::page))
+                .with_state(page),
+        );
         if let Some(app) = &config.application {
             let app_state = Arc::new(application_api::AppState {
                 cp: cp.clone(),

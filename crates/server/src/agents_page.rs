@@ -1,0 +1,302 @@
+//! The agents page (`/ui/agents` on the API listener): every agent with its config
+//! project, connected replicas, the kas they are connected to, when this kas last saw
+//! it, its version, and pods per namespace in its cluster.
+//!
+//! Authenticated by the admin token: `Authorization: Bearer`, or once with
+//! `?token=...`, which sets an HttpOnly cookie and redirects to the bare URL (so the
+//! token does not stay in the address bar). The page never waits on a cluster: pod
+//! counts come from a reactive cache that a background task fills and refreshes; until
+//! then the page says "loading" and reloads itself every few seconds.
+
+use crate::admin_api::connected_everywhere;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use kas_client::{CacheOptions, Cached, ReactiveCache};
+use kas_controlplane::ControlPlane;
+use kas_k8s_proxy::{exchange, ExchangeFailure};
+use kas_proto::v1::RequestHead;
+use kas_router::Router as KasRouter;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+
+const COOKIE: &str = "kas_admin";
+
+type PodCounts = BTreeMap<String, usize>;
+
+/// What the page needs.
+pub struct PageState {
+    pub cp: Arc<dyn ControlPlane>,
+    pub router: Arc<KasRouter>,
+    pub admin_token_hash: [u8; 32],
+    pods: ReactiveCache<u64, PodCounts>,
+    /// agent id -> unix seconds this kas last saw it connected (anywhere).
+    last_seen: Mutex<HashMap<u64, u64>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn kube_error(e: ExchangeFailure) -> kas_client::Error {
+    kas_client::Error {
+        kind: match e {
+            ExchangeFailure::NotConnected(_) | ExchangeFailure::NoFreeTunnel(_) => {
+                kas_client::ErrorKind::Unavailable
+            }
+            ExchangeFailure::Refused(_) => kas_client::ErrorKind::Forbidden,
+            _ => kas_client::ErrorKind::Transport,
+        },
+        status: Some(e.status().as_u16()),
+    }
+}
+
+/// Pods per namespace, listed through the agent as the agent itself.
+async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, kas_client::Error> {
+    let head = RequestHead {
+        method: "GET".into(),
+        path_and_query: "/api/v1/pods".into(),
+        headers: vec![kas_proto::v1::Header {
+            name: "accept".into(),
+            value: Bytes::from_static(b"application/json"),
+        }],
+        impersonation: None,
+        upgrade: false,
+        request_id: format!("{:016x}", rand::random::<u64>()),
+        end_of_body: true,
+        service: None,
+    };
+    let (rhead, body) = exchange(
+        &router,
+        agent_id,
+        &head,
+        Empty::<Bytes>::new(),
+        true,
+        Duration::from_secs(2),
+    )
+    .await
+    .map_err(kube_error)?;
+    if rhead.status != 200 {
+        return Err(kas_client::Error {
+            kind: kas_client::ErrorKind::Status,
+            status: u16::try_from(rhead.status).ok(),
+        });
+    }
+    let transport = kas_client::Error {
+        kind: kas_client::ErrorKind::Transport,
+        status: None,
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(20), body.collect())
+        .await
+        .map_err(|_| kas_client::Error {
+            kind: kas_client::ErrorKind::Timeout,
+            status: None,
+        })?
+        .map_err(|_| transport.clone())?
+        .to_bytes();
+    let list: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| kas_client::Error {
+            kind: kas_client::ErrorKind::Decode,
+            status: None,
+        })?;
+    let mut counts = PodCounts::new();
+    for pod in list["items"].as_array().into_iter().flatten() {
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+        *counts.entry(ns.to_string()).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+impl PageState {
+    pub fn new(
+        cp: Arc<dyn ControlPlane>,
+        router: Arc<KasRouter>,
+        admin_token_hash: [u8; 32],
+    ) -> Self {
+        let r = router.clone();
+        let pods = ReactiveCache::new(
+            CacheOptions {
+                ttl: Duration::from_secs(15),
+                max_stale: Duration::from_secs(120),
+                idle: Duration::from_secs(300),
+            },
+            move |agent_id: u64| Box::pin(count_pods(r.clone(), agent_id)),
+        );
+        PageState {
+            cp,
+            router,
+            admin_token_hash,
+            pods,
+            last_seen: Mutex::default(),
+        }
+    }
+
+    fn token_ok(&self, token: &str) -> bool {
+        bool::from(kas_controlplane::hash_token(token.trim()).ct_eq(&self.admin_token_hash))
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let cookie = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")));
+        bearer.or(cookie).is_some_and(|t| self.token_ok(t))
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn ago(then: u64, now: u64) -> String {
+    let d = now.saturating_sub(then);
+    match d {
+        0..=59 => "just now".into(),
+        60..=3599 => format!("{} min ago", d / 60),
+        3600..=86399 => format!("{} h ago", d / 3600),
+        _ => format!("{} days ago", d / 86400),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// `GET /ui/agents`.
+pub async fn page(
+    State(s): State<Arc<PageState>>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(t) = q.token.as_deref() {
+        if !s.token_ok(t) {
+            return (StatusCode::UNAUTHORIZED, "invalid admin token\n").into_response();
+        }
+        let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/ui", t.trim());
+        return (
+            StatusCode::SEE_OTHER,
+            [
+                (header::SET_COOKIE, cookie),
+                (header::LOCATION, "/ui/agents".to_string()),
+            ],
+        )
+            .into_response();
+    }
+    if !s.authorized(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html("<p>Sign in: open <code>/ui/agents?token=&lt;admin token&gt;</code> (the token is in kas's data dir, <code>admin-token</code>).</p>"),
+        )
+            .into_response();
+    }
+    let agents = match s.cp.list_agents().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "agents page: control plane unavailable");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "control plane unavailable\n",
+            )
+                .into_response();
+        }
+    };
+    let connected = connected_everywhere(&s.router).await;
+    let now = unix_now();
+    let mut rows = String::new();
+    let mut loading = false;
+    for a in &agents {
+        let c = connected.iter().find(|c| c.agent_id == a.id);
+        let reps = c.map(|c| c.replicas.as_slice()).unwrap_or_default();
+        let seen = {
+            let mut ls = s.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if !reps.is_empty() {
+                ls.insert(a.id, now);
+            }
+            ls.get(&a.id).copied()
+        };
+        let mut kas: Vec<&str> = reps.iter().filter_map(|r| r.kas.as_deref()).collect();
+        kas.sort_unstable();
+        kas.dedup();
+        let mut versions: Vec<&str> = reps.iter().map(|r| r.agent_version.as_str()).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        let (state, class) = if reps.is_empty() {
+            ("disconnected", "off")
+        } else {
+            ("connected", "on")
+        };
+        let pods = if reps.is_empty() {
+            "<span class=muted>-</span>".to_string()
+        } else {
+            match s.pods.get(&a.id) {
+                Cached::Ready { value, .. } if value.is_empty() => "no pods".into(),
+                Cached::Ready { value, .. } => value
+                    .iter()
+                    .map(|(ns, n)| format!("<span class=ns>{}: {n}</span>", esc(ns)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Cached::NotReady => {
+                    loading = true;
+                    "<span class=muted>loading</span>".into()
+                }
+                Cached::Failed(e) => format!("<span class=err>{}</span>", esc(&e.to_string())),
+            }
+        };
+        let _ = write!(
+            rows,
+            "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}</td><td>{kas}</td><td>{seen}</td><td>{versions}</td><td class=pods>{pods}</td></tr>",
+            id = a.id,
+            name = esc(&a.name),
+            project = esc(&a.project_path),
+            replicas = reps.len(),
+            kas = match (reps.is_empty(), kas.is_empty()) {
+                (true, _) => "-".to_string(),
+                (false, true) => "this kas".to_string(),
+                (false, false) => esc(&kas.join(", ")),
+            },
+            seen = seen.map(|t| ago(t, now)).unwrap_or_else(|| "never (by this kas)".into()),
+            versions = esc(&versions.join(", ")),
+        );
+    }
+    if agents.is_empty() {
+        rows.push_str("<tr><td colspan=8 class=muted>No agents yet: <code>kasctl agent create</code></td></tr>");
+    }
+    let refresh = if loading { 2 } else { 10 };
+    let html = format!(
+        r#"<!doctype html>
+<html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content="{refresh}">
+<title>kas agents</title>
+<style>
+body{{font:14px system-ui,sans-serif;margin:2rem;color:#1f2328}}
+h1{{font-size:1.3rem}} table{{border-collapse:collapse;width:100%}}
+th,td{{text-align:left;padding:.45rem .7rem;border-bottom:1px solid #d0d7de;vertical-align:top}}
+th{{background:#f6f8fa}} .on{{color:#1a7f37;font-weight:600}} .off{{color:#cf222e;font-weight:600}}
+.muted{{color:#6e7781}} .err{{color:#cf222e}} .ns{{display:inline-block;background:#ddf4ff;border-radius:4px;padding:0 .35rem;margin:0 .2rem .2rem 0}}
+</style></head><body>
+<h1>Agents</h1>
+<table><thead><tr><th>Agent</th><th>Config project</th><th>State</th><th>Replicas</th><th>kas</th><th>Last seen</th><th>Version</th><th>Pods per namespace</th></tr></thead>
+<tbody>{rows}</tbody></table>
+<p class=muted>{n} agents. Pod counts are cached and refreshed in the background; this page never waits on a cluster.</p>
+</body></html>"#,
+        n = agents.len()
+    );
+    Html(html).into_response()
+}

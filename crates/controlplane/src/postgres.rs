@@ -114,10 +114,19 @@ impl SqlControlPlane<Postgres> {
         let (changes, _) = broadcast::channel(1024);
         let stop = Arc::new(AtomicBool::new(false));
         let (c, tx, s) = (config.clone(), changes.clone(), stop.clone());
+        // Changes made after `connect` returns must not be missed: wait until the
+        // listener is listening.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("kas-pg-listen".into())
-            .spawn(move || listen(c, tx, s))
+            .spawn(move || listen(c, tx, s, ready_tx))
             .map_err(other)?;
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            stop.store(true, Ordering::Relaxed);
+            return Err(Error::Storage(
+                "the control plane change listener could not start".into(),
+            ));
+        }
         Ok(SqlControlPlane::with_backend(Postgres {
             config,
             idle: Mutex::new(vec![client]),
@@ -137,7 +146,12 @@ fn migrate(client: &mut Client) -> Result<()> {
 
 /// Delivers notifications until `stop`; reconnects (with a pause) when the
 /// connection fails, then announces a resync since changes may have been missed.
-fn listen(config: Config, changes: broadcast::Sender<Change>, stop: Arc<AtomicBool>) {
+fn listen(
+    config: Config,
+    changes: broadcast::Sender<Change>,
+    stop: Arc<AtomicBool>,
+    ready: std::sync::mpsc::Sender<()>,
+) {
     let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         let mut client = match config.connect(NoTls) {
@@ -152,7 +166,9 @@ fn listen(config: Config, changes: broadcast::Sender<Change>, stop: Arc<AtomicBo
             tracing::warn!(error = %e, "control plane change listener failed");
             continue;
         }
-        if !first {
+        if first {
+            let _ = ready.send(());
+        } else {
             let _ = changes.send(Change::Resync);
         }
         first = false;

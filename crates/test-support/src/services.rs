@@ -20,12 +20,17 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until a line of the child's output (stdout or stderr, `pipe`) contains
-/// `ready`; panics with the output seen if it exits or takes longer than `timeout`.
-fn wait_ready(child: &mut Child, ready: &'static str, what: &str, timeout: Duration) {
+/// `ready`; the output seen if it exits first or takes longer than `timeout`.
+fn wait_ready(
+    child: &mut Child,
+    ready: &'static str,
+    what: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let out: Box<dyn std::io::Read + Send> = match (child.stdout.take(), child.stderr.take()) {
         (Some(o), _) => Box::new(o),
         (None, Some(e)) => Box::new(e),
-        (None, None) => panic!("{what}: no output to watch"),
+        (None, None) => return Err(format!("{what}: no output to watch")),
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -48,9 +53,9 @@ fn wait_ready(child: &mut Child, ready: &'static str, what: &str, timeout: Durat
         }
     });
     match rx.recv_timeout(timeout) {
-        Ok(Ok(())) => {}
-        Ok(Err(seen)) => panic!("{what} exited before it was ready:\n{seen}"),
-        Err(_) => panic!("{what} not ready within {timeout:?}"),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(seen)) => Err(format!("{what} exited before it was ready:\n{seen}")),
+        Err(_) => Err(format!("{what} not ready within {timeout:?}")),
     }
 }
 
@@ -59,6 +64,8 @@ pub struct Redis {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// Started once: restarts keep the port.
+    started: bool,
 }
 
 impl Redis {
@@ -68,6 +75,7 @@ impl Redis {
             port: free_port(),
             dir,
             child: None,
+            started: false,
         };
         r.restart();
         r
@@ -89,6 +97,21 @@ impl Redis {
     /// (Re)starts the server on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
+        // A port picked free can be taken by the time the server binds: pick another
+        // (only before the first start; a restart must keep its port).
+        for attempt in 0.. {
+            match self.launch() {
+                Ok(c) => {
+                    self.child = Some(c);
+                    return;
+                }
+                Err(_) if attempt < 3 && !self.started => self.port = free_port(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn launch(&mut self) -> Result<Child, String> {
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -98,13 +121,18 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is not installed (Debian package redis-server)");
-        wait_ready(
+        if let Err(e) = wait_ready(
             &mut child,
             "Ready to accept connections",
             "redis-server",
             Duration::from_secs(20),
-        );
-        self.child = Some(child);
+        ) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        self.started = true;
+        Ok(child)
     }
 }
 
@@ -197,11 +225,18 @@ impl Postgres {
             child: None,
             _dir: dir,
         };
-        pg.launch();
+        for attempt in 0.. {
+            match pg.launch() {
+                Ok(()) => break,
+                // The free port was taken meanwhile: try another.
+                Err(_) if attempt < 3 => pg.port = free_port(),
+                Err(e) => panic!("{e}"),
+            }
+        }
         pg
     }
 
-    fn launch(&mut self) {
+    fn launch(&mut self) -> Result<(), String> {
         let sock = self
             .data
             .parent()
@@ -219,13 +254,18 @@ impl Postgres {
             .stderr(Stdio::piped());
         as_user(&mut cmd, self.user);
         let mut child = cmd.spawn().expect("start postgres");
-        wait_ready(
+        if let Err(e) = wait_ready(
             &mut child,
             "ready to accept connections",
             "postgres",
             Duration::from_secs(60),
-        );
+        ) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn url(&self) -> String {

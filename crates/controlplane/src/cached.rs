@@ -29,6 +29,9 @@ pub struct Cached<C> {
     inner: C,
     maps: Arc<Mutex<Maps>>,
     generation: Arc<AtomicU64>,
+    /// Changes, re-sent only after the cache dropped what they invalidate, so a
+    /// subscriber that reacts by reading through this cache reads the new state.
+    changes: broadcast::Sender<Change>,
     _invalidator: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -53,10 +56,19 @@ impl<C: ControlPlane> Cached<C> {
         let generation = Arc::new(AtomicU64::new(0));
         let mut rx = inner.subscribe();
         let (m, g) = (maps.clone(), generation.clone());
+        let (changes, _) = broadcast::channel(1024);
+        let out = changes.clone();
         let task = tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => clear(&m, &g),
+                    Ok(c) => {
+                        clear(&m, &g);
+                        let _ = out.send(c);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        clear(&m, &g);
+                        let _ = out.send(Change::Resync);
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
@@ -65,6 +77,7 @@ impl<C: ControlPlane> Cached<C> {
             inner,
             maps,
             generation,
+            changes,
             _invalidator: Some(task),
         }
     }
@@ -188,7 +201,7 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
             .await
     }
     fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.inner.subscribe()
+        self.changes.subscribe()
     }
 }
 
@@ -227,5 +240,29 @@ mod tests {
             .await
             .expect("a")
             .is_none());
+    }
+
+    /// A change made elsewhere (another kas on the same database): whoever hears it
+    /// from the cache and reads through the cache sees the new state.
+    #[tokio::test]
+    async fn subscribers_hear_changes_after_the_cache_dropped_them() {
+        let db = SqliteControlPlane::in_memory().expect("db");
+        let cp = Cached::new(db.clone());
+        cp.create_project("a/agents", None).await.expect("p");
+        let (agent, _) = cp.create_agent("a/agents", "x").await.expect("agent");
+        let v0 = cp.agent_info(agent.id).await.expect("info").expect("found");
+        assert_eq!(v0.config_version, 0);
+        let mut changes = cp.subscribe();
+        for round in 1..=20u64 {
+            db.set_agent_config("a/agents", "x", "ci_access: {}\n")
+                .await
+                .expect("config");
+            assert_eq!(
+                changes.recv().await.expect("change"),
+                Change::AgentConfig { agent_id: agent.id }
+            );
+            let now = cp.agent_info(agent.id).await.expect("info").expect("found");
+            assert_eq!(now.config_version, round);
+        }
     }
 }

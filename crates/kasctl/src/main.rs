@@ -65,6 +65,9 @@ enum Cmd {
     /// CI jobs: start (get a kubeconfig), finish, list.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `source <(kasctl completion bash)`.
+    Completion { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,6 +272,15 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Needs no server and no token.
+    if let Cmd::Completion { shell } = cli.cmd {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "kasctl", &mut script);
+        // A closed pipe (`| head`) is not an error worth a message.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+        return Ok(());
+    }
     let token = std::fs::read_to_string(&cli.token_file)
         .with_context(|| {
             format!(
@@ -288,6 +300,8 @@ async fn run(cli: Cli) -> Result<()> {
         |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     use http::Method as M;
     match cli.cmd {
+        // Handled above, before the token is read.
+        Cmd::Completion { .. } => {}
         Cmd::Group(PathCmd::Create { path, id }) => {
             let v = api
                 .call(M::POST, "/groups", Some(json!({ "path": path, "id": id })))

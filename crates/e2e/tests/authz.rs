@@ -93,6 +93,56 @@ async fn authorization_matrix() {
     let kc = std::fs::read_to_string(&review.kubeconfig).expect("kubeconfig");
     assert!(kc.contains("group1/agents:prod"), "{kc}");
 
+    // `kasctl access explain` agrees with the proxy on every case above.
+    let agent_s = agent.to_string();
+    for (project, environment, allowed) in [
+        ("group1/web/shop", None, true),
+        ("group1/teams/a/deep", None, true),
+        ("other/listed", None, false),
+        ("group1/unlisted", None, false),
+        ("group1/web/review-app", Some("staging"), true),
+        ("group1/web/review-app", Some("review/feature-1"), true),
+        ("group1/web/review-app", Some("production"), false),
+        ("group1/web/review-app", None, false),
+    ] {
+        let mut args = vec![
+            "access",
+            "explain",
+            "--project",
+            project,
+            "--agent",
+            &agent_s,
+        ];
+        if let Some(e) = environment {
+            args.extend(["--environment", e]);
+        }
+        let v = env.kasctl_json(&args);
+        assert_eq!(v["allowed"], allowed, "{project} {environment:?}: {v}");
+        if allowed {
+            assert!(
+                v["decided_by"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("ci_access")),
+                "{v}"
+            );
+            assert_eq!(v["access_as"], "agent", "{v}");
+        } else {
+            assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+        }
+    }
+    let text = env.kasctl(&[
+        "access",
+        "explain",
+        "--project",
+        "group1/teams/a/deep",
+        "--agent",
+        "group1/agents:prod",
+    ]);
+    assert!(
+        text.contains("allowed:     yes") && text.contains("ci_access.groups[0] (group1/teams)"),
+        "{text}"
+    );
+
     // Finished job: 401 at once.
     env.kasctl(&["job", "finish", &shop.id.to_string()]);
     let (code, v) = call(&env, &c, Some(&tok(&shop))).await;

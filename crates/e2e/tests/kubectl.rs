@@ -233,6 +233,40 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
     let job_id = job.id.to_string();
     let pipeline =
         env.kasctl_json(&["job", "list"]).as_array().expect("jobs")[0]["pipeline_id"].to_string();
+    // `kasctl access explain` names exactly the identity the cluster saw.
+    let explained = env.kasctl_json(&[
+        "access",
+        "explain",
+        "--project",
+        "group1/group1-1/project1",
+        "--environment",
+        "prod",
+        "--agent",
+        "group1/agents:ci-job",
+        "--user",
+        "alice",
+        "--job-id",
+        &job_id,
+        "--pipeline-id",
+        &pipeline,
+    ]);
+    let id = &explained["identity"];
+    assert_eq!(explained["access_as"], "ci_job", "{explained}");
+    assert_eq!(
+        id["username"].as_str(),
+        seen[0].impersonate_user.as_deref(),
+        "{explained}"
+    );
+    let groups: Vec<&str> = id["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g.as_str())
+        .collect();
+    assert_eq!(groups, seen[0].impersonate_groups, "{explained}");
+    let explained_extra: BTreeMap<String, Vec<String>> =
+        serde_json::from_value(id["extra"].clone()).expect("extra");
+    assert_eq!(explained_extra, seen[0].impersonate_extra, "{explained}");
     for r in &seen {
         assert_eq!(r.authenticated_as, SERVICE_ACCOUNT, "{r:?}");
         assert_eq!(

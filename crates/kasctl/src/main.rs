@@ -65,9 +65,34 @@ enum Cmd {
     /// CI jobs: start (get a kubeconfig), finish, list.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Access questions: may jobs of a project use an agent, and as whom?
+    #[command(subcommand)]
+    Access(AccessCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
     /// `source <(kasctl completion bash)`.
     Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccessCmd {
+    /// Whether jobs of a project (and environment) may use an agent, which ci_access
+    /// entry decides, and the exact identity the cluster would see.
+    Explain {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        environment: Option<String>,
+        /// Agent id, or `<configuration project>:<name>` (the kubeconfig context).
+        #[arg(long)]
+        agent: String,
+        /// The job's user (it appears in a ci_job identity).
+        #[arg(long, default_value = "user")]
+        user: String,
+        #[arg(long, default_value_t = 1)]
+        job_id: u64,
+        #[arg(long, default_value_t = 1)]
+        pipeline_id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,6 +327,38 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         // Handled above, before the token is read.
         Cmd::Completion { .. } => {}
+        Cmd::Access(AccessCmd::Explain {
+            project,
+            environment,
+            agent,
+            user,
+            job_id,
+            pipeline_id,
+        }) => {
+            let mut q = vec![
+                ("project", project),
+                ("agent", agent),
+                ("user", user),
+                ("job_id", job_id.to_string()),
+                ("pipeline_id", pipeline_id.to_string()),
+            ];
+            if let Some(e) = environment {
+                q.push(("environment", e));
+            }
+            let query = q
+                .iter()
+                .map(|(k, v)| format!("{k}={}", encode(v)))
+                .collect::<Vec<_>>()
+                .join("&");
+            let v = api
+                .call(M::GET, &format!("/access/explain?{query}"), None)
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                print!("{}", explain_text(&v));
+            }
+        }
         Cmd::Group(PathCmd::Create { path, id }) => {
             let v = api
                 .call(M::POST, "/groups", Some(json!({ "path": path, "id": id })))
@@ -643,4 +700,89 @@ fn enc(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `kasctl access explain` as text.
+fn explain_text(v: &Value) -> String {
+    let job = &v["job"];
+    let env = job["environment"]
+        .as_str()
+        .map(|e| format!(", environment {e}"))
+        .unwrap_or_default();
+    let mut out = format!(
+        "jobs of {}{env} -> agent {} ({})\n",
+        s(job, "project"),
+        s(&v["agent"], "context"),
+        s(&v["agent"], "id")
+    );
+    if v["allowed"] != Value::Bool(true) {
+        out.push_str(&format!(
+            "allowed:     no\nreason:      {}\n",
+            s(v, "reason")
+        ));
+        return out;
+    }
+    out.push_str(&format!(
+        "allowed:     yes\ndecided by:  {}\n",
+        s(v, "decided_by")
+    ));
+    out.push_str(&format!("access_as:   {}\n", s(v, "access_as")));
+    if let Some(ns) = v["default_namespace"].as_str() {
+        out.push_str(&format!("namespace:   {ns}\n"));
+    }
+    match v["identity"].as_object() {
+        None => out.push_str("identity:    the agent's own (no impersonation)\n"),
+        Some(i) => {
+            out.push_str(&format!(
+                "identity:    user {} (for job {} of pipeline {}, run by {})\n",
+                i.get("username")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+                s(job, "job_id"),
+                s(job, "pipeline_id"),
+                s(job, "user")
+            ));
+            if let Some(uid) = i.get("uid").and_then(Value::as_str) {
+                out.push_str(&format!("  uid:       {uid}\n"));
+            }
+            for g in i
+                .get("groups")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                out.push_str(&format!(
+                    "  group:     {}\n",
+                    g.as_str().unwrap_or_default()
+                ));
+            }
+            for (k, vals) in i
+                .get("extra")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let vals: Vec<&str> = vals
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                out.push_str(&format!("  extra:     {k} = {}\n", vals.join(", ")));
+            }
+        }
+    }
+    out
 }

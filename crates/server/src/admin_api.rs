@@ -92,6 +92,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/jobs", get(list_jobs).post(start_job))
         .route("/jobs/:id/finish", post(finish_job))
         .route("/connected-agents", get(connected_agents))
+        .route("/access/explain", get(explain))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     Router::new()
@@ -408,4 +409,153 @@ pub(crate) async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAge
     }
     agents.sort_by_key(|a| a.agent_id);
     agents
+}
+
+#[derive(Deserialize)]
+struct ExplainReq {
+    project: String,
+    environment: Option<String>,
+    /// A numeric id, or `<configuration project>:<agent name>` (the kubeconfig context).
+    agent: String,
+    user: Option<String>,
+    job_id: Option<u64>,
+    pipeline_id: Option<u64>,
+}
+
+/// Whether jobs of a project (and environment) may use an agent, which `ci_access`
+/// entry decides, and the identity the cluster would see: the proxy's own decision
+/// function on the same data.
+async fn explain(
+    State(s): State<Arc<AdminState>>,
+    Query(q): Query<ExplainReq>,
+) -> ApiResult<serde_json::Value> {
+    use kas_authz::{decide, Decision, EntryKind, Environment, JobContext, Named};
+    let not_found = |m: String| ApiError(StatusCode::NOT_FOUND, m);
+    let wanted = q.project.trim().trim_matches('/');
+    let project =
+        s.cp.list_projects()
+            .await?
+            .into_iter()
+            .find(|p| p.path.eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| not_found(format!("project `{}` not found", q.project)))?;
+    let groups: HashMap<u64, kas_controlplane::Group> =
+        s.cp.list_groups()
+            .await?
+            .into_iter()
+            .map(|g| (g.id, g))
+            .collect();
+    let mut chain = Vec::new();
+    let mut next = Some(project.group_id);
+    while let Some(id) = next {
+        let g = groups.get(&id).ok_or_else(|| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "group chain broken".into(),
+            )
+        })?;
+        chain.push(Named {
+            id: g.id,
+            path: g.path.clone(),
+        });
+        next = g.parent_id;
+        if chain.len() > 64 {
+            break;
+        }
+    }
+    chain.reverse();
+    let environment = match &q.environment {
+        None => None,
+        Some(name) => {
+            let e =
+                s.cp.list_environments(Some(&project.path))
+                    .await?
+                    .into_iter()
+                    .find(|e| &e.name == name)
+                    .ok_or_else(|| {
+                        not_found(format!(
+                            "environment `{name}` not found in `{}`",
+                            project.path
+                        ))
+                    })?;
+            Some(Environment {
+                name: e.name,
+                slug: e.slug,
+                tier: e.tier,
+            })
+        }
+    };
+    let agent_id = match q.agent.parse::<u64>() {
+        Ok(id) => id,
+        Err(_) => {
+            let (proj, name) = q.agent.rsplit_once(':').ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "agent `{}`: use an id or <configuration project>:<name>",
+                        q.agent
+                    ),
+                )
+            })?;
+            s.cp.get_agent(proj, name).await?.id
+        }
+    };
+    let agent =
+        s.cp.agent_info(agent_id)
+            .await?
+            .ok_or_else(|| not_found(format!("agent {agent_id} not found")))?;
+    let job = JobContext {
+        job_id: q.job_id.unwrap_or(1),
+        pipeline_id: q.pipeline_id.unwrap_or(1),
+        project: Named {
+            id: project.id,
+            path: project.path.clone(),
+        },
+        groups: chain,
+        environment: environment.clone(),
+        username: q.user.clone().unwrap_or_else(|| "user".into()),
+    };
+    let agent_json = json!({
+        "id": agent.agent.id,
+        "name": agent.agent.name,
+        "config_project": agent.agent.config_project.path,
+        "context": format!("{}:{}", agent.agent.config_project.path, agent.agent.name),
+    });
+    let job_json = json!({
+        "project": project.path,
+        "environment": environment.as_ref().map(|e| &e.name),
+        "user": job.username,
+        "job_id": job.job_id,
+        "pipeline_id": job.pipeline_id,
+    });
+    Ok(Json(match decide(&agent.agent, &agent.config, &job) {
+        Decision::Allow(a) => {
+            let decided_by = match a.kind {
+                EntryKind::Project => format!("ci_access.projects[{}] ({})", a.index, a.entry_id),
+                EntryKind::Group => format!("ci_access.groups[{}] ({})", a.index, a.entry_id),
+                EntryKind::ConfigProject => {
+                    format!("the agent's configuration project ({})", a.entry_id)
+                }
+            };
+            json!({
+                "allowed": true,
+                "job": job_json,
+                "agent": agent_json,
+                "decided_by": decided_by,
+                "access_as": a.mode.as_str(),
+                "default_namespace": a.default_namespace,
+                "identity": a.identity.map(|i| json!({
+                    "username": i.username,
+                    "uid": i.uid,
+                    "groups": i.groups,
+                    "extra": i.extra.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                })),
+            })
+        }
+        Decision::Deny(reason) => json!({
+            "allowed": false,
+            "job": job_json,
+            "agent": agent_json,
+            "reason": reason.to_string(),
+        }),
+    }))
 }

@@ -11,6 +11,9 @@ mod status;
 mod token;
 
 pub use kubeconfig::{job_kubeconfig, KubeconfigError};
-pub use proxy::{exchange, ExchangeFailure, K8sProxy, ProxyBody, ProxyOptions};
+pub use proxy::{
+    exchange, failure_code, ExchangeFailure, K8sProxy, Observed, ProxyBody, ProxyObserver,
+    ProxyOptions,
+};
 pub use status::status_response;
 pub use token::{parse_ci_token, CiToken, TokenError};

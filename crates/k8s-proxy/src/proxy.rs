@@ -24,17 +24,56 @@ pub type ProxyBody =
     http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Tunable behaviour.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProxyOptions {
     /// How long a request waits for a free tunnel of its agent.
     pub agent_wait: Duration,
+    /// Told about every request once its response head is ready (metrics).
+    pub observer: Option<Arc<dyn ProxyObserver>>,
+}
+
+impl std::fmt::Debug for ProxyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyOptions")
+            .field("agent_wait", &self.agent_wait)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl Default for ProxyOptions {
     fn default() -> Self {
         ProxyOptions {
             agent_wait: Duration::from_secs(20),
+            observer: None,
         }
+    }
+}
+
+/// What the proxy reports about one request.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// The `access_as` mode, once the request was authorized.
+    pub access_as: Option<&'static str>,
+    /// Why no response came from the agent, if so: `agent_not_connected`,
+    /// `agent_busy`, `refused_by_agent`, `upstream_unavailable`, `tunnel_broken` or
+    /// `control_plane`.
+    pub failure: Option<&'static str>,
+}
+
+/// Receives one call per proxied request (status, what was observed, time to head).
+pub trait ProxyObserver: Send + Sync {
+    fn request(&self, status: u16, observed: &Observed, head_time: Duration);
+}
+
+/// The failure code of an exchange failure (metrics and logs).
+pub fn failure_code(e: &ExchangeFailure) -> &'static str {
+    match e {
+        ExchangeFailure::NotConnected(_) => "agent_not_connected",
+        ExchangeFailure::NoFreeTunnel(_) => "agent_busy",
+        ExchangeFailure::Refused(_) => "refused_by_agent",
+        ExchangeFailure::Agent(_) => "upstream_unavailable",
+        ExchangeFailure::Broken => "tunnel_broken",
     }
 }
 
@@ -95,7 +134,25 @@ impl K8sProxy {
     }
 
     /// Handles one client request.
-    pub async fn handle<B>(self: Arc<Self>, mut req: Request<B>) -> Response<ProxyBody>
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let started = Instant::now();
+        let mut observed = Observed::default();
+        let resp = self.clone().serve(req, &mut observed).await;
+        if let Some(o) = &self.opts.observer {
+            o.request(resp.status().as_u16(), &observed, started.elapsed());
+        }
+        resp
+    }
+
+    async fn serve<B>(
+        self: Arc<Self>,
+        mut req: Request<B>,
+        observed: &mut Observed,
+    ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
@@ -126,6 +183,7 @@ impl K8sProxy {
             }
             Err(e) => {
                 tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
+                observed.failure = Some("control_plane");
                 return status_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "kas cannot reach its control plane; retry later",
@@ -136,6 +194,7 @@ impl K8sProxy {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
+                observed.failure = Some("control_plane");
                 return status_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "kas cannot reach its control plane; retry later",
@@ -149,7 +208,10 @@ impl K8sProxy {
             }),
         };
         let allowed = match decision {
-            Decision::Allow(a) => a,
+            Decision::Allow(a) => {
+                observed.access_as = Some(a.mode.as_str());
+                a
+            }
             Decision::Deny(reason) => {
                 tracing::info!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, status = 403, %reason, "k8s-proxy: forbidden");
                 return status_response(
@@ -202,6 +264,7 @@ impl K8sProxy {
         let (rhead, tbody) = match outcome {
             Ok(x) => x,
             Err(e) => {
+                observed.failure = Some(failure_code(&e));
                 let code = e.status();
                 tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = code.as_u16(), "k8s-proxy: no response from the agent");
                 return status_response(code, &e.to_string());

@@ -183,6 +183,7 @@ impl Router {
                     }
                 }
                 Err(e) => {
+                    redis::count_error();
                     tracing::warn!(agent_id, error = %e, "registry lookup failed; only this kas's connections can be used");
                 }
             }

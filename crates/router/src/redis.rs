@@ -115,6 +115,18 @@ impl Event {
     }
 }
 
+/// Failed registry operations since start (for metrics).
+static ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many registry operations failed since this process started.
+pub fn errors_total() -> u64 {
+    ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn count_error() {
+    ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -425,6 +437,7 @@ fn live(values: impl Iterator<Item = String>) -> Vec<Connection> {
 async fn writer(reg: Arc<RedisRegistry>, mut rx: mpsc::UnboundedReceiver<Command>) {
     while let Some(cmd) = rx.recv().await {
         if let Err(e) = reg.apply(&cmd).await {
+            count_error();
             tracing::warn!(error = %e, "redis registry write failed; the next refresh repairs it");
         }
     }
@@ -446,6 +459,7 @@ async fn refresher(reg: Arc<RedisRegistry>) {
             }
             Ok(_) => {}
             Err(e) => {
+                count_error();
                 failing = true;
                 tracing::warn!(error = %e, "redis registry refresh failed");
             }
@@ -492,7 +506,10 @@ async fn listener(reg: Arc<RedisRegistry>, client: redis::Client) {
                     // Until resubscribed nothing invalidates the cache.
                     reg.lock_cache().clear();
                 }
-                Err(e) => tracing::warn!(error = %e, "redis subscribe failed"),
+                Err(e) => {
+                    count_error();
+                    tracing::warn!(error = %e, "redis subscribe failed")
+                }
             },
             Err(e) => tracing::debug!(error = %e, "redis pub/sub connect failed"),
         }

@@ -23,6 +23,7 @@ type ReplicaKey = (u64, String);
 pub struct AgentService {
     cp: Arc<dyn ControlPlane>,
     router: Arc<Router>,
+    metrics: Arc<crate::metrics::Metrics>,
     registry: Arc<TunnelRegistry>,
     /// (agent id, replica id) -> registry key of the replica's live configuration stream.
     replicas: Arc<Mutex<HashMap<ReplicaKey, Arc<str>>>>,
@@ -35,10 +36,12 @@ impl AgentService {
     pub fn new(
         cp: Arc<dyn ControlPlane>,
         router: Arc<Router>,
+        metrics: Arc<crate::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         AgentService {
             cp,
+            metrics,
             registry: router.registry().clone(),
             router,
             replicas: Default::default(),
@@ -151,6 +154,7 @@ impl Agent for AgentService {
         let replicas = self.replicas.clone();
         let mut shutdown = self.shutdown.clone();
         let mut changes = cp.subscribe();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             // Owns the replica's registration: it ends when this task ends.
             let _guard = guard;
@@ -163,6 +167,7 @@ impl Agent for AgentService {
                         if tx.send(Ok(Box::new(config_message(&i)))).await.is_err() {
                             break;
                         }
+                        metrics.config_pushes.inc();
                     }
                 }
                 tokio::select! {

@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use kas_controlplane::ControlPlane;
-use kas_k8s_proxy::{exchange, ExchangeFailure};
+use kas_k8s_proxy::{exchange, failure_code};
 use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, Service};
 use kas_router::Router as KasRouter;
 use kas_tunnel::headers;
@@ -389,14 +389,7 @@ async fn forward(
             resp
         }
         Err(e) => {
-            let code = match &e {
-                ExchangeFailure::NotConnected(_) => "agent_not_connected",
-                ExchangeFailure::NoFreeTunnel(_) => "agent_busy",
-                ExchangeFailure::Refused(_) => "refused_by_agent",
-                ExchangeFailure::Agent(_) => "upstream_unavailable",
-                ExchangeFailure::Broken => "tunnel_broken",
-            };
-            record(e.status().as_u16(), Some(code));
+            record(e.status().as_u16(), Some(failure_code(&e)));
             error(e.status(), &e.to_string())
         }
     }

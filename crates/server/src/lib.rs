@@ -10,6 +10,7 @@ mod agent_api;
 mod agents_page;
 pub mod application_api;
 pub mod config;
+pub mod metrics;
 mod serve;
 pub mod tls;
 
@@ -227,6 +228,7 @@ impl Kas {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry = TunnelRegistry::new();
+        let metrics = Arc::new(metrics::Metrics::new());
         let mut tasks = JoinSet::new();
         let mut endpoints = endpoints;
 
@@ -276,6 +278,7 @@ impl Kas {
         let agent_svc = AgentServer::new(agent_api::AgentService::new(
             cp.clone(),
             router.clone(),
+            metrics.clone(),
             shutdown_rx.clone(),
         ))
         .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
@@ -323,6 +326,7 @@ impl Kas {
             router.clone(),
             ProxyOptions {
                 agent_wait: config.agent_wait_timeout,
+                observer: Some(metrics.clone()),
             },
         );
         let svc = hyper::service::service_fn(move |req| {
@@ -379,6 +383,7 @@ impl Kas {
         let obs = hyper_util::service::TowerToHyperService::new(observability_router(
             cp.clone(),
             router.clone(),
+            metrics.clone(),
         ));
         tasks.spawn(serve::serve_http(
             obs_l,
@@ -435,10 +440,30 @@ async fn private_auth(
     }
 }
 
-fn observability_router(cp: Arc<dyn ControlPlane>, router: Arc<Router>) -> axum::Router {
+fn observability_router(
+    cp: Arc<dyn ControlPlane>,
+    router: Arc<Router>,
+    metrics: Arc<metrics::Metrics>,
+) -> axum::Router {
     use axum::routing::get;
+    let r = router.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let (m, r) = (metrics.clone(), r.clone());
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(&r),
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -1,0 +1,96 @@
+//! kas's Prometheus metrics move as agents connect, requests flow and configurations
+//! are pushed.
+
+use kas_test_support::fixture::{wait_for, Env};
+use kas_test_support::http;
+use std::time::Duration;
+
+/// The value of the sample whose line starts with `prefix` (name and labels), or 0.
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(env: &Env) -> String {
+    let c = http::client(&[], false);
+    let (code, body) =
+        http::get(&c, &format!("{}/metrics", env.kas_info.observability), None).await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_agents_and_requests() {
+    let mut env = Env::start().await;
+    let before = scrape(&env).await;
+    assert_eq!(sample(&before, "kas_agents_connected"), 0.0, "{before}");
+    assert!(
+        before.contains("# TYPE kas_k8s_proxy_requests counter"),
+        "{before}"
+    );
+
+    let config = "ci_access:\n  projects:\n    - id: acme/web/shop\n";
+    let (agent, token) = env.create_agent("acme/platform/agents", "prod", config);
+    env.kasctl(&["project", "create", "acme/web/shop"]);
+    env.start_agentk(&token, &[]);
+    env.wait_connected(agent, 1);
+    let connected = scrape(&env).await;
+    assert_eq!(
+        sample(&connected, "kas_agents_connected"),
+        1.0,
+        "{connected}"
+    );
+    assert_eq!(sample(&connected, "kas_agent_replicas_connected"), 1.0);
+    assert!(sample(&connected, "kas_tunnels_idle") >= 1.0, "{connected}");
+    let pushes = sample(&connected, "kas_config_pushes_total");
+    assert!(pushes >= 1.0, "{connected}");
+
+    let job = env.start_job("acme/web/shop", None, "alice");
+    let c = http::client(&env.proxy_ca(), false);
+    let url = format!("{}/api/v1/namespaces/default/pods", env.proxy_url());
+    let bearer = format!("ci:{agent}:{}", job.token);
+    assert_eq!(http::get(&c, &url, Some(&bearer)).await.0, 200);
+    assert_eq!(http::get(&c, &url, Some(&bearer)).await.0, 200);
+    assert_eq!(http::get(&c, &url, Some("ci:1:nope")).await.0, 401);
+    let after = scrape(&env).await;
+    assert_eq!(
+        sample(
+            &after,
+            r#"kas_k8s_proxy_requests_total{code="200",access_as="agent"}"#
+        ),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"kas_k8s_proxy_requests_total{code="401",access_as="none"}"#
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "kas_k8s_proxy_request_duration_seconds_count"),
+        3.0
+    );
+
+    // A configuration change is pushed to the connected replica.
+    env.set_config("acme/platform/agents", "prod", config);
+    wait_for(Duration::from_secs(5), "a config push", || {
+        let rt = tokio::runtime::Handle::current();
+        let now = tokio::task::block_in_place(|| rt.block_on(scrape(&env)));
+        (sample(&now, "kas_config_pushes_total") > pushes).then_some(())
+    });
+
+    // The agent goes away: the gauges follow.
+    env.agents[0].kill();
+    wait_for(Duration::from_secs(10), "agent gone", || {
+        let rt = tokio::runtime::Handle::current();
+        let now = tokio::task::block_in_place(|| rt.block_on(scrape(&env)));
+        (sample(&now, "kas_agents_connected") == 0.0).then_some(())
+    });
+}

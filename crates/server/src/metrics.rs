@@ -1,0 +1,176 @@
+//! Prometheus metrics of kas, served as text on the observability listener
+//! (`/metrics`). Counters are updated where things happen; the connection gauges are
+//! read from the tunnel registry at scrape time, so they cannot drift.
+
+use kas_k8s_proxy::{Observed, ProxyObserver};
+use kas_router::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    code: String,
+    access_as: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: String,
+}
+
+/// kas's metrics; see the module docs.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    failures: Family<FailureLabels, Counter>,
+    routing_timeouts: Counter,
+    control_plane_errors: Counter,
+    pub config_pushes: Counter,
+    redis_errors: Counter,
+    redis_errors_seen: AtomicU64,
+    agents: Gauge,
+    replicas: Gauge,
+    tunnels_idle: Gauge,
+    tunnels_busy: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            failures: Family::default(),
+            routing_timeouts: Counter::default(),
+            control_plane_errors: Counter::default(),
+            config_pushes: Counter::default(),
+            redis_errors: Counter::default(),
+            redis_errors_seen: AtomicU64::new(0),
+            agents: Gauge::default(),
+            replicas: Gauge::default(),
+            tunnels_idle: Gauge::default(),
+            tunnels_busy: Gauge::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        r.register(
+            "kas_k8s_proxy_requests",
+            "Requests through the Kubernetes API proxy, by response code and access_as mode",
+            m.requests.clone(),
+        );
+        r.register(
+            "kas_k8s_proxy_request_duration_seconds",
+            "Time from a proxy request's arrival to its response head",
+            m.duration.clone(),
+        );
+        r.register(
+            "kas_k8s_proxy_failures",
+            "Proxy requests that got no response from an agent, by reason",
+            m.failures.clone(),
+        );
+        r.register(
+            "kas_routing_timeouts",
+            "Requests that waited for an agent that did not connect (or had no free tunnel) in time",
+            m.routing_timeouts.clone(),
+        );
+        r.register(
+            "kas_control_plane_errors",
+            "Control plane lookups that failed on the request path",
+            m.control_plane_errors.clone(),
+        );
+        r.register(
+            "kas_config_pushes",
+            "Agent configurations sent to connected agent replicas",
+            m.config_pushes.clone(),
+        );
+        r.register(
+            "kas_redis_errors",
+            "Failed operations on the shared agent registry",
+            m.redis_errors.clone(),
+        );
+        r.register(
+            "kas_agents_connected",
+            "Agents with at least one replica connected to this kas",
+            m.agents.clone(),
+        );
+        r.register(
+            "kas_agent_replicas_connected",
+            "Agent replicas connected to this kas",
+            m.replicas.clone(),
+        );
+        r.register(
+            "kas_tunnels_idle",
+            "Idle tunnels held by this kas",
+            m.tunnels_idle.clone(),
+        );
+        r.register(
+            "kas_tunnels_busy",
+            "Tunnels carrying an exchange",
+            m.tunnels_busy.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        m
+    }
+
+    /// The text exposition, with the connection gauges read now.
+    pub fn render(&self, router: &Router) -> String {
+        let snapshot = router.registry().snapshot();
+        self.agents.set(snapshot.len() as i64);
+        self.replicas
+            .set(snapshot.iter().map(|a| a.replicas.len()).sum::<usize>() as i64);
+        self.tunnels_idle
+            .set(snapshot.iter().map(|a| a.idle_tunnels).sum::<usize>() as i64);
+        self.tunnels_busy
+            .set(snapshot.iter().map(|a| a.busy_tunnels).sum::<usize>() as i64);
+        let total = kas_router::redis::errors_total();
+        let seen = self.redis_errors_seen.swap(total, Ordering::Relaxed);
+        self.redis_errors.inc_by(total.saturating_sub(seen));
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl ProxyObserver for Metrics {
+    fn request(&self, status: u16, observed: &Observed, head_time: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                code: status.to_string(),
+                access_as: observed.access_as.unwrap_or("none").to_string(),
+            })
+            .inc();
+        self.duration.observe(head_time.as_secs_f64());
+        if let Some(f) = observed.failure {
+            self.failures
+                .get_or_create(&FailureLabels {
+                    reason: f.to_string(),
+                })
+                .inc();
+            match f {
+                "agent_not_connected" | "agent_busy" => {
+                    self.routing_timeouts.inc();
+                }
+                "control_plane" => {
+                    self.control_plane_errors.inc();
+                }
+                _ => {}
+            }
+        }
+    }
+}

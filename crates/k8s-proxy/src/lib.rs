@@ -5,6 +5,7 @@
 //! It does not terminate TLS or own sockets (the server does), and it never forwards
 //! the client's `Authorization` or `Impersonate-*` headers.
 
+pub mod audit;
 mod kubeconfig;
 mod proxy;
 mod status;

@@ -1,5 +1,6 @@
 //! The proxy request path: authenticate, authorize, pick a tunnel, stream.
 
+use crate::audit::{AuditIdentity, AuditRecord, AuditedBody};
 use crate::status::status_response;
 use crate::token::parse_ci_token;
 use bytes::Bytes;
@@ -30,6 +31,8 @@ pub struct ProxyOptions {
     pub agent_wait: Duration,
     /// Told about every request once its response head is ready (metrics).
     pub observer: Option<Arc<dyn ProxyObserver>>,
+    /// Receives one audit record per authorized request, when its response ends.
+    pub audit: Option<Arc<dyn crate::audit::AuditSink>>,
 }
 
 impl std::fmt::Debug for ProxyOptions {
@@ -37,6 +40,7 @@ impl std::fmt::Debug for ProxyOptions {
         f.debug_struct("ProxyOptions")
             .field("agent_wait", &self.agent_wait)
             .field("observer", &self.observer.is_some())
+            .field("audit", &self.audit.is_some())
             .finish()
     }
 }
@@ -46,6 +50,7 @@ impl Default for ProxyOptions {
         ProxyOptions {
             agent_wait: Duration::from_secs(20),
             observer: None,
+            audit: None,
         }
     }
 }
@@ -158,6 +163,7 @@ impl K8sProxy {
         B::Error: std::fmt::Display + Send,
     {
         let started = Instant::now();
+        let arrived = crate::audit::now_unix();
         let request_id = format!("{:016x}", rand::random::<u64>());
         let auth = req
             .headers()
@@ -214,6 +220,25 @@ impl K8sProxy {
             }
             Decision::Deny(reason) => {
                 tracing::info!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, status = 403, %reason, "k8s-proxy: forbidden");
+                if let Some(sink) = &self.opts.audit {
+                    let pq = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    let pq = pq.strip_prefix(PREFIX).unwrap_or(pq);
+                    let mut r = audit_record(
+                        &job,
+                        agent_id,
+                        &request_id,
+                        arrived,
+                        req.method().as_str(),
+                        pq,
+                        403,
+                    );
+                    r.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    sink.record(r);
+                }
                 return status_response(
                     StatusCode::FORBIDDEN,
                     &format!("forbidden: agent {agent_id} may not be used by this job: {reason}"),
@@ -266,6 +291,21 @@ impl K8sProxy {
             Err(e) => {
                 observed.failure = Some(failure_code(&e));
                 let code = e.status();
+                if let Some(sink) = &self.opts.audit {
+                    let mut r = audit_record(
+                        &job,
+                        agent_id,
+                        &request_id,
+                        arrived,
+                        &head.method,
+                        &head.path_and_query,
+                        code.as_u16(),
+                    );
+                    r.access_as = allowed.mode.as_str().to_string();
+                    r.impersonated = audit_identity(&allowed);
+                    r.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    sink.record(r);
+                }
                 tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = code.as_u16(), "k8s-proxy: no response from the agent");
                 return status_response(code, &e.to_string());
             }
@@ -284,7 +324,27 @@ impl K8sProxy {
             status = status.as_u16(), head_ms = started.elapsed().as_secs_f64() * 1000.0,
             "k8s-proxy: request"
         );
+        let audit = self.opts.audit.clone().map(|sink| {
+            let mut record = audit_record(
+                &job,
+                agent_id,
+                &request_id,
+                arrived,
+                &head.method,
+                &head.path_and_query,
+                status.as_u16(),
+            );
+            record.access_as = allowed.mode.as_str().to_string();
+            record.impersonated = audit_identity(&allowed);
+            record.completed = false;
+            (record, sink)
+        });
         let mut resp = if switching {
+            if let Some((mut record, sink)) = audit {
+                record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                record.completed = true;
+                sink.record(record);
+            }
             match on_upgrade {
                 Some(on) => {
                     tokio::spawn(splice(on, tbody, request_id));
@@ -293,12 +353,62 @@ impl K8sProxy {
                 None => return internal(),
             }
         } else {
-            Response::new(tbody.map_err(Into::into).boxed_unsync())
+            let body = tbody.map_err(Into::into).boxed_unsync();
+            match audit {
+                Some((record, sink)) => {
+                    Response::new(AuditedBody::new(body, record, sink, started).boxed_unsync())
+                }
+                None => Response::new(body),
+            }
         };
         *resp.status_mut() = status;
         *resp.headers_mut() = resp_headers;
         resp
     }
+}
+
+/// An audit record for `job`'s request, before the outcome is known (access_as
+/// `none`, no identity: the caller fills in what was decided).
+fn audit_record(
+    job: &kas_authz::JobContext,
+    agent_id: u64,
+    request_id: &str,
+    arrived: f64,
+    method: &str,
+    path_and_query: &str,
+    code: u16,
+) -> AuditRecord {
+    AuditRecord {
+        time: arrived,
+        request_id: request_id.to_string(),
+        job_id: job.job_id,
+        pipeline_id: job.pipeline_id,
+        project: job.project.path.clone(),
+        environment: job.environment.as_ref().map(|e| e.name.clone()),
+        user: job.username.clone(),
+        agent_id,
+        access_as: "none".into(),
+        impersonated: None,
+        verb: crate::audit::verb(method, path_and_query).to_string(),
+        path: path_and_query
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        code,
+        bytes: 0,
+        duration_ms: 0.0,
+        completed: true,
+    }
+}
+
+fn audit_identity(allowed: &kas_authz::Allowed) -> Option<AuditIdentity> {
+    allowed.identity.as_ref().map(|i| AuditIdentity {
+        username: i.username.clone(),
+        uid: i.uid.clone(),
+        groups: i.groups.clone(),
+        extra: i.extra.iter().cloned().collect(),
+    })
 }
 
 /// Copies raw bytes both ways between an upgraded client connection and the tunnel.

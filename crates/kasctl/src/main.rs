@@ -65,6 +65,22 @@ enum Cmd {
     /// CI jobs: start (get a kubeconfig), finish, list.
     #[command(subcommand)]
     Job(JobCmd),
+    /// The audit trail of the Kubernetes API proxy (newest last).
+    Audit {
+        #[arg(long)]
+        job: Option<u64>,
+        #[arg(long)]
+        project: Option<String>,
+        /// Agent id.
+        #[arg(long)]
+        agent: Option<u64>,
+        /// Only records since: a duration ago (30s, 15m, 2h, 7d) or unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Access questions: may jobs of a project use an agent, and as whom?
     #[command(subcommand)]
     Access(AccessCmd),
@@ -327,6 +343,63 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         // Handled above, before the token is read.
         Cmd::Completion { .. } => {}
+        Cmd::Audit {
+            job,
+            project,
+            agent,
+            since: since_arg,
+            limit,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(j) = job {
+                q.push(format!("job={j}"));
+            }
+            if let Some(p) = project {
+                q.push(format!("project={}", encode(&p)));
+            }
+            if let Some(a) = agent {
+                q.push(format!("agent={a}"));
+            }
+            if let Some(s) = since_arg {
+                q.push(format!("since={}", parse_since(&s)?));
+            }
+            let v = api
+                .call(M::GET, &format!("/audit?{}", q.join("&")), None)
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                table(
+                    &[
+                        "TIME", "JOB", "PROJECT", "ENV", "USER", "AGENT", "AS", "IDENTITY", "VERB",
+                        "PATH", "CODE", "BYTES", "MS",
+                    ],
+                    list(&v)
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                since(r["time"].as_f64().unwrap_or(0.0) as u64),
+                                s(r, "job_id"),
+                                s(r, "project"),
+                                r["environment"].as_str().unwrap_or("-").to_string(),
+                                s(r, "user"),
+                                s(r, "agent_id"),
+                                s(r, "access_as"),
+                                r["impersonated"]["username"]
+                                    .as_str()
+                                    .unwrap_or("(agent)")
+                                    .to_string(),
+                                s(r, "verb"),
+                                s(r, "path"),
+                                s(r, "code"),
+                                s(r, "bytes"),
+                                format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
         Cmd::Access(AccessCmd::Explain {
             project,
             environment,
@@ -785,4 +858,27 @@ fn explain_text(v: &Value) -> String {
         }
     }
     out
+}
+
+/// `--since`: a duration ago (`30s`, `15m`, `2h`, `7d`) or unix seconds.
+fn parse_since(v: &str) -> Result<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if let Ok(n) = v.parse::<u64>() {
+        return Ok(n);
+    }
+    let (num, unit) = v.split_at(v.len().saturating_sub(1));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--since `{v}`: use 30s, 15m, 2h, 7d or unix seconds"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => anyhow::bail!("--since `{v}`: use 30s, 15m, 2h, 7d or unix seconds"),
+    };
+    Ok(now.saturating_sub(secs))
 }

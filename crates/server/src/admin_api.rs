@@ -19,6 +19,8 @@ use subtle::ConstantTimeEq;
 pub struct AdminState {
     pub cp: Arc<dyn ControlPlane>,
     pub router: Arc<KasRouter>,
+    /// The audit file, when audit records go to a file.
+    pub audit_file: Option<std::path::PathBuf>,
     pub admin_token_hash: [u8; 32],
     pub k8s_proxy_url: String,
     pub k8s_proxy_ca_pem: Option<String>,
@@ -93,6 +95,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/jobs/:id/finish", post(finish_job))
         .route("/connected-agents", get(connected_agents))
         .route("/access/explain", get(explain))
+        .route("/audit", get(audit))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     Router::new()
@@ -558,4 +561,28 @@ async fn explain(
             "reason": reason.to_string(),
         }),
     }))
+}
+
+async fn audit(
+    State(s): State<Arc<AdminState>>,
+    Query(q): Query<crate::audit::AuditQuery>,
+) -> ApiResult<Vec<serde_json::Value>> {
+    let Some(path) = s.audit_file.clone() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this kas writes its audit trail to stdout; query it where its logs are collected"
+                .into(),
+        ));
+    };
+    let records = tokio::task::spawn_blocking(move || crate::audit::read(&path, &q))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot read the audit log");
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot read the audit log".into(),
+            )
+        })?;
+    Ok(Json(records))
 }

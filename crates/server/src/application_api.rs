@@ -31,7 +31,6 @@ use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// The audience application JWTs must name.
@@ -72,27 +71,10 @@ impl IntegrationLog {
     /// lines to it (written by a background task, so a slow disk never blocks a call).
     pub fn new(file: Option<std::path::PathBuf>) -> IntegrationLog {
         let file = file.map(|path| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-            tokio::spawn(async move {
-                let f = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .await;
-                let mut f = match f {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "cannot open the Kubernetes integration log");
-                        return;
-                    }
-                };
-                while let Some(line) = rx.recv().await {
-                    if let Err(e) = f.write_all(line.as_bytes()).await {
-                        tracing::error!(error = %e, "cannot write the Kubernetes integration log");
-                    }
-                }
-            });
-            tx
+            crate::audit::line_writer(
+                crate::audit::AuditTarget::File(path),
+                "Kubernetes integration log",
+            )
         });
         IntegrationLog { file }
     }

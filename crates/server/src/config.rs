@@ -50,6 +50,9 @@ pub struct Cli {
     /// absent = the application API is off.
     #[arg(long, env = "KAS_APPLICATION_SECRET_FILE")]
     pub application_secret_file: Option<PathBuf>,
+    /// Audit trail: a file (default `<data dir>/audit.jsonl`) or `-` for stdout.
+    #[arg(long, env = "KAS_AUDIT_FILE")]
+    pub audit_file: Option<String>,
     /// URL CI jobs use to reach the Kubernetes API proxy (goes into job kubeconfigs).
     #[arg(long, env = "KAS_K8S_PROXY_URL")]
     pub k8s_proxy_url: Option<String>,
@@ -79,6 +82,7 @@ impl Default for Cli {
             redis_url: None,
             controlplane_url: None,
             application_secret_file: None,
+            audit_file: None,
             k8s_proxy_url: None,
             log_level: None,
             log_format: "text".into(),
@@ -105,6 +109,15 @@ struct FileConfig {
     controlplane: FileControlPlane,
     #[serde(default)]
     application: FileApplication,
+    #[serde(default)]
+    audit: FileAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    /// A path, or `-` for stdout.
+    file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +225,8 @@ pub struct Config {
     pub controlplane_url: Option<String>,
     /// The application API (None: off).
     pub application: Option<ApplicationConfig>,
+    /// Where audit records go.
+    pub audit: crate::audit::AuditTarget,
 }
 
 /// The application API's settings.
@@ -539,6 +554,11 @@ impl Config {
                 data_dir.display()
             ));
         }
+        let audit = match cli.audit_file.clone().or(file.audit.file.clone()) {
+            Some(f) if f == "-" => crate::audit::AuditTarget::Stdout,
+            Some(f) => crate::audit::AuditTarget::File(PathBuf::from(f)),
+            None => crate::audit::AuditTarget::File(data_dir.join("audit.jsonl")),
+        };
         if errors.is_empty() {
             Ok(Config {
                 data_dir,
@@ -554,6 +574,7 @@ impl Config {
                 shared,
                 controlplane_url,
                 application,
+                audit,
             })
         } else {
             Err(errors)

@@ -9,6 +9,7 @@ mod admin_api;
 mod agent_api;
 mod agents_page;
 pub mod application_api;
+pub mod audit;
 pub mod config;
 pub mod metrics;
 mod serve;
@@ -229,6 +230,7 @@ impl Kas {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry = TunnelRegistry::new();
         let metrics = Arc::new(metrics::Metrics::new());
+        let audit = Arc::new(audit::AuditLog::start(config.audit.clone()));
         let mut tasks = JoinSet::new();
         let mut endpoints = endpoints;
 
@@ -327,6 +329,7 @@ impl Kas {
             ProxyOptions {
                 agent_wait: config.agent_wait_timeout,
                 observer: Some(metrics.clone()),
+                audit: Some(audit.clone()),
             },
         );
         let svc = hyper::service::service_fn(move |req| {
@@ -346,6 +349,10 @@ impl Kas {
         let state = Arc::new(admin_api::AdminState {
             cp: cp.clone(),
             router: router.clone(),
+            audit_file: match &audit.target {
+                audit::AuditTarget::File(p) => Some(p.clone()),
+                audit::AuditTarget::Stdout => None,
+            },
             admin_token_hash: admin_hash,
             k8s_proxy_url,
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),

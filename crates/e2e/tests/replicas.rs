@@ -405,3 +405,25 @@ async fn thousands_of_forwarded_exchanges_all_succeed() {
         1600
     );
 }
+
+/// `/readyz` says not ready while the configured Redis is unusable, and ready again
+/// once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_redis() {
+    let mut r = Replicas::start(1).await;
+    let url = format!("{}/readyz", r.info[0].observability);
+    let client = kas_test_support::http::client(&[], false);
+    let rt = tokio::runtime::Handle::current();
+    let status = |c: &kas_test_support::http::HttpsClient| {
+        tokio::task::block_in_place(|| rt.block_on(kas_test_support::http::get(c, &url, None))).0
+    };
+    assert_eq!(status(&client), 200);
+    tokio::task::block_in_place(|| r.redis.stop());
+    wait_for(Duration::from_secs(10), "not ready without Redis", || {
+        (status(&client) == 503).then_some(())
+    });
+    tokio::task::block_in_place(|| r.redis.restart());
+    wait_for(Duration::from_secs(10), "ready again", || {
+        (status(&client) == 200).then_some(())
+    });
+}

@@ -230,6 +230,7 @@ pub async fn run(
             None => Err(SessionError::Closed),
         };
         next = next.wrapping_add(1);
+        upstream.stats.reconnects.fetch_add(1, Ordering::Relaxed);
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
             tried = 0;
@@ -314,7 +315,10 @@ async fn session(
         idle: AtomicUsize::new(0),
         total: AtomicUsize::new(0),
         wake: Notify::new(),
+        stats: upstream.stats.clone(),
     });
+    // Counts this session as connected while it lives.
+    let _connected = Connected::new(upstream.stats.clone());
     // Every tunnel task of this session; on the session's end they are left to finish.
     let mut tunnels = JoinSet::new();
     let manager = async {
@@ -324,6 +328,8 @@ async fn session(
             {
                 pool.idle.fetch_add(1, Ordering::SeqCst);
                 pool.total.fetch_add(1, Ordering::SeqCst);
+                pool.stats.tunnels_idle.fetch_add(1, Ordering::Relaxed);
+                pool.stats.tunnels_open.fetch_add(1, Ordering::Relaxed);
                 tunnels.spawn(tunnel(
                     opts.clone(),
                     client.clone(),
@@ -365,6 +371,14 @@ async fn apply(
 ) {
     let version = c.version;
     upstream.configure(&c.config_yaml, &c.config_project_path);
+    upstream
+        .stats
+        .config_version
+        .store(c.version, Ordering::Relaxed);
+    upstream
+        .stats
+        .config_applied
+        .fetch_add(1, Ordering::Relaxed);
     tracing::info!(agent_id = c.agent_id, agent = %c.agent_name, version, "applied agent configuration");
     config_tx.send_replace(Some(c));
     let _ = ack_tx
@@ -380,9 +394,26 @@ struct Pool {
     idle: AtomicUsize,
     total: AtomicUsize,
     wake: Notify,
+    stats: Arc<crate::stats::Stats>,
 }
 
 /// Counts a tunnel out of the pool when its task ends, however it ends.
+/// A live session, counted in the stats while it lives.
+struct Connected(Arc<crate::stats::Stats>);
+
+impl Connected {
+    fn new(stats: Arc<crate::stats::Stats>) -> Self {
+        stats.sessions_connected.fetch_add(1, Ordering::Relaxed);
+        Connected(stats)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.sessions_connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct TunnelSlot {
     pool: Arc<Pool>,
     idle: bool,
@@ -393,6 +424,7 @@ impl TunnelSlot {
         if self.idle {
             self.idle = false;
             self.pool.idle.fetch_sub(1, Ordering::SeqCst);
+            self.pool.stats.tunnels_idle.fetch_sub(1, Ordering::Relaxed);
             self.pool.wake.notify_one();
         }
     }
@@ -401,6 +433,7 @@ impl TunnelSlot {
         if !self.idle {
             self.idle = true;
             self.pool.idle.fetch_add(1, Ordering::SeqCst);
+            self.pool.stats.tunnels_idle.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -409,6 +442,7 @@ impl Drop for TunnelSlot {
     fn drop(&mut self) {
         self.busy();
         self.pool.total.fetch_sub(1, Ordering::SeqCst);
+        self.pool.stats.tunnels_open.fetch_sub(1, Ordering::Relaxed);
         self.pool.wake.notify_one();
     }
 }
@@ -453,7 +487,15 @@ async fn tunnel(
             }
         };
         slot.busy();
-        if exchange::serve(&upstream, head, &mut inbound, &tx).await {
+        upstream.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+        let clean = exchange::serve(&upstream, head, &mut inbound, &tx).await;
+        if !clean {
+            upstream
+                .stats
+                .exchanges_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if clean {
             slot.idle();
             continue;
         }

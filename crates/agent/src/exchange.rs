@@ -31,6 +31,8 @@ pub struct Upstream {
     pub service_client: HttpsClient,
     /// The services the configuration allows (replaced on every configuration).
     services: std::sync::RwLock<std::sync::Arc<Vec<AllowedService>>>,
+    /// What the observability endpoint reports.
+    pub stats: std::sync::Arc<crate::stats::Stats>,
 }
 
 impl Upstream {
@@ -40,6 +42,7 @@ impl Upstream {
             service_client: access.service_client()?,
             access,
             services: Default::default(),
+            stats: Default::default(),
         })
     }
 

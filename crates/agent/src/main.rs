@@ -41,9 +41,21 @@ struct Cli {
     /// Runtime threads: 1 (default) runs everything on one thread; 0 uses one per core.
     #[arg(long, env = "AGENTK_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// Observability endpoint (/healthz, /readyz, /metrics), e.g. 0.0.0.0:8080; off if absent.
+    #[arg(long, env = "AGENTK_LISTEN_OBSERVABILITY")]
+    listen_observability: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn fail(msg: String) -> ! {
@@ -111,6 +123,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         min_idle_tunnels: cli.min_idle_tunnels,
         max_tunnels: cli.max_tunnels,
         replica_id: format!("{:016x}", rand::random::<u64>()),
+    };
+    let _observability = match cli.listen_observability {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .unwrap_or_else(|e| {
+                    fail(format!("cannot bind --listen-observability {addr}: {e}"))
+                });
+            let bound = l.local_addr()?;
+            tracing::info!(address = %bound, "listening observability http://{bound}");
+            Some(AbortOnDrop(tokio::spawn(kas_agent::stats::serve(
+                l,
+                upstream.stats.clone(),
+            ))))
+        }
+        None => None,
     };
     let (config_tx, _config_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);

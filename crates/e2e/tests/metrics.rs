@@ -36,8 +36,40 @@ async fn metrics_follow_agents_and_requests() {
     let config = "ci_access:\n  projects:\n    - id: acme/web/shop\n";
     let (agent, token) = env.create_agent("acme/platform/agents", "prod", config);
     env.kasctl(&["project", "create", "acme/web/shop"]);
-    env.start_agentk(&token, &[]);
+    let i = env.start_agentk(&token, &["--listen-observability", "127.0.0.1:0"]);
     env.wait_connected(agent, 1);
+    // agentk's own endpoint, at the address it logs.
+    let agentk_url = wait_for(
+        Duration::from_secs(10),
+        "agentk observability address",
+        || {
+            let logs = env.agents[i].logs();
+            let at = logs.find("listening observability http://")?;
+            let rest = &logs[at + "listening observability ".len()..];
+            Some(rest.split_whitespace().next()?.to_string())
+        },
+    );
+    let c0 = http::client(&[], false);
+    assert_eq!(
+        http::get(&c0, &format!("{agentk_url}/readyz"), None)
+            .await
+            .0,
+        200
+    );
+    let (_, agentk_metrics) = http::get(&c0, &format!("{agentk_url}/metrics"), None).await;
+    assert_eq!(
+        sample(&agentk_metrics, "agentk_sessions_connected"),
+        1.0,
+        "{agentk_metrics}"
+    );
+    assert!(
+        sample(&agentk_metrics, "agentk_tunnels_idle") >= 1.0,
+        "{agentk_metrics}"
+    );
+    assert!(
+        sample(&agentk_metrics, "agentk_config_version") >= 1.0,
+        "{agentk_metrics}"
+    );
     let connected = scrape(&env).await;
     assert_eq!(
         sample(&connected, "kas_agents_connected"),

@@ -488,7 +488,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (Method::GET, ["apis", "rbac.authorization.k8s.io", "v1"]) => json_resp(
             StatusCode::OK,
             &json!({"kind": "APIResourceList", "groupVersion": "rbac.authorization.k8s.io/v1", "resources": [
-                {"name": "clusterroles", "singularName": "", "namespaced": false, "kind": "ClusterRole", "verbs": ["get", "list"], "shortNames": []}
+                {"name": "clusterroles", "singularName": "", "namespaced": false, "kind": "ClusterRole", "verbs": ["get", "list"], "shortNames": []},
+                {"name": "clusterrolebindings", "singularName": "", "namespaced": false, "kind": "ClusterRoleBinding", "verbs": ["get", "list"], "shortNames": []}
             ]}),
         ),
         // Read-only, fixed objects: enough for clients that span several API groups.
@@ -529,6 +530,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                         r("pods/exec", "PodExecOptions", true, json!(["create", "get"]), json!([])),
                         r("pods/log", "Pod", true, json!(["get"]), json!([])),
                         r("configmaps", "ConfigMap", true, crud, json!(["cm"])),
+                        // Known to discovery only (so manifests can be checked with
+                        // `kubectl apply --dry-run=client`); reading one answers 404.
+                        r("secrets", "Secret", true, json!(["get", "list"]), json!([])),
+                        r("services", "Service", true, json!(["get", "list"]), json!(["svc"])),
+                        r("serviceaccounts", "ServiceAccount", true, json!(["get", "list"]), json!(["sa"])),
                     ]
                 }),
             )

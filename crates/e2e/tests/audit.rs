@@ -7,7 +7,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_proxied_request_is_audited_with_its_identity() {
-    let mut env = Env::start().await;
+    let mut env = Env::start_with(&["--log-format", "json"]).await;
     env.kasctl(&["project", "create", "acme/web/shop"]);
     env.kasctl(&["project", "create", "acme/other"]);
     env.kasctl(&[
@@ -94,6 +94,28 @@ async fn every_proxied_request_is_audited_with_its_identity() {
         table.contains("ci_job") && table.contains("/api/v1/namespaces/audited/pods"),
         "{table}"
     );
+    // Request log lines are JSON with the job, agent, project and request id; no
+    // token appears in any log line.
+    let logs = env.kas.logs();
+    let line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"] == "k8s-proxy: request"
+                && v["fields"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/api/v1/namespaces/audited/pods"))
+        })
+        .unwrap_or_else(|| panic!("no JSON request line in:\n{logs}"));
+    let f = &line["fields"];
+    assert_eq!(f["job_id"], job.id, "{line}");
+    assert_eq!(f["agent_id"], agent, "{line}");
+    assert_eq!(f["project"], "acme/web/shop", "{line}");
+    assert!(
+        f["request_id"].as_str().is_some_and(|r| r.len() == 16),
+        "{line}"
+    );
+    assert!(!logs.contains(&job.token) && !logs.contains(&other.token));
     // Tokens never reach the audit trail.
     let file =
         std::fs::read_to_string(env.path("kas-data").join("audit.jsonl")).expect("audit file");

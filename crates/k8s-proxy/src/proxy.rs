@@ -188,7 +188,7 @@ impl K8sProxy {
                 );
             }
             Err(e) => {
-                tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
+                tracing::error!(%request_id, agent_id, error = %e, "k8s-proxy: control plane lookup failed");
                 observed.failure = Some("control_plane");
                 return status_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -199,7 +199,7 @@ impl K8sProxy {
         let agent = match self.cp.agent_info(agent_id).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(%request_id, error = %e, "k8s-proxy: control plane lookup failed");
+                tracing::error!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, error = %e, "k8s-proxy: control plane lookup failed");
                 observed.failure = Some("control_plane");
                 return status_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -306,7 +306,7 @@ impl K8sProxy {
                     r.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
                     sink.record(r);
                 }
-                tracing::warn!(%request_id, agent_id, job_id = job.job_id, error = %e, status = code.as_u16(), "k8s-proxy: no response from the agent");
+                tracing::warn!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, error = %e, status = code.as_u16(), "k8s-proxy: no response from the agent");
                 return status_response(code, &e.to_string());
             }
         };

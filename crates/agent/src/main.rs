@@ -67,18 +67,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One thread by default: agentk forwards bytes and does little else, and a single
     // thread avoids cross-thread wake-ups on every frame (lower latency, measured).
-    let runtime = match cli.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
-    };
+    let runtime = kas_telemetry::runtime(cli.worker_threads)?;
     runtime.block_on(run(cli))
 }
 
@@ -112,9 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => ClusterAccess::in_cluster(),
     }
     .unwrap_or_else(|e| fail(e.to_string()));
-    let client = access.client().unwrap_or_else(|e| fail(e.to_string()));
     tracing::info!(cluster = %access.server, kas = ?cli.kas_address, "agentk starting");
-    drop(client);
     let upstream = Arc::new(Upstream::new(access).unwrap_or_else(|e| fail(e.to_string())));
     let opts = ConnectOptions {
         kas_addresses: cli.kas_address,

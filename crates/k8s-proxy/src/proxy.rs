@@ -286,23 +286,28 @@ impl K8sProxy {
             self.opts.agent_wait,
         )
         .await;
+        // The audit record of an authorized request, once its code is known.
+        let decided = |code: u16| {
+            let mut r = audit_record(
+                &job,
+                agent_id,
+                &request_id,
+                arrived,
+                &head.method,
+                &head.path_and_query,
+                code,
+            );
+            r.access_as = allowed.mode.as_str().to_string();
+            r.impersonated = audit_identity(&allowed);
+            r
+        };
         let (rhead, tbody) = match outcome {
             Ok(x) => x,
             Err(e) => {
                 observed.failure = Some(failure_code(&e));
                 let code = e.status();
                 if let Some(sink) = &self.opts.audit {
-                    let mut r = audit_record(
-                        &job,
-                        agent_id,
-                        &request_id,
-                        arrived,
-                        &head.method,
-                        &head.path_and_query,
-                        code.as_u16(),
-                    );
-                    r.access_as = allowed.mode.as_str().to_string();
-                    r.impersonated = audit_identity(&allowed);
+                    let mut r = decided(code.as_u16());
                     r.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
                     sink.record(r);
                 }
@@ -325,17 +330,7 @@ impl K8sProxy {
             "k8s-proxy: request"
         );
         let audit = self.opts.audit.clone().map(|sink| {
-            let mut record = audit_record(
-                &job,
-                agent_id,
-                &request_id,
-                arrived,
-                &head.method,
-                &head.path_and_query,
-                status.as_u16(),
-            );
-            record.access_as = allowed.mode.as_str().to_string();
-            record.impersonated = audit_identity(&allowed);
+            let mut record = decided(status.as_u16());
             record.completed = false;
             (record, sink)
         });

@@ -149,6 +149,10 @@ pub struct RedisRegistry {
     events: broadcast::Sender<Event>,
     /// agent id -> (when read, live connections): see the module docs.
     cache: Mutex<Cache>,
+    /// Scripts, hashed once (EVALSHA, loaded on first use).
+    register_script: Script,
+    unregister_script: Script,
+    sweep_script: Script,
     stop: watch::Sender<bool>,
     /// Connections this kas registered (what a refresh rewrites).
     own: Arc<Mutex<HashMap<(u64, String), Connection>>>,
@@ -176,6 +180,9 @@ impl RedisRegistry {
             commands,
             events,
             cache: Mutex::default(),
+            register_script: Script::new(REGISTER),
+            unregister_script: Script::new(UNREGISTER),
+            sweep_script: Script::new(SWEEP),
             stop,
             own: Arc::default(),
             tasks: Mutex::new(Vec::new()),
@@ -343,11 +350,11 @@ impl RedisRegistry {
 
     /// Removes expired fields (of kas replicas that died) everywhere.
     pub async fn sweep(&self) -> Result<u64, RedisError> {
-        let script = Script::new(SWEEP);
         let mut removed = 0;
         for key in self.agent_keys().await? {
             let mut conn = self.conn.clone();
-            let n: u64 = script
+            let n: u64 = self
+                .sweep_script
                 .key(&key)
                 .arg(now_ms())
                 .invoke_async(&mut conn)
@@ -394,7 +401,7 @@ impl RedisRegistry {
         let mut conn = self.conn.clone();
         match cmd {
             Command::Register(c) => {
-                Script::new(REGISTER)
+                self.register_script
                     .key(self.agent_key(c.agent_id))
                     .arg(self.field(&c.connection))
                     .arg(self.value(c))
@@ -408,7 +415,7 @@ impl RedisRegistry {
                 agent_id,
                 connection,
             } => {
-                Script::new(UNREGISTER)
+                self.unregister_script
                     .key(self.agent_key(*agent_id))
                     .arg(self.field(connection))
                     .arg(self.channel())

@@ -41,8 +41,19 @@ pub struct AppState {
     pub cp: Arc<dyn ControlPlane>,
     pub router: Arc<KasRouter>,
     pub decoding: DecodingKey,
+    /// Built once: HS256, audience `kas-application`, `exp` required.
+    pub validation: Validation,
     pub agent_wait: Duration,
     pub log: IntegrationLog,
+}
+
+/// How application tokens are checked.
+pub fn validation() -> Validation {
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_audience(&[AUDIENCE]);
+    v.set_required_spec_claims(&["exp", "aud"]);
+    v.leeway = 5;
+    v
 }
 
 /// The Kubernetes integration log: one structured record per cluster call.
@@ -129,11 +140,9 @@ async fn auth(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let mut v = Validation::new(Algorithm::HS256);
-    v.set_audience(&[AUDIENCE]);
-    v.set_required_spec_claims(&["exp", "aud"]);
-    v.leeway = 5;
-    match token.map(|t| jsonwebtoken::decode::<serde_json::Value>(t.trim(), &state.decoding, &v)) {
+    match token.map(|t| {
+        jsonwebtoken::decode::<serde_json::Value>(t.trim(), &state.decoding, &state.validation)
+    }) {
         Some(Ok(_)) => next.run(req).await,
         Some(Err(e)) => {
             tracing::info!(reason = %e, "application API: invalid token");

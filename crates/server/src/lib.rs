@@ -372,6 +372,7 @@ impl Kas {
                 cp: cp.clone(),
                 router: router.clone(),
                 decoding: jsonwebtoken::DecodingKey::from_secret(&app.secret),
+                validation: application_api::validation(),
                 agent_wait: config.agent_wait_timeout,
                 log: application_api::IntegrationLog::new(app.integration_log_file.clone()),
             });

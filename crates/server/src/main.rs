@@ -4,18 +4,7 @@ use kas_server::Kas;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = match cli.worker_threads {
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
-    };
+    let runtime = kas_telemetry::runtime(cli.worker_threads)?;
     runtime.block_on(run(cli))
 }
 

@@ -1,6 +1,6 @@
-//! Logging set-up shared by the `kas` and `agentk` binaries: a level filter, text or
-//! JSON lines on stderr, written by a background thread so a request never waits on
-//! the write. It does not define what is logged.
+//! Process set-up shared by the `kas` and `agentk` binaries: logging (a level filter,
+//! text or JSON lines on stderr, written by a background thread so a request never
+//! waits on the write) and the tokio runtime. It does not define what is logged.
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 
@@ -41,4 +41,17 @@ pub fn init(level: Option<&str>, format: &str) -> Result<WorkerGuard, LogError> 
         b.init();
     }
     Ok(guard)
+}
+
+/// The tokio runtime for `--worker-threads`: 0 = one worker per core, 1 = everything
+/// on the calling thread (no cross-thread wake-ups), n = n workers.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if worker_threads > 1 {
+        b.worker_threads(worker_threads);
+    }
+    b.enable_all().build()
 }

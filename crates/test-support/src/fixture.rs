@@ -5,7 +5,7 @@ use crate::procs::{self, KasInfo, Proc};
 use crate::TestApiServer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// Waits until `f` returns `Some`, checking every 20 ms, for at most `timeout`.
@@ -54,19 +54,10 @@ impl Env {
         let api = TestApiServer::start().await.expect("test API server");
         let cluster_kubeconfig = dir.path().join("cluster.yaml");
         std::fs::write(&cluster_kubeconfig, api.kubeconfig()).expect("write kubeconfig");
-        let mut kas_args: Vec<String> = [
-            "--listen-agent",
-            "127.0.0.1:0",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--listen-k8s-proxy",
-            "127.0.0.1:0",
-            "--listen-observability",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut kas_args: Vec<String> = procs::LOCAL_LISTENERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         kas_args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = kas_args.iter().map(String::as_str).collect();
         let (kas, kas_info) = procs::start_kas(
@@ -249,17 +240,7 @@ impl Env {
 
     /// A kubectl command for a job's kubeconfig and context, with its own HOME.
     pub fn kubectl_cmd(&self, job: &Job, context: &str, args: &[&str]) -> Command {
-        let home = self.path("home");
-        let _ = std::fs::create_dir_all(&home);
-        let mut c = Command::new("kubectl");
-        c.env("HOME", &home)
-            .env("KUBECONFIG", &job.kubeconfig)
-            .arg("--context")
-            .arg(context)
-            .arg("--request-timeout=30s")
-            .args(args)
-            .stdin(Stdio::null());
-        c
+        procs::kubectl(&self.path("home"), &job.kubeconfig, context, args)
     }
 
     /// Runs kubectl to completion.

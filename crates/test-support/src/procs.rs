@@ -89,6 +89,32 @@ pub struct KasInfo {
     pub admin_token_file: PathBuf,
 }
 
+/// Every kas listener on a free loopback port.
+pub const LOCAL_LISTENERS: [&str; 8] = [
+    "--listen-agent",
+    "127.0.0.1:0",
+    "--listen-api",
+    "127.0.0.1:0",
+    "--listen-k8s-proxy",
+    "127.0.0.1:0",
+    "--listen-observability",
+    "127.0.0.1:0",
+];
+
+/// kubectl for a job's kubeconfig and context, with its own HOME (no user config).
+pub fn kubectl(home: &Path, kubeconfig: &Path, context: &str, args: &[&str]) -> Command {
+    let _ = std::fs::create_dir_all(home);
+    let mut c = Command::new("kubectl");
+    c.env("HOME", home)
+        .env("KUBECONFIG", kubeconfig)
+        .arg("--context")
+        .arg(context)
+        .arg("--request-timeout=30s")
+        .args(args)
+        .stdin(Stdio::null());
+    c
+}
+
 /// Starts kas with `args` and waits until it prints `kas: ready`.
 pub fn start_kas(data_dir: &Path, args: &[&str], log_dir: &Path) -> (Proc, KasInfo) {
     std::fs::create_dir_all(log_dir).expect("log dir");

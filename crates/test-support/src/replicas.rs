@@ -7,7 +7,7 @@ use crate::services::{Postgres, Redis};
 use crate::TestApiServer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 /// Redis entries expire after this long without refresh in these tests.
@@ -74,20 +74,9 @@ impl Replicas {
 
     /// Starts one more kas replica; returns its index.
     pub fn start_kas(&mut self) -> usize {
-        let args = [
-            "--config",
-            self.config_file.to_str().expect("path"),
-            "--listen-agent",
-            "127.0.0.1:0",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--listen-k8s-proxy",
-            "127.0.0.1:0",
-            "--listen-observability",
-            "127.0.0.1:0",
-            "--listen-private",
-            "127.0.0.1:0",
-        ];
+        let mut args = vec!["--config", self.config_file.to_str().expect("path")];
+        args.extend(procs::LOCAL_LISTENERS);
+        args.extend(["--listen-private", "127.0.0.1:0"]);
         let (p, info) = procs::start_kas(&self.path("kas-data"), &args, &self.path("logs"));
         self.kas.push(Some(p));
         self.info.push(info);
@@ -208,19 +197,9 @@ impl Replicas {
 
     /// kubectl for `job` entering through kas replica `via`.
     pub fn kubectl_cmd(&self, via: usize, job: &Job, context: &str, args: &[&str]) -> Command {
-        let home = self.path("home");
-        let _ = std::fs::create_dir_all(&home);
-        let mut c = Command::new("kubectl");
-        c.env("HOME", &home)
-            .env("KUBECONFIG", &job.kubeconfig)
-            .arg("--context")
-            .arg(context)
-            .arg("--server")
-            .arg(&self.info[via].k8s_proxy)
-            .arg("--request-timeout=30s")
-            .args(args)
-            .stdin(Stdio::null());
-        c
+        let mut all = vec!["--server", self.info[via].k8s_proxy.as_str()];
+        all.extend(args);
+        procs::kubectl(&self.path("home"), &job.kubeconfig, context, &all)
     }
 
     pub fn kubectl(&self, via: usize, job: &Job, context: &str, args: &[&str]) -> Output {

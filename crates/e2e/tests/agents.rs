@@ -50,22 +50,11 @@ async fn replicas_with_one_token_are_one_agent_with_several_connections() {
 async fn agents_connect_over_tls_with_a_self_signed_kas() {
     // A CA and a serving certificate for the agent listener.
     let certs = tempfile::tempdir().expect("tmp");
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "test kas CA");
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .signed_by(&key, &ca, &ca_key)
-        .expect("leaf");
+    let tls = kas_test_support::certs::LocalhostCert::generate();
     let p = |n: &str| certs.path().join(n);
-    std::fs::write(p("ca.pem"), ca.pem()).expect("write");
-    std::fs::write(p("agent.crt"), leaf.pem()).expect("write");
-    std::fs::write(p("agent.key"), key.serialize_pem()).expect("write");
+    std::fs::write(p("ca.pem"), &tls.ca).expect("write");
+    std::fs::write(p("agent.crt"), &tls.cert).expect("write");
+    std::fs::write(p("agent.key"), &tls.key).expect("write");
     std::fs::write(
         p("kas.yaml"),
         format!(

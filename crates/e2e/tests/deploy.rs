@@ -1,19 +1,208 @@
-//! The installation manifests under deploy/ parse as Kubernetes objects of known kinds:
-//! real kubectl applies them with `--dry-run=client` (through kas, against the test API
-//! server). Field-level schema validation is off: the test API server publishes
-//! OpenAPI schemas for core kinds only.
+//! The installation manifests under deploy/: the plain manifests and the Helm charts
+//! rendered by the real `helm` validate strictly against the Kubernetes 1.32 schemas
+//! (kubernetes-validate) and pass real kubectl's `apply --dry-run=client` through kas;
+//! the charts refuse settings that cannot work; and kas and agentk started exactly as
+//! the rendered Deployments start them (arguments, environment, mounted config and
+//! secrets, init container) come up ready and connect, on one replica with SQLite and
+//! on the shared Redis and PostgreSQL with TLS.
 
-use kas_test_support::fixture::Env;
-use std::path::PathBuf;
+use kas_test_support::certs::LocalhostCert;
+use kas_test_support::fixture::{wait_for, Env};
+use kas_test_support::http;
+use kas_test_support::pods::{self, find, helm_template, objects, workspace_file, Pod};
+use kas_test_support::procs::{self, KasInfo, Proc};
+use kas_test_support::services::{free_port, Postgres, Redis};
+use kas_test_support::TestApiServer;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-fn workspace_file(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(rel)
+const K8S_VERSION: &str = "1.32.0";
+
+fn sets(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The agentk chart with the values it requires.
+fn agentk_chart(extra: &[(&str, &str)]) -> String {
+    let mut s = sets(&[
+        ("kasAddress", "grpcs://kas.example.com:8150"),
+        ("token", "an-agent-token"),
+    ]);
+    s.extend(sets(extra));
+    helm_template("agentk", "prod", "gitlab-agent", &s).expect("agentk chart renders")
+}
+
+/// The kas chart for several replicas: Redis, PostgreSQL and a proxy certificate.
+fn kas_ha_values(redis: &str, postgres: &str) -> Vec<(String, String)> {
+    sets(&[
+        ("replicaCount", "3"),
+        ("redis.url", redis),
+        ("controlplane.url", postgres),
+        ("k8sProxy.tls.secretName", "kas-proxy-tls"),
+        ("k8sProxy.url", "https://kas.example.com/k8s-proxy/"),
+        ("agent.tls.secretName", "kas-agent-tls"),
+        ("application.enabled", "true"),
+    ])
+}
+
+fn kinds(objs: &[Value]) -> Vec<String> {
+    let mut k: Vec<String> = objs
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    k.sort();
+    k
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn manifests_pass_kubectl_dry_run() {
+async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rendered = [
+        ("agentk chart", agentk_chart(&[])),
+        (
+            "kas chart, one replica",
+            helm_template("kas", "kas", "kas", &[]).expect("kas chart renders"),
+        ),
+        (
+            "kas chart, three replicas",
+            helm_template(
+                "kas",
+                "kas",
+                "kas",
+                &kas_ha_values("redis://:pw@redis:6379/0", "postgres://kas:pw@pg:5432/kas"),
+            )
+            .expect("kas chart renders"),
+        ),
+    ];
+    let mut files: Vec<(String, PathBuf)> = vec![
+        (
+            "deploy/agentk/agentk.yaml".into(),
+            workspace_file("deploy/agentk/agentk.yaml"),
+        ),
+        (
+            "deploy/kas/kas.yaml".into(),
+            workspace_file("deploy/kas/kas.yaml"),
+        ),
+    ];
+    for (i, (what, yaml)) in rendered.iter().enumerate() {
+        let p = dir.path().join(format!("rendered-{i}.yaml"));
+        std::fs::write(&p, yaml).expect("write");
+        files.push((what.to_string(), p));
+    }
+    let read = |p: &Path| objects(&std::fs::read_to_string(p).expect("manifest"));
+    let expected: [&[&str]; 5] = [
+        &[
+            "ClusterRoleBinding",
+            "Deployment",
+            "Namespace",
+            "Secret",
+            "ServiceAccount",
+        ],
+        &[
+            "ConfigMap",
+            "Deployment",
+            "Namespace",
+            "Secret",
+            "Service",
+            "Service",
+            "Service",
+            "Service",
+            "Service",
+        ],
+        &[
+            "ClusterRoleBinding",
+            "Deployment",
+            "Secret",
+            "ServiceAccount",
+        ],
+        // One replica: SQLite on a volume claim, no private listener.
+        &[
+            "ConfigMap",
+            "Deployment",
+            "PersistentVolumeClaim",
+            "Secret",
+            "Service",
+            "Service",
+            "Service",
+            "Service",
+        ],
+        // Several: no volume claim, a headless Service for the private API.
+        &[
+            "ConfigMap",
+            "Deployment",
+            "Secret",
+            "Service",
+            "Service",
+            "Service",
+            "Service",
+            "Service",
+        ],
+    ];
+    for ((what, p), want) in files.iter().zip(expected) {
+        assert_eq!(kinds(&read(p)), want, "{what}");
+    }
+    let one = read(&files[3].1);
+    assert_eq!(
+        find(&one, "Deployment", None)["spec"]["strategy"]["type"],
+        "Recreate"
+    );
+    let three = read(&files[4].1);
+    assert_eq!(find(&three, "Deployment", None)["spec"]["replicas"], 3);
+    // Passwords in URLs stay out of the ConfigMap.
+    let config = find(&three, "ConfigMap", None)["data"]["kas.yaml"].to_string();
+    assert!(!config.contains("pw"), "{config}");
+
+    // helm's own checks of the charts.
+    for (chart, values) in [
+        (
+            "agentk",
+            sets(&[("kasAddress", "grpcs://kas:8150"), ("token", "t")]),
+        ),
+        ("kas", Vec::new()),
+    ] {
+        let mut lint = std::process::Command::new(pods::tool("helm"));
+        lint.arg("lint")
+            .arg("--strict")
+            .arg(workspace_file(&format!("deploy/helm/{chart}")));
+        for (k, v) in values {
+            lint.arg("--set-string").arg(format!("{k}={v}"));
+        }
+        let out = lint.output().expect("helm lint");
+        assert!(
+            out.status.success(),
+            "helm lint {chart}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // Strict schema validation: unknown fields and wrong types are errors.
+    let paths: Vec<&Path> = files.iter().map(|(_, p)| p.as_path()).collect();
+    let report = pods::validate_schemas(&paths, K8S_VERSION).unwrap_or_else(|e| panic!("{e}"));
+    let objects_total: usize = files.iter().map(|(_, p)| read(p).len()).sum();
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        objects_total,
+        "{report}"
+    );
+    // ... which does catch a mistake.
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&files[2].1).expect("read").replace(
+            "readOnlyRootFilesystem: true",
+            "readOnlyRootFilesystem: true\n            readOnlyRoot: true",
+        ),
+    )
+    .expect("write");
+    let err = pods::validate_schemas(&[&broken], K8S_VERSION).expect_err("an unknown field fails");
+    assert!(err.contains("readOnlyRoot"), "{err}");
+
+    // Real kubectl, through kas, against the test API server.
     let mut env = Env::start().await;
     let (agent, token) = env.create_agent(
         "acme/platform/agents",
@@ -24,14 +213,7 @@ async fn manifests_pass_kubectl_dry_run() {
     env.start_agentk(&token, &[]);
     env.wait_connected(agent, 1);
     let job = env.start_job("acme/ops/deploy", None, "ops");
-    for (file, kinds) in [("deploy/agentk/agentk.yaml", 5), ("deploy/kas/kas.yaml", 9)] {
-        let path = workspace_file(file);
-        let text = std::fs::read_to_string(&path).expect("manifest");
-        assert_eq!(
-            text.matches("\nkind: ").count() + usize::from(text.starts_with("kind: ")),
-            kinds,
-            "{file}"
-        );
+    for (what, path) in &files {
         let out = env.kubectl(
             &job,
             "acme/platform/agents:prod",
@@ -46,13 +228,13 @@ async fn manifests_pass_kubectl_dry_run() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
-            "{file}: {}\n{stdout}",
+            "{what}: {}\n{stdout}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
             stdout.matches("(dry run)").count(),
-            kinds,
-            "{file}: {stdout}"
+            read(path).len(),
+            "{what}: {stdout}"
         );
     }
     let dockerfile = std::fs::read_to_string(workspace_file("Dockerfile")).expect("Dockerfile");
@@ -60,4 +242,223 @@ async fn manifests_pass_kubectl_dry_run() {
         dockerfile.contains("USER 65532"),
         "the image must not run as root"
     );
+}
+
+/// Chart values as `--set` pairs.
+type Values<'a> = &'a [(&'a str, &'a str)];
+
+#[test]
+fn charts_refuse_settings_that_cannot_work() {
+    let cases: &[(&str, Values, &str)] = &[
+        ("agentk", &[("token", "t")], "kasAddress is required"),
+        (
+            "agentk",
+            &[("kasAddress", "grpcs://kas:8150")],
+            "token (the agent token",
+        ),
+        (
+            "agentk",
+            &[("kasAddress", "https://kas:8150"), ("token", "t")],
+            "must be grpc://host:port or grpcs://host:port",
+        ),
+        (
+            "kas",
+            &[("replicaCount", "2")],
+            "replicaCount > 1 needs redis.url",
+        ),
+        (
+            "kas",
+            &[("replicaCount", "2"), ("redis.url", "redis://r:6379")],
+            "replicaCount > 1 needs controlplane.url",
+        ),
+        (
+            "kas",
+            &[
+                ("replicaCount", "2"),
+                ("redis.url", "redis://r:6379"),
+                ("controlplane.url", "postgres://p/kas"),
+            ],
+            "needs k8sProxy.tls.secretName",
+        ),
+        (
+            "kas",
+            &[("redis.url", "http://r:6379")],
+            "redis.url must start with redis://",
+        ),
+        (
+            "kas",
+            &[("controlplane.url", "mysql://db")],
+            "controlplane.url must be a postgres:// URL",
+        ),
+        (
+            "kas",
+            &[
+                ("redis.url", "redis://r"),
+                ("secrets.privateSecret", "too-short"),
+            ],
+            "secrets.privateSecret must be at least 32 bytes",
+        ),
+        (
+            "kas",
+            &[
+                ("k8sProxy.plaintext", "true"),
+                ("k8sProxy.tls.secretName", "t"),
+            ],
+            "not both",
+        ),
+        (
+            "kas",
+            &[("logFormat", "xml")],
+            "logFormat must be json or text",
+        ),
+    ];
+    for (chart, values, message) in cases {
+        let err = helm_template(chart, "r", "ns", &sets(values))
+            .expect_err(&format!("{chart} {values:?} must not render"));
+        assert!(err.contains(message), "{chart} {values:?}: {err}");
+    }
+}
+
+/// Local programs for the images' commands.
+fn image_bins(program: &str) -> PathBuf {
+    match program {
+        "kas" | "agentk" | "kasctl" => procs::bin(program),
+        other => PathBuf::from(other), // the init container's cp
+    }
+}
+
+/// A CA and a certificate for `localhost` signed by it, as a kubernetes.io/tls Secret.
+fn tls_secret() -> (BTreeMap<String, Vec<u8>>, String) {
+    let tls = LocalhostCert::generate();
+    let data = BTreeMap::from([
+        ("tls.crt".to_string(), tls.cert.into_bytes()),
+        ("tls.key".to_string(), tls.key.into_bytes()),
+        ("ca.crt".to_string(), tls.ca.clone().into_bytes()),
+    ]);
+    (data, tls.ca)
+}
+
+/// Starts kas from the rendered kas chart and agentk from the rendered agentk chart;
+/// checks that kas is ready, that kasctl works with the chart's admin token, and that
+/// the agent connects and is ready.
+async fn run_charts(mut kas_values: Vec<(String, String)>, shared: bool) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let api = TestApiServer::start().await.expect("test API server");
+    let cluster = dir.path().join("cluster.yaml");
+    std::fs::write(&cluster, api.kubeconfig()).expect("write");
+
+    let ports = [
+        ("ports.agent", free_port()),
+        ("ports.observability", free_port()),
+        ("ports.api", free_port()),
+        ("ports.k8sProxy", free_port()),
+        ("ports.private", free_port()),
+    ];
+    kas_values.extend(ports.iter().map(|(k, p)| (k.to_string(), p.to_string())));
+    let kas_objs = objects(&helm_template("kas", "kas", "kas", &kas_values).expect("kas chart"));
+    let (agent_tls, agent_ca) = tls_secret();
+    let (proxy_tls, _) = tls_secret();
+    let kas_pod = Pod::new(
+        kas_objs.clone(),
+        BTreeMap::from([
+            ("kas-agent-tls".to_string(), agent_tls),
+            ("kas-proxy-tls".to_string(), proxy_tls),
+        ]),
+    );
+    let (_kas, info): (Proc, KasInfo) = procs::start_kas_cmd(
+        kas_pod.prepare("kas", &image_bins),
+        &dir.path().join("logs"),
+    );
+    if shared {
+        assert!(info.agent.starts_with("grpcs://"), "{}", info.agent);
+        assert!(
+            info.private.ends_with(&ports[4].1.to_string()),
+            "{}",
+            info.private
+        );
+    }
+
+    // The init container put the Secret's admin token in the data dir; kasctl uses it.
+    let secret = find(&kas_objs, "Secret", None);
+    let admin = secret["stringData"]["admin-token"]
+        .as_str()
+        .expect("admin token");
+    assert_eq!(
+        String::from_utf8_lossy(&kas_pod.read("/var/lib/kas/admin-token")).trim(),
+        admin
+    );
+    let c = http::client(&[], false);
+    let ready = format!("http://127.0.0.1:{}/readyz", ports[1].1);
+    assert_eq!(http::get(&c, &ready, None).await.0, 200);
+    procs::kasctl(&info, &["project", "create", "acme/platform/agents"]);
+    let created: Value = serde_json::from_str(&procs::kasctl(
+        &info,
+        &[
+            "agent",
+            "create",
+            "acme/platform/agents",
+            "prod",
+            "-o",
+            "json",
+        ],
+    ))
+    .expect("json");
+    let agent_id = created["id"].as_u64().expect("id");
+    let token = created["token"].as_str().expect("token");
+
+    let scheme = if shared { "grpcs" } else { "grpc" };
+    let address = format!("{scheme}://localhost:{}", ports[0].1);
+    let agentk_port = free_port().to_string();
+    let mut agentk_values = sets(&[
+        ("kasAddress", &address),
+        ("token", token),
+        ("observability.port", &agentk_port),
+        ("logFormat", "text"),
+    ]);
+    if shared {
+        agentk_values.extend(sets(&[("caCert", &agent_ca)]));
+    }
+    let agentk_pod = Pod::new(
+        objects(
+            &helm_template("agentk", "prod", "gitlab-agent", &agentk_values).expect("agentk chart"),
+        ),
+        BTreeMap::new(),
+    );
+    let mut cmd = agentk_pod.prepare("agentk", &image_bins);
+    // Outside a cluster agentk needs a kubeconfig instead of its ServiceAccount.
+    cmd.arg("--kubeconfig").arg(&cluster);
+    let log = dir.path().join("agentk.log");
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start agentk");
+    let agentk = Proc {
+        child,
+        stderr_path: log,
+    };
+
+    wait_for(Duration::from_secs(20), "the agent to connect", || {
+        let list: Value =
+            serde_json::from_str(&procs::kasctl(&info, &["agents", "-o", "json"])).ok()?;
+        list.as_array()?
+            .iter()
+            .any(|a| a["id"] == agent_id && a["replicas"].as_array().is_some_and(|r| r.len() == 1))
+            .then_some(())
+    });
+    let agentk_ready = format!("http://127.0.0.1:{agentk_port}/readyz");
+    let status = http::get(&c, &agentk_ready, None).await.0;
+    assert_eq!(status, 200, "{}", agentk.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kas_and_agentk_run_as_the_charts_render_them() {
+    run_charts(Vec::new(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kas_runs_as_the_chart_renders_it_for_several_replicas() {
+    let redis = Redis::start();
+    let postgres = Postgres::start();
+    run_charts(kas_ha_values(&redis.url(), &postgres.url()), true).await;
 }

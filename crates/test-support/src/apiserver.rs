@@ -535,6 +535,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                         r("secrets", "Secret", true, json!(["get", "list"]), json!([])),
                         r("services", "Service", true, json!(["get", "list"]), json!(["svc"])),
                         r("serviceaccounts", "ServiceAccount", true, json!(["get", "list"]), json!(["sa"])),
+                        r("persistentvolumeclaims", "PersistentVolumeClaim", true, json!(["get", "list"]), json!(["pvc"])),
                     ]
                 }),
             )

@@ -4,8 +4,10 @@
 //! kasctl binaries for end-to-end tests.
 
 pub mod apiserver;
+pub mod certs;
 pub mod fixture;
 pub mod http;
+pub mod pods;
 pub mod procs;
 pub mod prometheus;
 pub mod replicas;

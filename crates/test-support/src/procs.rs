@@ -117,12 +117,16 @@ pub fn kubectl(home: &Path, kubeconfig: &Path, context: &str, args: &[&str]) -> 
 
 /// Starts kas with `args` and waits until it prints `kas: ready`.
 pub fn start_kas(data_dir: &Path, args: &[&str], log_dir: &Path) -> (Proc, KasInfo) {
+    let mut cmd = Command::new(bin("kas"));
+    cmd.arg("--data-dir").arg(data_dir).args(args);
+    start_kas_cmd(cmd, log_dir)
+}
+
+/// Starts kas as `cmd` prepares it and waits until it prints `kas: ready`.
+pub fn start_kas_cmd(mut cmd: Command, log_dir: &Path) -> (Proc, KasInfo) {
     std::fs::create_dir_all(log_dir).expect("log dir");
     let stderr_path = log_dir.join(format!("kas-{}.log", rand::random::<u32>()));
-    let mut child = Command::new(bin("kas"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
+    let mut child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_path).expect("log file"))

@@ -30,7 +30,12 @@ pub fn init(level: Option<&str>, format: &str) -> Result<WorkerGuard, LogError> 
     }
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
+        // The worker flushes whenever its queue runs dry, so buffering turns a burst of
+        // lines into one write without holding any line back.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

@@ -5,9 +5,11 @@
 //! (a) small GET: added latency p50/p99 at concurrency 1, throughput ratio at 32;
 //! (b) a streamed response (1 GiB by default): throughput ratio;
 //! (c) kas resident memory per idle connected agent (1,000 agents by default);
+//! (ref) the same measurements through one nginx hop, when nginx is installed;
 //! (d)-(f) routing between kas replicas (see `routing.rs`; needs redis-server and
 //! PostgreSQL installed, as the tests do).
 
+mod nginx;
 mod routing;
 
 use anyhow::{bail, Context, Result};
@@ -54,6 +56,9 @@ struct Args {
     /// Only run (d)-(f).
     #[arg(long)]
     routing_only: bool,
+    /// Skip the nginx reference measurement.
+    #[arg(long)]
+    skip_nginx: bool,
     /// Agents in the registry measurement (f).
     #[arg(long, default_value_t = 10_000)]
     registry_agents: usize,
@@ -352,6 +357,10 @@ async fn main() -> Result<()> {
         env.kas.peak_rss_kib() / 1024,
         env.agents[0].peak_rss_kib() / 1024
     );
+
+    if !args.skip_nginx {
+        nginx::run(addr, &token, args.requests, args.seconds, args.stream_mib).await?;
+    }
 
     // (c) idle agents: register them, connect them from this process, measure kas.
     let n = args.agents;

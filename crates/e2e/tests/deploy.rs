@@ -237,11 +237,94 @@ async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
             "{what}: {stdout}"
         );
     }
+}
+
+/// The image build cannot run here (no container engine), so check what it relies on:
+/// the packages it builds exist in the workspace with `--locked`, and it installs every
+/// binary the charts' containers run, as a non-root user.
+#[test]
+fn dockerfile_builds_the_binaries_the_charts_run() {
     let dockerfile = std::fs::read_to_string(workspace_file("Dockerfile")).expect("Dockerfile");
     assert!(
         dockerfile.contains("USER 65532"),
         "the image must not run as root"
     );
+    let build = dockerfile
+        .lines()
+        .find(|l| l.contains("cargo build"))
+        .expect("a cargo build step");
+    assert!(build.contains("--locked"), "{build}");
+    let words: Vec<&str> = build.split_whitespace().collect();
+    let packages: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "-p")
+        .map(|w| w[1])
+        .collect();
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY --from=build"))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("/src/target/release/"))
+        .collect();
+
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--locked",
+            "--offline",
+            "--no-deps",
+            "--format-version",
+            "1",
+        ])
+        .current_dir(workspace_file("."))
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).expect("metadata");
+    let mut bins = Vec::new();
+    for p in &packages {
+        let pkg = meta["packages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["name"] == *p)
+            .unwrap_or_else(|| panic!("the Dockerfile builds {p}, which is not in the workspace"));
+        bins.extend(
+            pkg["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| t["kind"][0] == "bin")
+                .filter_map(|t| t["name"].as_str().map(str::to_string)),
+        );
+    }
+    for b in &copied {
+        assert!(
+            bins.iter().any(|x| x == b),
+            "the Dockerfile copies {b}, which it does not build ({bins:?})"
+        );
+    }
+    for (chart, sets) in [
+        (
+            "agentk",
+            sets(&[("kasAddress", "grpcs://kas:8150"), ("token", "t")]),
+        ),
+        ("kas", Vec::new()),
+    ] {
+        let objs = objects(&helm_template(chart, "r", "ns", &sets).expect("renders"));
+        let pod = &find(&objs, "Deployment", None)["spec"]["template"]["spec"];
+        for c in pod["containers"].as_array().into_iter().flatten() {
+            let cmd = c["command"][0].as_str().expect("command");
+            assert!(
+                copied.contains(&cmd),
+                "{chart} runs {cmd}, which the image lacks"
+            );
+        }
+    }
 }
 
 /// Chart values as `--set` pairs.

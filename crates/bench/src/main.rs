@@ -56,6 +56,10 @@ struct Args {
     /// Only run (d)-(f).
     #[arg(long)]
     routing_only: bool,
+    /// An extra argument for kas (repeat it), e.g. `--kas-arg=--log-level=warn`, to see
+    /// what a setting costs.
+    #[arg(long, allow_hyphen_values = true)]
+    kas_arg: Vec<String>,
     /// Skip the nginx reference measurement.
     #[arg(long)]
     skip_nginx: bool,
@@ -257,7 +261,8 @@ async fn main() -> Result<()> {
         std::fs::write(&f, "k8s_proxy:\n  plaintext: true\n")?;
         Env::start_with(&["--config", f.to_str().context("path")?]).await
     } else {
-        Env::start().await
+        let extra: Vec<&str> = args.kas_arg.iter().map(String::as_str).collect();
+        Env::start_with(&extra).await
     };
     let token = env.api.token.clone();
     let addr = backend(token.clone()).await?;

@@ -30,6 +30,7 @@ impl Drop for Nginx {
             .arg("-p")
             .arg(&self.prefix)
             .args(["-s", "stop"])
+            .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if !stopped {

@@ -2,159 +2,24 @@
 //! `access_as` mode, asserting the identity the cluster saw.
 
 use kas_test_support::apiserver::SERVICE_ACCOUNT;
-use kas_test_support::fixture::{wait_for, Env, Job};
-use kas_test_support::Recorded;
+use kas_test_support::fixture::{Env, Job};
+use kas_test_support::{story, Recorded};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::Duration;
 
-fn ok(out: &std::process::Output, env: &Env) -> String {
-    assert!(
-        out.status.success(),
-        "kubectl failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        env.logs()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The last request the cluster saw for `path`.
-fn last(env: &Env, path: &str) -> Recorded {
-    env.api
-        .recorded()
-        .into_iter()
-        .rev()
-        .find(|r| r.path == path)
-        .unwrap_or_else(|| panic!("the cluster saw no request for {path}"))
-}
-
-/// get pods, apply -f a ConfigMap, get pods --watch receiving an event, exec echoing
-/// stdin; returns what the cluster recorded for each.
+/// The kubectl story through `env`'s kas (see [`story::exercise`]).
 fn exercise(env: &Env, job: &Job, ctx: &str, ns: &str, tag: &str) -> Vec<Recorded> {
-    let mut seen = Vec::new();
-    // get pods (the context's namespace comes from default_namespace)
-    let out = ok(&env.kubectl(job, ctx, &["get", "pods", "-n", ns]), env);
-    assert!(out.contains("NAME"), "{out}");
-    seen.push(last(env, &format!("/api/v1/namespaces/{ns}/pods")));
-
-    // apply -f of a ConfigMap
-    let cm = env.path(&format!("cm-{tag}.yaml"));
-    std::fs::write(&cm, format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{tag}\n  namespace: {ns}\ndata:\n  color: blue\n")).expect("write");
-    let out = ok(
-        &env.kubectl(job, ctx, &["apply", "-f", cm.to_str().expect("path")]),
-        env,
-    );
-    assert!(
-        out.contains(&format!("configmap/cm-{tag} created")),
-        "{out}"
-    );
-    seen.push(last(env, &format!("/api/v1/namespaces/{ns}/configmaps")));
-    let out = ok(
-        &env.kubectl(
-            job,
-            ctx,
-            &[
-                "get",
-                "configmap",
-                &format!("cm-{tag}"),
-                "-n",
-                ns,
-                "-o",
-                "jsonpath={.data.color}",
-            ],
-        ),
-        env,
-    );
-    assert_eq!(out, "blue");
-
-    // get pods --watch receives the event of a pod created meanwhile
-    let watches = || {
-        env.api
-            .recorded()
-            .iter()
-            .filter(|r| {
-                r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")
-            })
-            .count()
-    };
-    let before = watches();
-    let mut child = env
-        .kubectl_cmd(job, ctx, &["get", "pods", "-n", ns, "--watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl watch");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let header = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("watch printed the list");
-    assert!(header.contains("NAME"), "{header}");
-    // The list is printed; the watch request follows it. Create the pod once the
-    // cluster has seen the watch request, so the event cannot be missed.
-    wait_for(Duration::from_secs(20), "the watch request", || {
-        (watches() > before).then_some(())
-    });
-    let pod = format!("watched-{tag}");
-    env.api.create_pod(ns, &pod);
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("no watch event for {pod}\n{}", env.logs()));
-        if line.contains(&pod) {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    seen.push(
-        env.api
-            .recorded()
-            .into_iter()
-            .rev()
-            .find(|r| {
-                r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")
-            })
-            .expect("watch request recorded"),
-    );
-
-    // exec echoing input
-    let pod = if ns == "shop" { "cart-0" } else { "web-0" };
-    let mut child = env
-        .kubectl_cmd(job, ctx, &["exec", "-i", "-n", ns, pod, "--", "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl exec");
-    let input = format!("hello through the tunnel {tag}\n");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("exec output");
-    assert!(
-        out.status.success(),
-        "exec failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        env.logs()
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), input);
-    seen.push(last(
-        env,
-        &format!("/api/v1/namespaces/{ns}/pods/{pod}/exec"),
-    ));
-    seen
+    story::exercise(
+        &story::Target {
+            api: &env.api,
+            kubectl: &|args| env.kubectl_cmd(job, ctx, args),
+            dir: env.dir.path(),
+            logs: &|| env.logs(),
+        },
+        ns,
+        tag,
+    )
 }
 
 fn extra(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<String>> {
@@ -304,11 +169,14 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
         );
     }
     // The default namespace applies without -n.
-    ok(
+    story::ok(
         &env.kubectl(&job, "group1/agents:ci-job", &["get", "pods"]),
-        &env,
+        &|| env.logs(),
     );
-    assert_eq!(last(&env, "/api/v1/namespaces/shop/pods").method, "GET");
+    assert_eq!(
+        story::last(&env.api, "/api/v1/namespaces/shop/pods").method,
+        "GET"
+    );
 
     // access_as: agent (default): no impersonation at all.
     for r in exercise(&env, &job, "group1/agents:plain", "default", "plain") {
@@ -350,8 +218,8 @@ async fn kubectl_through_kas_for_every_access_as_mode() {
             "system:masters",
         ],
     );
-    ok(&out, &env);
-    let r = last(&env, "/api/v1/namespaces/kube-system/pods");
+    story::ok(&out, &|| env.logs());
+    let r = story::last(&env.api, "/api/v1/namespaces/kube-system/pods");
     assert_eq!((r.impersonate_user, r.impersonate_groups.len()), (None, 0));
     assert_eq!(r.authenticated_as, SERVICE_ACCOUNT);
 

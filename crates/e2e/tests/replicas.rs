@@ -4,6 +4,7 @@
 
 use kas_test_support::fixture::wait_for;
 use kas_test_support::replicas::{Replicas, EXPIRY};
+use kas_test_support::story;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,38 @@ fn assert_ok(out: &std::process::Output, what: &str, r: &Replicas) {
         String::from_utf8_lossy(&out.stderr),
         r.logs()
     );
+}
+
+/// A request body, a watch stream and an exec upgrade all cross between replicas: the
+/// agent is connected only to kas 1 and kubectl enters through kas 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_watch_and_exec_cross_replicas() {
+    let mut r = Replicas::start(2).await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[1]);
+    r.wait_connections(0, a, 1);
+    let job = r.start_job(PROJECT, "alice");
+    let ctx = "acme/platform/agents:alpha";
+    let seen = story::exercise(
+        &story::Target {
+            api: &r.api,
+            kubectl: &|args| r.kubectl_cmd(0, &job, ctx, args),
+            dir: r.dir.path(),
+            logs: &|| r.logs(),
+        },
+        "default",
+        "cross",
+    );
+    assert_eq!(seen.len(), 4);
+    for rec in seen {
+        assert_eq!(
+            rec.impersonate_user.as_deref(),
+            Some("agent-alpha"),
+            "{}",
+            rec.path
+        );
+    }
 }
 
 /// The identity the cluster saw for the request listing pods in `ns`.

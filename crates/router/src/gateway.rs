@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -49,7 +48,7 @@ type FrameSender = mpsc::Sender<Result<AgentFrame, Status>>;
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
-    type ForwardStream = ReceiverStream<Result<AgentFrame, Status>>;
+    type ForwardStream = Relayed;
 
     async fn forward(
         &self,
@@ -87,8 +86,34 @@ impl Gateway for GatewayService {
             }
         };
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(relay(tunnel, req.into_inner(), tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Relayed {
+            relay: Some(Box::pin(relay(tunnel, req.into_inner(), tx))),
+            rx,
+        }))
+    }
+}
+
+/// The gateway's response stream, which also drives the relay: polled by the task that
+/// writes the response, so each frame reaches HTTP/2 without waking another task.
+pub struct Relayed {
+    relay: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    rx: mpsc::Receiver<Result<AgentFrame, Status>>,
+}
+
+impl futures::Stream for Relayed {
+    type Item = Result<AgentFrame, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if let Some(relay) = self.relay.as_mut() {
+            if relay.as_mut().poll(cx).is_ready() {
+                // Done: its sender is dropped, so `rx` ends after the queued frames.
+                self.relay = None;
+            }
+        }
+        self.rx.poll_recv(cx)
     }
 }
 

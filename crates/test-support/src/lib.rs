@@ -12,6 +12,7 @@ pub mod procs;
 pub mod prometheus;
 pub mod replicas;
 pub mod services;
+pub mod story;
 mod time;
 
 pub use apiserver::{Recorded, TestApiServer};

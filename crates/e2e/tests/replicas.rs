@@ -2,7 +2,7 @@
 //! tests): routing between replicas, re-homing, waiting for agents, Redis outages and
 //! the private API's authentication.
 
-use kas_test_support::fixture::wait_for;
+use kas_test_support::fixture::{wait_for, Job};
 use kas_test_support::replicas::{Replicas, EXPIRY};
 use kas_test_support::story;
 use std::io::{Read, Write};
@@ -23,17 +23,26 @@ fn assert_ok(out: &std::process::Output, what: &str, r: &Replicas) {
     );
 }
 
+/// Agent alpha connected to kas `on` only (and seen from kas `seen_via`), and a job of
+/// the project allowed to use it; returns the agent id, the job and the kubectl context.
+fn alpha_on(r: &mut Replicas, on: usize, seen_via: usize) -> (u64, Job, &'static str) {
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[on]);
+    r.wait_connections(seen_via, a, 1);
+    (
+        a,
+        r.start_job(PROJECT, "alice"),
+        "acme/platform/agents:alpha",
+    )
+}
+
 /// A request body, a watch stream and an exec upgrade all cross between replicas: the
 /// agent is connected only to kas 1 and kubectl enters through kas 0.
 #[tokio::test(flavor = "multi_thread")]
 async fn apply_watch_and_exec_cross_replicas() {
     let mut r = Replicas::start(2).await;
-    let _ = r.kasctl(0, &["project", "create", PROJECT]);
-    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
-    r.start_agentk(&token, &[1]);
-    r.wait_connections(0, a, 1);
-    let job = r.start_job(PROJECT, "alice");
-    let ctx = "acme/platform/agents:alpha";
+    let (_, job, ctx) = alpha_on(&mut r, 1, 0);
     let seen = story::exercise(
         &story::Target {
             api: &r.api,
@@ -293,12 +302,7 @@ async fn the_private_api_refuses_missing_and_forged_tokens() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_keeps_local_routes_and_the_registry_recovers() {
     let mut r = Replicas::start(2).await;
-    let _ = r.kasctl(0, &["project", "create", PROJECT]);
-    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
-    r.start_agentk(&token, &[0]);
-    r.wait_connections(1, a, 1);
-    let job = r.start_job(PROJECT, "alice");
-    let ctx = "acme/platform/agents:alpha";
+    let (a, job, ctx) = alpha_on(&mut r, 0, 1);
 
     // Redis down for a while: the kas holding the agent keeps serving it.
     tokio::task::block_in_place(|| r.redis.stop());

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A tool the manifest tests need (`helm`, `kubernetes-validate`): on PATH, or in
-/// `target/tools/bin` where `.ci/run` installs it from PyPI.
+/// A tool the manifest tests need (`helm`, `kubernetes-validate`): the pinned version
+/// `.ci/run` installs from PyPI into `target/tools/bin`, else one on PATH.
 pub fn tool(name: &str) -> PathBuf {
     let local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/tools/bin")

@@ -114,13 +114,15 @@ async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
             "Service",
             "Service",
         ],
+        // Two replicas by default: a disruption budget.
         &[
             "ClusterRoleBinding",
             "Deployment",
+            "PodDisruptionBudget",
             "Secret",
             "ServiceAccount",
         ],
-        // One replica: SQLite on a volume claim, no private listener.
+        // One replica: SQLite on a volume claim, no private listener, no budget.
         &[
             "ConfigMap",
             "Deployment",
@@ -131,10 +133,11 @@ async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
             "Service",
             "Service",
         ],
-        // Several: no volume claim, a headless Service for the private API.
+        // Several: no volume claim, a headless Service for the private API, a budget.
         &[
             "ConfigMap",
             "Deployment",
+            "PodDisruptionBudget",
             "Secret",
             "Service",
             "Service",

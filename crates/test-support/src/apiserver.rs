@@ -476,13 +476,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let g = |name: &str| json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}});
             json_resp(
                 StatusCode::OK,
-                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [g("apps"), g("rbac.authorization.k8s.io")]}),
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [g("apps"), g("rbac.authorization.k8s.io"), g("policy")]}),
             )
         }
         (Method::GET, ["apis", "apps", "v1"]) => json_resp(
             StatusCode::OK,
             &json!({"kind": "APIResourceList", "groupVersion": "apps/v1", "resources": [
                 {"name": "deployments", "singularName": "", "namespaced": true, "kind": "Deployment", "verbs": ["get", "list"], "shortNames": ["deploy"]}
+            ]}),
+        ),
+        // Known to discovery only, for manifests checked with `kubectl apply --dry-run=client`.
+        (Method::GET, ["apis", "policy", "v1"]) => json_resp(
+            StatusCode::OK,
+            &json!({"kind": "APIResourceList", "groupVersion": "policy/v1", "resources": [
+                {"name": "poddisruptionbudgets", "singularName": "", "namespaced": true, "kind": "PodDisruptionBudget", "verbs": ["get", "list"], "shortNames": ["pdb"]}
             ]}),
         ),
         (Method::GET, ["apis", "rbac.authorization.k8s.io", "v1"]) => json_resp(

@@ -256,14 +256,17 @@ async fn main() -> Result<()> {
         return routing::run(args.requests, args.seconds, args.registry_agents).await;
     }
     let cfg_dir = tempfile::tempdir()?;
-    let mut env = if args.plaintext {
+    let mut extra: Vec<String> = args.kas_arg.clone();
+    if args.plaintext {
         let f = cfg_dir.path().join("kas.yaml");
         std::fs::write(&f, "k8s_proxy:\n  plaintext: true\n")?;
-        Env::start_with(&["--config", f.to_str().context("path")?]).await
-    } else {
-        let extra: Vec<&str> = args.kas_arg.iter().map(String::as_str).collect();
-        Env::start_with(&extra).await
-    };
+        extra.extend([
+            "--config".to_string(),
+            f.to_str().context("path")?.to_string(),
+        ]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut env = Env::start_with(&extra).await;
     let token = env.api.token.clone();
     let addr = backend(token.clone()).await?;
     // agentk talks to the bench backend, not the test API server.

@@ -168,19 +168,9 @@ async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
         ),
         ("kas", Vec::new()),
     ] {
-        let mut lint = std::process::Command::new(pods::tool("helm"));
-        lint.arg("lint")
-            .arg("--strict")
-            .arg(workspace_file(&format!("deploy/helm/{chart}")));
-        for (k, v) in values {
-            lint.arg("--set-string").arg(format!("{k}={v}"));
+        if let Err(report) = pods::helm_lint(chart, &values) {
+            panic!("helm lint {chart}: {report}");
         }
-        let out = lint.output().expect("helm lint");
-        assert!(
-            out.status.success(),
-            "helm lint {chart}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
     }
 
     // Strict schema validation: unknown fields and wrong types are errors.
@@ -477,18 +467,7 @@ async fn run_charts(mut kas_values: Vec<(String, String)>, shared: bool) {
     let ready = format!("http://127.0.0.1:{}/readyz", ports[1].1);
     assert_eq!(http::get(&c, &ready, None).await.0, 200);
     procs::kasctl(&info, &["project", "create", "acme/platform/agents"]);
-    let created: Value = serde_json::from_str(&procs::kasctl(
-        &info,
-        &[
-            "agent",
-            "create",
-            "acme/platform/agents",
-            "prod",
-            "-o",
-            "json",
-        ],
-    ))
-    .expect("json");
+    let created = procs::kasctl_json(&info, &["agent", "create", "acme/platform/agents", "prod"]);
     let agent_id = created["id"].as_u64().expect("id");
     let token = created["token"].as_str().expect("token");
 
@@ -525,9 +504,8 @@ async fn run_charts(mut kas_values: Vec<(String, String)>, shared: bool) {
     };
 
     wait_for(Duration::from_secs(20), "the agent to connect", || {
-        let list: Value =
-            serde_json::from_str(&procs::kasctl(&info, &["agents", "-o", "json"])).ok()?;
-        list.as_array()?
+        procs::kasctl_json(&info, &["agents"])
+            .as_array()?
             .iter()
             .any(|a| a["id"] == agent_id && a["replicas"].as_array().is_some_and(|r| r.len() == 1))
             .then_some(())

@@ -145,35 +145,17 @@ impl Env {
     }
 
     pub fn kasctl_json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.kasctl(&a)).expect("kasctl JSON")
+        procs::kasctl_json(&self.kas_info, args)
     }
 
     /// Registers an agent in `project` (created if missing) with `config`; returns its
     /// id and the path of its token file.
     pub fn create_agent(&self, project: &str, name: &str, config: &str) -> (u64, PathBuf) {
-        let _ = procs::kasctl_raw(&self.kas_info, &["project", "create", project]);
-        let v = self.kasctl_json(&["agent", "create", project, name]);
-        let id = v["id"].as_u64().expect("agent id");
-        let token_file = self.path(&format!("agent-{id}.token"));
-        std::fs::write(&token_file, v["token"].as_str().expect("token")).expect("write token");
-        self.set_config(project, name, config);
-        (id, token_file)
+        procs::create_agent(&self.kas_info, self.dir.path(), project, name, config)
     }
 
     pub fn set_config(&self, project: &str, name: &str, config: &str) -> u64 {
-        let f = self.path(&format!("config-{}.yaml", rand::random::<u32>()));
-        std::fs::write(&f, config).expect("write config");
-        let v = self.kasctl_json(&[
-            "agent",
-            "config",
-            "set",
-            project,
-            name,
-            f.to_str().expect("path"),
-        ]);
-        v["version"].as_u64().expect("version")
+        procs::set_agent_config(&self.kas_info, self.dir.path(), project, name, config)
     }
 
     /// Starts an agentk replica with `token_file`; returns its index in `agents`.
@@ -217,25 +199,7 @@ impl Env {
 
     /// Starts a CI job through kasctl and writes its kubeconfig.
     pub fn start_job(&self, project: &str, environment: Option<&str>, user: &str) -> Job {
-        let kubeconfig = self.path(&format!("job-{}.yaml", rand::random::<u32>()));
-        let mut args = vec![
-            "job",
-            "start",
-            project,
-            "--user",
-            user,
-            "--kubeconfig",
-            kubeconfig.to_str().expect("path"),
-        ];
-        if let Some(e) = environment {
-            args.extend(["--environment", e]);
-        }
-        let v = self.kasctl_json(&args);
-        Job {
-            id: v["id"].as_u64().expect("job id"),
-            token: v["token"].as_str().expect("token").to_string(),
-            kubeconfig,
-        }
+        procs::start_job(&self.kas_info, self.dir.path(), project, environment, user)
     }
 
     /// A kubectl command for a job's kubeconfig and context, with its own HOME.

@@ -54,25 +54,39 @@ pub fn helm_template(
     namespace: &str,
     sets: &[(String, String)],
 ) -> Result<String, String> {
+    helm(
+        &["template", release],
+        chart,
+        &["--namespace", namespace],
+        sets,
+    )
+}
+
+/// `helm lint --strict` of a chart under deploy/helm; helm's report on failure.
+pub fn helm_lint(chart: &str, sets: &[(String, String)]) -> Result<String, String> {
+    helm(&["lint", "--strict"], chart, &[], sets)
+}
+
+/// Runs `helm <command> <chart dir> <flags> --set-string ...`: stdout on success,
+/// stdout and stderr otherwise.
+fn helm(
+    command: &[&str],
+    chart: &str,
+    flags: &[&str],
+    sets: &[(String, String)],
+) -> Result<String, String> {
     let mut cmd = Command::new(tool("helm"));
-    cmd.arg("template")
-        .arg(release)
+    cmd.args(command)
         .arg(workspace_file(&format!("deploy/helm/{chart}")))
-        .arg("--namespace")
-        .arg(namespace)
-        // No user config or cache of the machine's.
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("kas-test-helm/config"),
-        )
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("kas-test-helm/cache"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("kas-test-helm/data"),
-        );
+        .args(flags);
+    // No user config or cache of the machine's.
+    for (var, dir) in [
+        ("HELM_CONFIG_HOME", "config"),
+        ("HELM_CACHE_HOME", "cache"),
+        ("HELM_DATA_HOME", "data"),
+    ] {
+        cmd.env(var, std::env::temp_dir().join("kas-test-helm").join(dir));
+    }
     for (k, v) in sets {
         // --set-string keeps values such as tokens from being read as numbers or lists.
         cmd.arg("--set-string").arg(format!("{k}={v}"));
@@ -81,7 +95,11 @@ pub fn helm_template(
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -149,6 +167,16 @@ fn object_data(obj: &Value) -> BTreeMap<String, Vec<u8>> {
     m
 }
 
+/// Every volume mount of a pod spec's init containers and containers.
+fn volume_mounts(spec: &Value) -> impl Iterator<Item = &Value> {
+    spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(spec["containers"].as_array())
+        .flatten()
+        .flat_map(|c| c["volumeMounts"].as_array().into_iter().flatten())
+}
+
 /// A Deployment's pod imitated on this machine.
 pub struct Pod {
     root: tempfile::TempDir,
@@ -164,13 +192,7 @@ impl Pod {
     /// chart refers to but does not render.
     pub fn new(objects: Vec<Value>, external: BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> Pod {
         let spec = find(&objects, "Deployment", None)["spec"]["template"]["spec"].clone();
-        let containers = spec["initContainers"]
-            .as_array()
-            .into_iter()
-            .chain(spec["containers"].as_array())
-            .flatten();
-        let mut mounts: Vec<String> = containers
-            .flat_map(|c| c["volumeMounts"].as_array().cloned().unwrap_or_default())
+        let mut mounts: Vec<String> = volume_mounts(&spec)
             .filter_map(|m| m["mountPath"].as_str().map(str::to_string))
             .collect();
         // Longest first, so /etc/kas/secrets wins over a shorter mount it lies under.
@@ -228,13 +250,7 @@ impl Pod {
                 std::fs::write(dir.join(k), bytes).expect("volume file");
             }
         }
-        let containers = self.spec["initContainers"]
-            .as_array()
-            .into_iter()
-            .chain(self.spec["containers"].as_array())
-            .flatten();
-        for m in containers.flat_map(|c| c["volumeMounts"].as_array().cloned().unwrap_or_default())
-        {
+        for m in volume_mounts(&self.spec) {
             let path = self.host_path(m["mountPath"].as_str().expect("mountPath"));
             let mut target = vols.join(m["name"].as_str().expect("mount name"));
             if let Some(sub) = m["subPath"].as_str() {

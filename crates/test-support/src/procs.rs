@@ -214,3 +214,75 @@ pub fn kasctl_raw(kas: &KasInfo, args: &[&str]) -> std::process::Output {
         .output()
         .expect("run kasctl")
 }
+
+/// Runs kasctl with `-o json` and parses its output.
+pub fn kasctl_json(kas: &KasInfo, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&kasctl(kas, &a)).expect("kasctl JSON")
+}
+
+/// Sets an agent's configuration from `config` (written to a file in `dir`); returns
+/// the new version.
+pub fn set_agent_config(kas: &KasInfo, dir: &Path, project: &str, name: &str, config: &str) -> u64 {
+    let f = dir.join(format!("config-{}.yaml", rand::random::<u32>()));
+    std::fs::write(&f, config).expect("write config");
+    let args = [
+        "agent",
+        "config",
+        "set",
+        project,
+        name,
+        f.to_str().expect("path"),
+    ];
+    kasctl_json(kas, &args)["version"]
+        .as_u64()
+        .expect("version")
+}
+
+/// Registers an agent in `project` (created if missing) with `config`; returns its id
+/// and the path of its token file (written in `dir`).
+pub fn create_agent(
+    kas: &KasInfo,
+    dir: &Path,
+    project: &str,
+    name: &str,
+    config: &str,
+) -> (u64, PathBuf) {
+    let _ = kasctl_raw(kas, &["project", "create", project]);
+    let v = kasctl_json(kas, &["agent", "create", project, name]);
+    let id = v["id"].as_u64().expect("agent id");
+    let token_file = dir.join(format!("agent-{id}.token"));
+    std::fs::write(&token_file, v["token"].as_str().expect("token")).expect("write token");
+    set_agent_config(kas, dir, project, name, config);
+    (id, token_file)
+}
+
+/// Starts a CI job through kasctl, its kubeconfig written in `dir`.
+pub fn start_job(
+    kas: &KasInfo,
+    dir: &Path,
+    project: &str,
+    environment: Option<&str>,
+    user: &str,
+) -> crate::fixture::Job {
+    let kubeconfig = dir.join(format!("job-{}.yaml", rand::random::<u32>()));
+    let mut args = vec![
+        "job",
+        "start",
+        project,
+        "--user",
+        user,
+        "--kubeconfig",
+        kubeconfig.to_str().expect("path"),
+    ];
+    if let Some(e) = environment {
+        args.extend(["--environment", e]);
+    }
+    let v = kasctl_json(kas, &args);
+    crate::fixture::Job {
+        id: v["id"].as_u64().expect("job id"),
+        token: v["token"].as_str().expect("token").to_string(),
+        kubeconfig,
+    }
+}

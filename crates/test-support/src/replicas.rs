@@ -95,32 +95,12 @@ impl Replicas {
     }
 
     pub fn kasctl_json(&self, via: usize, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.kasctl(via, &a)).expect("kasctl JSON")
+        procs::kasctl_json(&self.info[via], args)
     }
 
     /// Registers an agent (project created if missing) with `config`.
     pub fn create_agent(&self, project: &str, name: &str, config: &str) -> (u64, PathBuf) {
-        let _ = procs::kasctl_raw(&self.info[0], &["project", "create", project]);
-        let v = self.kasctl_json(0, &["agent", "create", project, name]);
-        let id = v["id"].as_u64().expect("agent id");
-        let token_file = self.path(&format!("agent-{id}.token"));
-        std::fs::write(&token_file, v["token"].as_str().expect("token")).expect("token");
-        let cfg = self.path(&format!("config-{id}.yaml"));
-        std::fs::write(&cfg, config).expect("config");
-        self.kasctl(
-            0,
-            &[
-                "agent",
-                "config",
-                "set",
-                project,
-                name,
-                cfg.to_str().expect("path"),
-            ],
-        );
-        (id, token_file)
+        procs::create_agent(&self.info[0], self.dir.path(), project, name, config)
     }
 
     /// Starts an agentk replica dialing the given kas replicas (in that order of
@@ -175,24 +155,7 @@ impl Replicas {
     }
 
     pub fn start_job(&self, project: &str, user: &str) -> Job {
-        let kubeconfig = self.path(&format!("job-{}.yaml", rand::random::<u32>()));
-        let v = self.kasctl_json(
-            0,
-            &[
-                "job",
-                "start",
-                project,
-                "--user",
-                user,
-                "--kubeconfig",
-                kubeconfig.to_str().expect("path"),
-            ],
-        );
-        Job {
-            id: v["id"].as_u64().expect("job id"),
-            token: v["token"].as_str().expect("token").to_string(),
-            kubeconfig,
-        }
+        procs::start_job(&self.info[0], self.dir.path(), project, None, user)
     }
 
     /// kubectl for `job` entering through kas replica `via`.

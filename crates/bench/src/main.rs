@@ -149,6 +149,23 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Prints p50/p99 of a base path and another path (sorted samples), and what the other
+/// one adds; `target` ends the last line.
+fn report_latency(base: (&str, &[Duration]), other: (&str, &[Duration]), target: &str) {
+    for (label, v) in [base, other] {
+        println!(
+            "    {label:<7} p50 {:8.1} us   p99 {:8.1} us",
+            us(pct(v, 0.5)),
+            us(pct(v, 0.99))
+        );
+    }
+    println!(
+        "    added   p50 {:8.1} us   p99 {:8.1} us{target}",
+        us(pct(other.1, 0.5)) - us(pct(base.1, 0.5)),
+        us(pct(other.1, 0.99)) - us(pct(base.1, 0.99))
+    );
+}
+
 /// Latency of `n` requests to each target, interleaved (one direct, one proxied, ...)
 /// so that machine noise hits both sides alike. Returns sorted (direct, proxied).
 async fn latency(
@@ -320,21 +337,7 @@ async fn main() -> Result<()> {
         "(a) small GET, concurrency 1, {} requests each, interleaved",
         args.requests
     );
-    println!(
-        "    direct  p50 {:8.1} us   p99 {:8.1} us",
-        us(pct(&d, 0.5)),
-        us(pct(&d, 0.99))
-    );
-    println!(
-        "    proxy   p50 {:8.1} us   p99 {:8.1} us",
-        us(pct(&p, 0.5)),
-        us(pct(&p, 0.99))
-    );
-    println!(
-        "    added   p50 {:8.1} us   p99 {:8.1} us   (target p50 <= 100 us)",
-        us(pct(&p, 0.5)) - us(pct(&d, 0.5)),
-        us(pct(&p, 0.99)) - us(pct(&d, 0.99))
-    );
+    report_latency(("direct", &d), ("proxy", &p), "   (target p50 <= 100 us)");
     let td = throughput(&direct_c, &direct, &token, 32, args.seconds).await?;
     let tp = throughput(&proxy_c, &proxied, &ci, 32, args.seconds).await?;
     println!("(a) small GET, concurrency 32, {} s each", args.seconds);

@@ -4,7 +4,7 @@
 //! one would tune it for an API proxy), measured like the kas path in the same run.
 //! Skipped when `nginx` is not installed.
 
-use crate::{latency, pct, stream, throughput, us};
+use crate::{latency, report_latency, stream, throughput};
 use anyhow::{bail, Context, Result};
 use kas_test_support::certs::LocalhostCert;
 use kas_test_support::http as tclient;
@@ -140,11 +140,7 @@ pub async fn run(
         requests,
     )
     .await?;
-    println!(
-        "    added   p50 {:8.1} us   p99 {:8.1} us",
-        us(pct(&n, 0.5)) - us(pct(&d, 0.5)),
-        us(pct(&n, 0.99)) - us(pct(&d, 0.99))
-    );
+    report_latency(("direct", &d), ("nginx", &n), "");
     let td = throughput(&direct_c, &direct, token, 32, seconds).await?;
     let tn = throughput(&nginx_c, &via, token, 32, seconds).await?;
     println!(

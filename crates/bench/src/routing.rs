@@ -4,7 +4,7 @@
 //! it, for a request already waiting; (f) the Redis registry's memory per agent and the
 //! cost of a refresh, with 10,000 agents over 2 kas replicas.
 
-use crate::{latency, pct, throughput, us};
+use crate::{latency, pct, report_latency, throughput};
 use anyhow::{bail, Context, Result};
 use kas_router::{Connection, RedisOptions, RedisRegistry};
 use kas_test_support::fixture::wait_for;
@@ -49,21 +49,7 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
     let (local_url, cross_url) = (url(1), url(0));
     let (l, c) = latency((&lc, &local_url, &ci), (&cc, &cross_url, &ci), requests).await?;
     println!("(d) cross-replica routing (request into kas A, agent on kas B) versus local, {requests} requests each, interleaved");
-    println!(
-        "    local   p50 {:8.1} us   p99 {:8.1} us",
-        us(pct(&l, 0.5)),
-        us(pct(&l, 0.99))
-    );
-    println!(
-        "    cross   p50 {:8.1} us   p99 {:8.1} us",
-        us(pct(&c, 0.5)),
-        us(pct(&c, 0.99))
-    );
-    println!(
-        "    added   p50 {:8.1} us   p99 {:8.1} us   (target p50 <= 150 us)",
-        us(pct(&c, 0.5)) - us(pct(&l, 0.5)),
-        us(pct(&c, 0.99)) - us(pct(&l, 0.99))
-    );
+    report_latency(("local", &l), ("cross", &c), "   (target p50 <= 150 us)");
     let tl = throughput(&lc, &local_url, &ci, 32, seconds).await?;
     let tc = throughput(&cc, &cross_url, &ci, 32, seconds).await?;
     println!(

@@ -5,22 +5,10 @@ use kas_test_support::fixture::{wait_for, Env};
 use kas_test_support::http;
 use std::time::Duration;
 
-/// The value of the sample whose line starts with `prefix` (name and labels), or 0.
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
+use http::sample;
 
 async fn scrape(env: &Env) -> String {
-    let c = http::client(&[], false);
-    let (code, body) =
-        http::get(&c, &format!("{}/metrics", env.kas_info.observability), None).await;
-    assert_eq!(code, 200, "{body}");
-    body
+    http::scrape(&env.kas_info.observability).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

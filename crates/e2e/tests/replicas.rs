@@ -441,6 +441,13 @@ async fn thousands_of_forwarded_exchanges_all_succeed() {
         r.api.recorded_for("/api/v1/namespaces/many/pods").len(),
         1600
     );
+    // They went over streams kept open between the two kas, not one stream each.
+    let metrics = kas_test_support::http::scrape(&r.info[0].observability).await;
+    let sample = |name| kas_test_support::http::sample(&metrics, name);
+    assert_eq!(sample("kas_forwarded_exchanges_total"), 1600.0, "{metrics}");
+    let opened = sample("kas_forward_streams_opened_total");
+    assert!((1.0..=32.0).contains(&opened), "{opened} streams opened");
+    assert!(sample("kas_forward_streams_idle") >= 1.0, "{metrics}");
 }
 
 /// `/readyz` says not ready while the configured Redis is unusable, and ready again

@@ -15,7 +15,7 @@ pub mod gateway;
 pub mod jwt;
 pub mod redis;
 
-pub use gateway::{GatewayService, OpenError, Peers};
+pub use gateway::{ForwardStats, GatewayService, OpenError, Peers};
 pub use jwt::PrivateAuth;
 pub use redis::{Connection, Event, RedisError, RedisOptions, RedisRegistry};
 
@@ -214,6 +214,11 @@ impl Router {
             Some(s) => Some(s.redis.all_connections().await),
             None => None,
         }
+    }
+
+    /// Forwarding to other kas replicas so far (`None` for a single kas).
+    pub fn forward_stats(&self) -> Option<ForwardStats> {
+        self.shared.as_ref().map(|s| s.peers.stats())
     }
 
     /// Whether the shared registry (if any) is usable.

@@ -253,7 +253,7 @@ impl Kas {
                 )
                 .await?;
                 let gateway = kas_proto::v1::gateway_server::GatewayServer::new(
-                    GatewayService::new(registry.clone()),
+                    GatewayService::new(registry.clone(), shutdown_rx.clone()),
                 )
                 .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub config_pushes: Counter,
     redis_errors: Counter,
     redis_errors_seen: AtomicU64,
+    forwarded: Counter,
+    forwarded_seen: AtomicU64,
+    forward_streams: Counter,
+    forward_streams_seen: AtomicU64,
+    forward_streams_idle: Gauge,
     agents: Gauge,
     replicas: Gauge,
     tunnels_idle: Gauge,
@@ -60,6 +65,11 @@ impl Metrics {
             config_pushes: Counter::default(),
             redis_errors: Counter::default(),
             redis_errors_seen: AtomicU64::new(0),
+            forwarded: Counter::default(),
+            forwarded_seen: AtomicU64::new(0),
+            forward_streams: Counter::default(),
+            forward_streams_seen: AtomicU64::new(0),
+            forward_streams_idle: Gauge::default(),
             agents: Gauge::default(),
             replicas: Gauge::default(),
             tunnels_idle: Gauge::default(),
@@ -102,6 +112,21 @@ impl Metrics {
             m.redis_errors.clone(),
         );
         r.register(
+            "kas_forwarded_exchanges",
+            "Requests this kas forwarded to the kas holding the agent's connection",
+            m.forwarded.clone(),
+        );
+        r.register(
+            "kas_forward_streams_opened",
+            "Streams opened to other kas replicas for forwarded requests (each carries many)",
+            m.forward_streams.clone(),
+        );
+        r.register(
+            "kas_forward_streams_idle",
+            "Streams to other kas replicas kept open for the next forwarded request",
+            m.forward_streams_idle.clone(),
+        );
+        r.register(
             "kas_agents_connected",
             "Agents with at least one replica connected to this kas",
             m.agents.clone(),
@@ -135,9 +160,20 @@ impl Metrics {
             .set(snapshot.iter().map(|a| a.idle_tunnels).sum::<usize>() as i64);
         self.tunnels_busy
             .set(snapshot.iter().map(|a| a.busy_tunnels).sum::<usize>() as i64);
-        let total = kas_router::redis::errors_total();
-        let seen = self.redis_errors_seen.swap(total, Ordering::Relaxed);
-        self.redis_errors.inc_by(total.saturating_sub(seen));
+        catch_up(
+            &self.redis_errors,
+            &self.redis_errors_seen,
+            kas_router::redis::errors_total(),
+        );
+        if let Some(f) = router.forward_stats() {
+            catch_up(&self.forwarded, &self.forwarded_seen, f.exchanges);
+            catch_up(
+                &self.forward_streams,
+                &self.forward_streams_seen,
+                f.streams_opened,
+            );
+            self.forward_streams_idle.set(f.idle_streams as i64);
+        }
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
@@ -145,6 +181,12 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Advances `counter` to `total`, a count kept elsewhere (`seen`: what it last saw).
+fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
+    let before = seen.swap(total, Ordering::Relaxed);
+    counter.inc_by(total.saturating_sub(before));
 }
 
 impl ProxyObserver for Metrics {

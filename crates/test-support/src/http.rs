@@ -57,3 +57,21 @@ pub async fn send(
         .await
         .expect("send request")
 }
+
+/// kas's metrics text from its observability URL.
+pub async fn scrape(observability: &str) -> String {
+    let c = client(&[], false);
+    let (code, body) = get(&c, &format!("{observability}/metrics"), None).await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels), or 0.
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -362,9 +362,42 @@ impl TunnelRegistry {
     }
 }
 
+/// Where a tunnel that carried a clean exchange goes back to, for kinds of tunnel
+/// other than an agent's own (the routing kas's streams to other kas replicas).
+pub trait TunnelPool: Send + Sync {
+    /// Takes back a tunnel whose exchange ended cleanly; `label` is the one it was
+    /// made with.
+    fn give_back(&self, agent_id: u64, label: &Arc<str>, inbound: Inbound, outbound: Outbound);
+}
+
+/// Where a tunnel returns after a clean exchange.
+#[derive(Clone)]
+pub(crate) enum Home {
+    /// An agent's tunnel: back to this kas's registry.
+    Registry(Weak<TunnelRegistry>),
+    /// A reusable stream to another kas.
+    Pool(Weak<dyn TunnelPool>),
+    /// A one-exchange stream to another kas: never reused.
+    None,
+}
+
+/// Ends a tunnel stream cleanly when it is not going to be used again: closes the
+/// request direction and reads the far end's close, instead of dropping the stream
+/// (which resets it; HTTP/2 peers limit how many resets they accept).
+pub fn retire(inbound: Inbound, outbound: Outbound) {
+    drop(outbound);
+    let mut inbound = inbound;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = crate::next_frame(&mut inbound).await {}
+        })
+        .await;
+    });
+}
+
 /// A tunnel taken out of the registry for one exchange. Dropping it closes the tunnel.
 pub struct Tunnel {
-    registry: Weak<TunnelRegistry>,
+    home: Home,
     agent_id: u64,
     replica: Arc<str>,
     inbound: Inbound,
@@ -393,7 +426,7 @@ impl Tunnel {
     ) -> Self {
         busy.fetch_add(1, Ordering::Relaxed);
         Tunnel {
-            registry: Arc::downgrade(registry),
+            home: Home::Registry(Arc::downgrade(registry)),
             agent_id,
             replica: t.replica,
             inbound: t.inbound,
@@ -407,13 +440,33 @@ impl Tunnel {
     /// rather than an agent. It carries one exchange and is never pooled.
     pub fn remote(agent_id: u64, label: Arc<str>, inbound: Inbound, outbound: Outbound) -> Tunnel {
         Tunnel {
-            registry: Weak::new(),
+            home: Home::None,
             agent_id,
             replica: label,
             inbound,
             outbound,
             busy: BusyGuard(Arc::new(AtomicUsize::new(1))),
             one_shot: true,
+        }
+    }
+
+    /// A tunnel to another kas that carries one exchange after another: after a clean
+    /// exchange it goes back to `pool`.
+    pub fn pooled(
+        agent_id: u64,
+        label: Arc<str>,
+        inbound: Inbound,
+        outbound: Outbound,
+        pool: Weak<dyn TunnelPool>,
+    ) -> Tunnel {
+        Tunnel {
+            home: Home::Pool(pool),
+            agent_id,
+            replica: label,
+            inbound,
+            outbound,
+            busy: BusyGuard(Arc::new(AtomicUsize::new(1))),
+            one_shot: false,
         }
     }
 
@@ -499,7 +552,7 @@ impl Tunnel {
         };
         // After a clean exchange the tunnel goes back to the pool; upgraded ones never do.
         let reuse = (!upgrade).then(|| Reuse {
-            registry: self.registry.clone(),
+            home: self.home.clone(),
             agent_id: self.agent_id,
             replica: self.replica.clone(),
             request_sent,
@@ -514,7 +567,7 @@ impl Tunnel {
 
 /// What a [`TunnelBody`] needs to hand its tunnel back after a clean exchange.
 pub(crate) struct Reuse {
-    pub(crate) registry: Weak<TunnelRegistry>,
+    pub(crate) home: Home,
     pub(crate) agent_id: u64,
     pub(crate) replica: Arc<str>,
     /// Set once the whole request body (and its EndOfBody) went to the agent.
@@ -526,20 +579,17 @@ impl Reuse {
         if !self.request_sent.load(Ordering::SeqCst) {
             return;
         }
-        match self.registry.upgrade() {
-            Some(r) => r.offer(self.agent_id, &self.replica, inbound, outbound),
-            // A one-shot tunnel: read the far end's close instead of resetting the
-            // stream (HTTP/2 peers limit how many resets they accept).
-            None => {
-                drop(outbound);
-                let mut inbound = inbound;
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        while let Ok(Some(_)) = crate::next_frame(&mut inbound).await {}
-                    })
-                    .await;
-                });
+        match self.home {
+            Home::Registry(r) => {
+                if let Some(r) = r.upgrade() {
+                    r.offer(self.agent_id, &self.replica, inbound, outbound);
+                }
             }
+            Home::Pool(p) => match p.upgrade() {
+                Some(p) => p.give_back(self.agent_id, &self.replica, inbound, outbound),
+                None => retire(inbound, outbound),
+            },
+            Home::None => retire(inbound, outbound),
         }
     }
 }

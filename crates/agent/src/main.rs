@@ -58,51 +58,65 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn fail(msg: String) -> ! {
-    eprintln!("agentk: {msg}");
-    std::process::exit(2);
-}
+/// A setting the operator must fix: reported on stderr, exit status 2. It travels back
+/// out of `run` so the log writer is flushed before the process exits.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Fatal(String);
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One thread by default: agentk forwards bytes and does little else, and a single
     // thread avoids cross-thread wake-ups on every frame (lower latency, measured).
     let runtime = kas_telemetry::runtime(cli.worker_threads)?;
-    runtime.block_on(run(cli))
+    match runtime.block_on(run(cli)) {
+        Err(e) if e.is::<Fatal>() => {
+            eprintln!("agentk: {e}");
+            std::process::exit(2);
+        }
+        other => other,
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let _log_guard = kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format)
-        .unwrap_or_else(|e| fail(e.to_string()));
+        .map_err(|e| Fatal(e.to_string()))?;
     let token = std::fs::read_to_string(&cli.token_file)
-        .unwrap_or_else(|e| {
-            fail(format!(
+        .map_err(|e| {
+            Fatal(format!(
                 "cannot read --token-file {}: {e}",
                 cli.token_file.display()
             ))
-        })
+        })?
         .trim()
         .to_string();
     if token.is_empty() {
-        fail(format!(
+        return Err(Fatal(format!(
             "--token-file {} is empty",
             cli.token_file.display()
-        ));
+        ))
+        .into());
     }
-    let ca_cert_pem = cli.ca_cert.as_ref().map(|p| {
-        std::fs::read(p)
-            .unwrap_or_else(|e| fail(format!("cannot read --ca-cert {}: {e}", p.display())))
-    });
+    let ca_cert_pem = match &cli.ca_cert {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| Fatal(format!("cannot read --ca-cert {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
     if cli.min_idle_tunnels == 0 || cli.max_tunnels < cli.min_idle_tunnels {
-        fail("--min-idle-tunnels must be at least 1 and at most --max-tunnels".into());
+        return Err(Fatal(
+            "--min-idle-tunnels must be at least 1 and at most --max-tunnels".into(),
+        )
+        .into());
     }
     let access = match &cli.kubeconfig {
         Some(p) => ClusterAccess::from_kubeconfig(p, cli.context.as_deref()),
         None => ClusterAccess::in_cluster(),
     }
-    .unwrap_or_else(|e| fail(e.to_string()));
+    .map_err(|e| Fatal(e.to_string()))?;
     tracing::info!(cluster = %access.server, kas = ?cli.kas_address, "agentk starting");
-    let upstream = Arc::new(Upstream::new(access).unwrap_or_else(|e| fail(e.to_string())));
+    let upstream = Arc::new(Upstream::new(access).map_err(|e| Fatal(e.to_string()))?);
     let opts = ConnectOptions {
         kas_addresses: cli.kas_address,
         token,
@@ -115,9 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .unwrap_or_else(|e| {
-                    fail(format!("cannot bind --listen-observability {addr}: {e}"))
-                });
+                .map_err(|e| Fatal(format!("cannot bind --listen-observability {addr}: {e}")))?;
             let bound = l.local_addr()?;
             tracing::info!(address = %bound, "listening observability http://{bound}");
             Some(AbortOnDrop(tokio::spawn(kas_agent::stats::serve(

@@ -148,3 +148,48 @@ fn invalid_settings_are_all_reported_before_binding() {
         "nothing may be created for an invalid configuration"
     );
 }
+
+#[test]
+fn agentk_reports_a_bad_setting_after_writing_its_log() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    std::fs::write(dir.path().join("t"), "agent-token").expect("token");
+    std::fs::write(
+        dir.path().join("kc"),
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\nusers:\n- name: u\n  user:\n    token: abc\n",
+    )
+    .expect("kubeconfig");
+    let agentk = |token_file: &str| {
+        Command::new(bin("agentk"))
+            .args(["--kas-address", "grpc://127.0.0.1:1", "--token-file"])
+            .arg(token_file)
+            .args(["--kubeconfig", "kc", "--listen-observability"])
+            .arg(addr.to_string())
+            .current_dir(dir.path())
+            .output()
+            .expect("agentk")
+    };
+
+    let out = agentk("missing");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agentk: cannot read --token-file missing"),
+        "{err}"
+    );
+
+    // The port is taken: agentk has already logged its start, and that line must not be
+    // lost to the exit.
+    let out = agentk("t");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let logs = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        err.contains(&format!(
+            "agentk: cannot bind --listen-observability {addr}"
+        )),
+        "{err}"
+    );
+    assert!(logs.contains("agentk starting"), "{logs}");
+}

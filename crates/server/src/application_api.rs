@@ -31,7 +31,6 @@ use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
 
 /// The audience application JWTs must name.
 pub const AUDIENCE: &str = "kas-application";
@@ -59,7 +58,7 @@ pub fn validation() -> Validation {
 /// The Kubernetes integration log: one structured record per cluster call.
 #[derive(Clone)]
 pub struct IntegrationLog {
-    file: Option<mpsc::UnboundedSender<String>>,
+    file: Option<kas_telemetry::batch::Batched>,
 }
 
 /// One cluster call made for the application.
@@ -79,15 +78,21 @@ struct Record<'a> {
 
 impl IntegrationLog {
     /// Logs to the `k8s_integration` tracing target and, with `file`, appends JSON
-    /// lines to it (written by a background task, so a slow disk never blocks a call).
-    pub fn new(file: Option<std::path::PathBuf>) -> IntegrationLog {
-        let file = file.map(|path| {
-            crate::audit::line_writer(
-                crate::audit::AuditTarget::File(path),
-                "Kubernetes integration log",
-            )
-        });
-        IntegrationLog { file }
+    /// lines to it (written by a background thread, so a slow disk never blocks a call).
+    /// Keep the `Flush` until shutdown: dropping it writes the lines still queued.
+    pub fn new(
+        file: Option<std::path::PathBuf>,
+    ) -> (IntegrationLog, Option<kas_telemetry::batch::Flush>) {
+        match file {
+            None => (IntegrationLog { file: None }, None),
+            Some(path) => {
+                let (out, flush) = crate::audit::line_writer(
+                    &crate::audit::AuditTarget::File(path),
+                    "Kubernetes integration log",
+                );
+                (IntegrationLog { file: Some(out) }, flush)
+            }
+        }
     }
 
     fn record(&self, r: &Record<'_>) {
@@ -97,10 +102,10 @@ impl IntegrationLog {
             status = r.status, duration_ms = r.duration_ms, error_code = r.error_code,
             request_id = r.request_id, "cluster call"
         );
-        if let Some(tx) = &self.file {
+        if let Some(out) = &self.file {
             if let Ok(mut line) = serde_json::to_string(r) {
                 line.push('\n');
-                let _ = tx.send(line);
+                out.append(line.as_bytes());
             }
         }
     }

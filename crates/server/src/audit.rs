@@ -4,11 +4,11 @@
 //! the admin API with filters.
 
 use kas_k8s_proxy::audit::{AuditRecord, AuditSink};
+use kas_telemetry::batch::{self, Batched, Flush};
 use serde_json::Value;
 use std::io::BufRead;
 use std::io::Write;
 use std::path::PathBuf;
-use tokio::sync::mpsc;
 
 /// Where audit records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,75 +19,58 @@ pub enum AuditTarget {
 
 /// The writer; see the module docs.
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<String>,
+    out: Batched,
     pub target: AuditTarget,
 }
 
 impl AuditLog {
-    /// Starts the writer thread.
-    pub fn start(target: AuditTarget) -> AuditLog {
-        AuditLog {
-            tx: line_writer(target.clone(), "audit log"),
-            target,
-        }
+    /// Starts the writer thread. Keep the `Flush` until shutdown: dropping it writes
+    /// the records still queued.
+    pub fn start(target: AuditTarget) -> (AuditLog, Option<Flush>) {
+        let (out, flush) = line_writer(&target, "audit log");
+        (AuditLog { out, target }, flush)
     }
 }
 
-/// A background thread appending the lines it is sent to `target` (created 0600), so a
-/// slow disk never holds the sender. Lines already queued when it wakes go out in one
-/// write, so a busy proxy costs one system call per batch, not per line. Returns its input.
-pub fn line_writer(target: AuditTarget, what: &'static str) -> mpsc::UnboundedSender<String> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let run = move || {
-        let mut out: Box<dyn Write> = match &target {
-            AuditTarget::Stdout => Box::new(std::io::stdout()),
-            AuditTarget::File(path) => {
-                let mut opts = std::fs::OpenOptions::new();
-                opts.create(true).append(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                match opts.open(path) {
-                    Ok(f) => Box::new(f),
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "cannot open the {what}; its records are lost");
-                        return;
-                    }
+/// A background thread appending the lines it is given to `target` (created 0600), so a
+/// slow disk never holds a request: lines collect for a few milliseconds and go out in
+/// one write (`kas_telemetry::batch`). If the file cannot be opened or the thread cannot
+/// start, the error is logged and the lines are dropped.
+pub fn line_writer(target: &AuditTarget, what: &'static str) -> (Batched, Option<Flush>) {
+    let out: Box<dyn Write + Send> = match target {
+        AuditTarget::Stdout => Box::new(std::io::stdout()),
+        AuditTarget::File(path) => {
+            let mut opts = std::fs::OpenOptions::new();
+            opts.create(true).append(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            match opts.open(path) {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open the {what}; its records are lost");
+                    Box::new(std::io::sink())
                 }
-            }
-        };
-        let mut batch = String::new();
-        while let Some(line) = rx.blocking_recv() {
-            batch.clear();
-            batch.push_str(&line);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(line) => batch.push_str(&line),
-                    Err(_) => break,
-                }
-            }
-            if let Err(e) = out.write_all(batch.as_bytes()).and_then(|()| out.flush()) {
-                tracing::error!(error = %e, "cannot write the {what}");
             }
         }
     };
-    if let Err(e) = std::thread::Builder::new()
-        .name("kas-line-writer".into())
-        .spawn(run)
-    {
-        tracing::error!(error = %e, "cannot start the {what} writer; its records are lost");
+    let on_error = Box::new(move |e: &std::io::Error| {
+        tracing::error!(error = %e, "cannot write the {what}");
+    });
+    match batch::start("kas-line-writer", out, on_error) {
+        Ok((out, flush)) => (out, Some(flush)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the {what} writer; its records are lost");
+            (Batched::discarding(), None)
+        }
     }
-    tx
 }
-
-/// Upper bound of one write, so a backlog is written in pieces of bounded size.
-const MAX_BATCH: usize = 1 << 20;
 
 impl AuditSink for AuditLog {
     fn record(&self, record: AuditRecord) {
         match serde_json::to_string(&record) {
             Ok(mut line) => {
                 line.push('\n');
-                let _ = self.tx.send(line);
+                self.out.append(line.as_bytes());
             }
             Err(e) => tracing::error!(error = %e, "cannot encode an audit record"),
         }

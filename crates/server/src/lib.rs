@@ -86,6 +86,9 @@ pub struct Kas {
     router: Arc<Router>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The audit and integration log writers: dropped last, after the requests that
+    /// write to them have ended, so their final records reach the files.
+    flush: Vec<kas_telemetry::batch::Flush>,
 }
 
 fn admin_token(data_dir: &Path) -> Result<[u8; 32], StartError> {
@@ -230,7 +233,9 @@ impl Kas {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry = TunnelRegistry::new();
         let metrics = Arc::new(metrics::Metrics::new());
-        let audit = Arc::new(audit::AuditLog::start(config.audit.clone()));
+        let (audit, audit_flush) = audit::AuditLog::start(config.audit.clone());
+        let audit = Arc::new(audit);
+        let mut flush: Vec<kas_telemetry::batch::Flush> = audit_flush.into_iter().collect();
         let mut tasks = JoinSet::new();
         let mut endpoints = endpoints;
 
@@ -368,13 +373,16 @@ impl Kas {
                 .with_state(page),
         );
         if let Some(app) = &config.application {
+            let (log, log_flush) =
+                application_api::IntegrationLog::new(app.integration_log_file.clone());
+            flush.extend(log_flush);
             let app_state = Arc::new(application_api::AppState {
                 cp: cp.clone(),
                 router: router.clone(),
                 decoding: jsonwebtoken::DecodingKey::from_secret(&app.secret),
                 validation: application_api::validation(),
                 agent_wait: config.agent_wait_timeout,
-                log: application_api::IntegrationLog::new(app.integration_log_file.clone()),
+                log,
             });
             api_router = api_router.merge(application_api::router(app_state));
         }
@@ -406,6 +414,7 @@ impl Kas {
             router,
             shutdown,
             tasks,
+            flush,
         })
     }
 
@@ -416,6 +425,8 @@ impl Kas {
         self.router.shutdown().await;
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // Joins the writer threads after their last write (a few milliseconds at most).
+        self.flush.clear();
     }
 
     /// Serves until one of the listener tasks ends (it should not) or shutdown.

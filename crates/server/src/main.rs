@@ -23,7 +23,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    let _log_guard = match kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format) {
+    let log_guard = match kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("kas: invalid configuration: {e}");
@@ -35,6 +35,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(k) => k,
         Err(e) => {
             eprintln!("kas: {e}");
+            // exit() skips destructors: write out what was logged first.
+            drop(log_guard);
             std::process::exit(1);
         }
     };
@@ -64,5 +66,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     kas.shutdown().await;
+    drop(log_guard);
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Process set-up shared by the `kas` and `agentk` binaries: logging (a level filter,
 //! text or JSON lines on stderr, written by a background thread so a request never
-//! waits on the write) and the tokio runtime. It does not define what is logged.
+//! waits on the write), the batched line writer that thread is (also used for kas's
+//! audit trail), and the tokio runtime. It does not define what is logged.
 
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+pub mod batch;
 
 /// A bad logging setting.
 #[derive(Debug, thiserror::Error)]
@@ -11,12 +12,14 @@ pub enum LogError {
     Format(String),
     #[error("invalid log level `{level}`: {message}")]
     Level { level: String, message: String },
+    #[error("cannot start the log writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Installs the global subscriber. `level` (a filter like `info` or
 /// `kas_server=debug`) wins over `RUST_LOG`; the default is `info`. Keep the returned
 /// guard alive for the life of the process: dropping it flushes pending lines.
-pub fn init(level: Option<&str>, format: &str) -> Result<WorkerGuard, LogError> {
+pub fn init(level: Option<&str>, format: &str) -> Result<batch::Flush, LogError> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| LogError::Level {
@@ -28,14 +31,13 @@ pub fn init(level: Option<&str>, format: &str) -> Result<WorkerGuard, LogError> 
     if !matches!(format, "text" | "json") {
         return Err(LogError::Format(format.to_string()));
     }
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        // The worker flushes whenever its queue runs dry, so buffering turns a burst of
-        // lines into one write without holding any line back.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = batch::start(
+        "log-writer",
+        Box::new(std::io::stderr()),
+        // Nowhere left to report it but stderr itself, which is what failed.
+        Box::new(|_| {}),
+    )
+    .map_err(LogError::Thread)?;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

@@ -31,7 +31,13 @@ pub const GATEWAY_AGENT_METADATA: &str = "x-kas-agent-id";
 pub const GATEWAY_CONNECTION_METADATA: &str = "x-kas-connection";
 
 /// Largest Data frame either side sends. Bodies are split into frames of at most this size.
-pub const MAX_DATA_FRAME: usize = 64 * 1024;
+/// Large enough that bulk bodies cost few messages (256 KiB streamed about 15 % faster
+/// than 64 KiB in the benchmark), small enough to bound what one frame holds in memory.
+pub const MAX_DATA_FRAME: usize = 256 * 1024;
+
+/// The HTTP/2 frame size kas accepts: one full Data message (with its gRPC and protobuf
+/// framing) fits in one HTTP/2 frame.
+pub const MAX_H2_FRAME: u32 = MAX_DATA_FRAME as u32 + 1024;
 
 /// Largest encoded message either side accepts (a request or response head can carry
 /// large headers; data frames are far smaller).

@@ -39,6 +39,9 @@ const GATEWAY_WAIT: Duration = Duration::from_secs(5);
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle forwarding streams kept per agent connection; more are closed.
 const POOL_MAX: usize = 64;
+/// Frames queued in each direction of a relay: with Data frames of up to 256 KiB this
+/// bounds what one forwarded exchange holds in memory at 1 MiB per direction.
+const RELAY_FRAMES: usize = 4;
 /// How long a kas that answered `ForwardMany` with UNIMPLEMENTED is not asked again.
 const LEGACY_RECHECK: Duration = Duration::from_secs(300);
 
@@ -125,7 +128,7 @@ impl Gateway for GatewayService {
         let tunnel = take_tunnel(&self.registry, agent_id, &connection)
             .await
             .ok_or_else(|| Status::unavailable("the agent connection went away"))?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(RELAY_FRAMES);
         let inbound = RequestStream::new(req.into_inner());
         Ok(Response::new(Relayed {
             relay: Some(Box::pin(relay_once(tunnel, inbound, tx))),
@@ -138,7 +141,7 @@ impl Gateway for GatewayService {
         req: Request<Streaming<ServerFrame>>,
     ) -> Result<Response<Self::ForwardManyStream>, Status> {
         let (agent_id, connection) = self.target(&req)?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(RELAY_FRAMES);
         let inbound = RequestStream::new(req.into_inner());
         let relay = relay_many(
             self.registry.clone(),
@@ -713,7 +716,7 @@ impl Peers {
         eager: bool,
     ) -> Result<(Inbound, Outbound), OpenError> {
         let mut client = self.client(url)?;
-        let (out, stream) = outbound_channel(16);
+        let (out, stream) = outbound_channel(RELAY_FRAMES);
         let frames = stream
             .take_while(|r| std::future::ready(r.is_ok()))
             .filter_map(|r| std::future::ready(r.ok()));

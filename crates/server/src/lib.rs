@@ -293,7 +293,7 @@ impl Kas {
         let mut server = tonic::transport::Server::builder()
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(64 * 1024 * 1024)
-            .max_frame_size(64 * 1024)
+            .max_frame_size(kas_proto::MAX_H2_FRAME)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_nodelay(true);

@@ -42,7 +42,7 @@ pub async fn serve_http<S, B>(
         .timer(TokioTimer::new())
         .initial_stream_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
-        .max_frame_size(64 * 1024)
+        .max_frame_size(kas_proto::MAX_H2_FRAME)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = std::sync::Arc::new(builder);

@@ -73,20 +73,21 @@ impl GatewayService {
                 Status::invalid_argument(format!("missing {GATEWAY_CONNECTION_METADATA}"))
             })?
             .to_string();
-        if !self.holds(agent_id, &connection) {
+        if !holds(&self.registry, agent_id, &connection) {
             return Err(Status::unavailable(
                 "this kas does not hold that agent connection",
             ));
         }
         Ok((agent_id, connection))
     }
+}
 
-    fn holds(&self, agent_id: u64, connection: &str) -> bool {
-        self.registry
-            .connection_keys(agent_id)
-            .iter()
-            .any(|k| **k == *connection)
-    }
+/// Whether this kas holds `connection` of `agent_id`.
+fn holds(registry: &TunnelRegistry, agent_id: u64, connection: &str) -> bool {
+    registry
+        .connection_keys(agent_id)
+        .iter()
+        .any(|k| **k == *connection)
 }
 
 fn metadata<'a>(req: &'a Request<Streaming<ServerFrame>>, key: &str) -> Option<&'a str> {
@@ -103,11 +104,7 @@ async fn take_tunnel(
     if let Some(t) = registry.try_acquire_from(agent_id, connection) {
         return Some(t);
     }
-    let here = registry
-        .connection_keys(agent_id)
-        .iter()
-        .any(|k| **k == *connection);
-    if !here {
+    if !holds(registry, agent_id, connection) {
         return None;
     }
     registry.acquire(agent_id, GATEWAY_WAIT).await.ok()
@@ -431,6 +428,8 @@ pub struct Peers {
     auth: Arc<PrivateAuth>,
     channels: Mutex<HashMap<String, GatewayClient<Channel>>>,
     pool: Arc<StreamPool>,
+    /// `pool` as the home of the tunnels it hands out (made once, not per request).
+    pool_home: Weak<dyn TunnelPool>,
     /// What each peer is known to serve, by private API URL.
     modes: Modes,
     streams_opened: AtomicU64,
@@ -593,10 +592,15 @@ impl Peers {
                 }
             });
         }
+        let pool_home: Weak<dyn TunnelPool> = {
+            let strong: Arc<dyn TunnelPool> = pool.clone();
+            Arc::downgrade(&strong)
+        };
         Peers {
             auth,
             channels: Mutex::default(),
             pool,
+            pool_home,
             modes: Arc::default(),
             streams_opened: AtomicU64::new(0),
             exchanges: AtomicU64::new(0),
@@ -664,14 +668,16 @@ impl Peers {
         eager: bool,
     ) -> Result<Tunnel, OpenError> {
         let label: Arc<str> = Arc::from(format!("{url}#{connection}"));
-        let pool: Weak<dyn TunnelPool> = {
-            let strong: Arc<dyn TunnelPool> = self.pool.clone();
-            Arc::downgrade(&strong)
-        };
         if !eager {
             if let Some(s) = self.pool.take(agent_id, &label) {
                 self.exchanges.fetch_add(1, Ordering::Relaxed);
-                return Ok(Tunnel::pooled(agent_id, label, s.inbound, s.outbound, pool));
+                return Ok(Tunnel::pooled(
+                    agent_id,
+                    label,
+                    s.inbound,
+                    s.outbound,
+                    self.pool_home.clone(),
+                ));
             }
         }
         let mode = self.mode(url);
@@ -698,7 +704,13 @@ impl Peers {
         if mode.is_none() {
             set_mode(&self.modes, url, PeerMode::Many);
         }
-        Ok(Tunnel::pooled(agent_id, label, inbound, out, pool))
+        Ok(Tunnel::pooled(
+            agent_id,
+            label,
+            inbound,
+            out,
+            self.pool_home.clone(),
+        ))
     }
 
     fn count_open(&self) {

@@ -403,9 +403,6 @@ pub struct Tunnel {
     inbound: Inbound,
     outbound: Outbound,
     busy: BusyGuard,
-    /// Carries one exchange only (a forward to another kas): the request direction is
-    /// closed as soon as the request is complete, as an HTTP/2 peer expects.
-    one_shot: bool,
 }
 
 /// Counts a tunnel as busy while it lives.
@@ -432,22 +429,13 @@ impl Tunnel {
             inbound: t.inbound,
             outbound: t.outbound,
             busy: BusyGuard(busy.clone()),
-            one_shot: false,
         }
     }
 
     /// A tunnel whose far end is another kas (the gateway kas of the private API)
     /// rather than an agent. It carries one exchange and is never pooled.
     pub fn remote(agent_id: u64, label: Arc<str>, inbound: Inbound, outbound: Outbound) -> Tunnel {
-        Tunnel {
-            home: Home::None,
-            agent_id,
-            replica: label,
-            inbound,
-            outbound,
-            busy: BusyGuard(Arc::new(AtomicUsize::new(1))),
-            one_shot: true,
-        }
+        Tunnel::to_peer(Home::None, agent_id, label, inbound, outbound)
     }
 
     /// A tunnel to another kas that carries one exchange after another: after a clean
@@ -459,14 +447,23 @@ impl Tunnel {
         outbound: Outbound,
         pool: Weak<dyn TunnelPool>,
     ) -> Tunnel {
+        Tunnel::to_peer(Home::Pool(pool), agent_id, label, inbound, outbound)
+    }
+
+    fn to_peer(
+        home: Home,
+        agent_id: u64,
+        label: Arc<str>,
+        inbound: Inbound,
+        outbound: Outbound,
+    ) -> Tunnel {
         Tunnel {
-            home: Home::Pool(pool),
+            home,
             agent_id,
             replica: label,
             inbound,
             outbound,
             busy: BusyGuard(Arc::new(AtomicUsize::new(1))),
-            one_shot: false,
         }
     }
 
@@ -513,9 +510,11 @@ impl Tunnel {
             return Err(ExchangeError::TunnelClosed);
         }
         let request_sent = Arc::new(AtomicBool::new(complete));
-        // A one-shot tunnel keeps its request direction open only while the request
-        // still needs it: for an upgrade, or in the body pump until the body is sent.
-        let keep = if self.one_shot && !upgrade {
+        // A one-shot tunnel (a forward to another kas, `Home::None`) keeps its request
+        // direction open only while the request still needs it: for an upgrade, or in
+        // the body pump until the body is sent, as an HTTP/2 peer expects.
+        let one_shot = matches!(self.home, Home::None);
+        let keep = if one_shot && !upgrade {
             std::mem::replace(&mut self.outbound, outbound_channel(1).0)
         } else {
             self.outbound.clone()

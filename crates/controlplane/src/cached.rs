@@ -4,8 +4,8 @@
 //! (another kas on a shared database) clear it when their notification arrives.
 
 use crate::{
-    Agent, AgentInfo, Change, ControlPlane, EnvironmentRecord, Group, Job, JobStatus, Project,
-    Result, Secret, StartJob,
+    Agent, AgentAuth, AgentInfo, AgentToken, Change, ControlPlane, EnvironmentRecord, Group, Job,
+    JobStatus, Project, Result, Secret, StartJob,
 };
 use async_trait::async_trait;
 use kas_authz::JobContext;
@@ -19,7 +19,7 @@ const MAX_ENTRIES: usize = 100_000;
 
 #[derive(Default)]
 struct Maps {
-    agent_tokens: HashMap<[u8; 32], Arc<AgentInfo>>,
+    agent_tokens: HashMap<[u8; 32], Arc<AgentAuth>>,
     agents: HashMap<u64, Arc<AgentInfo>>,
     jobs: HashMap<[u8; 32], Arc<JobContext>>,
 }
@@ -140,6 +140,29 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
     async fn list_agents(&self) -> Result<Vec<Agent>> {
         self.inner.list_agents().await
     }
+    async fn delete_agent(&self, agent_id: u64) -> Result<Agent> {
+        let r = self.inner.delete_agent(agent_id).await;
+        self.invalidate();
+        r
+    }
+    async fn create_agent_token(
+        &self,
+        agent_id: u64,
+        name: Option<&str>,
+    ) -> Result<(AgentToken, Secret)> {
+        self.inner.create_agent_token(agent_id, name).await
+    }
+    async fn list_agent_tokens(&self, agent_id: u64) -> Result<Vec<AgentToken>> {
+        self.inner.list_agent_tokens(agent_id).await
+    }
+    async fn revoke_agent_token(&self, agent_id: u64, token: &str) -> Result<AgentToken> {
+        let r = self.inner.revoke_agent_token(agent_id, token).await;
+        self.invalidate();
+        r
+    }
+    async fn touch_agent_token(&self, token_id: u64) -> Result<()> {
+        self.inner.touch_agent_token(token_id).await
+    }
     async fn get_agent(&self, project: &str, name: &str) -> Result<Agent> {
         self.inner.get_agent(project, name).await
     }
@@ -175,7 +198,7 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
     async fn list_jobs(&self) -> Result<Vec<Job>> {
         self.inner.list_jobs().await
     }
-    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>> {
+    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentAuth>>> {
         let key = crate::hash_token(token);
         self.cached(
             key,

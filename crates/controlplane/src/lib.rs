@@ -7,6 +7,7 @@
 //! kas replicas on one database); both run the same logic ([`SqlControlPlane`]). It does not route requests or talk to agents.
 //! Tokens are generated here, returned once, and stored only as SHA-256 hashes.
 
+mod agent_tokens;
 mod cached;
 mod model;
 mod postgres;
@@ -38,6 +39,9 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     Invalid(String),
+    /// The operation conflicts with the current state (a limit is reached).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Config(#[from] kas_authz::ConfigError),
     #[error("control plane storage error")]
@@ -45,6 +49,9 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Active tokens an agent may have at once: one in use and one to rotate to.
+pub const MAX_ACTIVE_AGENT_TOKENS: usize = 2;
 
 /// A change other components react to (caches, connected agents).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +61,15 @@ pub enum Change {
     },
     JobFinished {
         job_id: u64,
+    },
+    /// Connections made with this token must close.
+    AgentTokenRevoked {
+        agent_id: u64,
+        token_id: u64,
+    },
+    /// The agent is gone, with its tokens: every connection of it must close.
+    AgentDeleted {
+        agent_id: u64,
     },
     /// Anything may have changed (notifications may have been missed).
     Resync,
@@ -68,6 +84,20 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn list_projects(&self) -> Result<Vec<Project>>;
     async fn create_agent(&self, project: &str, name: &str) -> Result<(Agent, Secret)>;
     async fn list_agents(&self) -> Result<Vec<Agent>>;
+    /// Deletes an agent and its tokens (its connections close: [`Change::AgentDeleted`]).
+    async fn delete_agent(&self, agent_id: u64) -> Result<Agent>;
+    /// A new token for an agent (at most [`MAX_ACTIVE_AGENT_TOKENS`] active at once).
+    async fn create_agent_token(
+        &self,
+        agent_id: u64,
+        name: Option<&str>,
+    ) -> Result<(AgentToken, Secret)>;
+    /// An agent's tokens, revoked ones included, oldest first.
+    async fn list_agent_tokens(&self, agent_id: u64) -> Result<Vec<AgentToken>>;
+    /// Revokes the agent's token named (or numbered) `token` ([`Change::AgentTokenRevoked`]).
+    async fn revoke_agent_token(&self, agent_id: u64, token: &str) -> Result<AgentToken>;
+    /// Records that a token was used now.
+    async fn touch_agent_token(&self, token_id: u64) -> Result<()>;
     async fn get_agent(&self, project: &str, name: &str) -> Result<Agent>;
     /// Validates and stores an agent's config.yaml; returns the new version and warnings.
     async fn set_agent_config(
@@ -87,8 +117,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn finish_job(&self, id: u64, status: JobStatus) -> Result<Job>;
     async fn list_jobs(&self) -> Result<Vec<Job>>;
 
-    /// The agent a token belongs to, if any.
-    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>>;
+    /// The agent an active token belongs to, if any.
+    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentAuth>>>;
     /// An agent with its parsed configuration.
     async fn agent_info(&self, agent_id: u64) -> Result<Option<Arc<AgentInfo>>>;
     /// Every agent with its parsed configuration (to build a job's kubeconfig).

@@ -1,6 +1,7 @@
 //! Records returned by the control plane.
 
 use serde::Serialize;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Group {
@@ -25,6 +26,34 @@ pub struct Agent {
     /// 0 until a configuration is set.
     pub config_version: u64,
     pub created_at: i64,
+}
+
+/// One of an agent's tokens (never its secret, which only its hash is kept of).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentToken {
+    pub id: u64,
+    pub agent_id: u64,
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last connection made with it (recorded at most once a minute).
+    pub last_used_at: Option<i64>,
+    /// Unix seconds; revoked tokens are kept for the record and never work again.
+    pub revoked_at: Option<i64>,
+}
+
+impl AgentToken {
+    pub fn is_active(&self) -> bool {
+        self.revoked_at.is_none()
+    }
+}
+
+/// An agent authenticated by one of its tokens.
+#[derive(Debug, Clone)]
+pub struct AgentAuth {
+    /// The token the agent presented (connections made with it close when it is revoked).
+    pub token_id: u64,
+    pub info: Arc<AgentInfo>,
 }
 
 /// An agent with its parsed configuration, as the request path needs it.

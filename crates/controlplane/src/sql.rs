@@ -159,6 +159,10 @@ pub(crate) fn encode_change(c: &Change) -> String {
     match c {
         Change::AgentConfig { agent_id } => format!("agent_config:{agent_id}"),
         Change::JobFinished { job_id } => format!("job_finished:{job_id}"),
+        Change::AgentTokenRevoked { agent_id, token_id } => {
+            format!("agent_token_revoked:{agent_id}:{token_id}")
+        }
+        Change::AgentDeleted { agent_id } => format!("agent_deleted:{agent_id}"),
         Change::Resync => "resync".to_string(),
     }
 }
@@ -169,6 +173,13 @@ pub(crate) fn decode_change(s: &str) -> Change {
     match s.split_once(':') {
         Some(("agent_config", v)) => parse(v).map(|agent_id| Change::AgentConfig { agent_id }),
         Some(("job_finished", v)) => parse(v).map(|job_id| Change::JobFinished { job_id }),
+        Some(("agent_token_revoked", v)) => v.split_once(':').and_then(|(a, t)| {
+            Some(Change::AgentTokenRevoked {
+                agent_id: parse(a)?,
+                token_id: parse(t)?,
+            })
+        }),
+        Some(("agent_deleted", v)) => parse(v).map(|agent_id| Change::AgentDeleted { agent_id }),
         _ => None,
     }
     .unwrap_or(Change::Resync)
@@ -183,11 +194,17 @@ mod tests {
         for c in [
             Change::AgentConfig { agent_id: 7 },
             Change::JobFinished { job_id: 9 },
+            Change::AgentTokenRevoked {
+                agent_id: 3,
+                token_id: 11,
+            },
+            Change::AgentDeleted { agent_id: 4 },
             Change::Resync,
         ] {
             assert_eq!(decode_change(&encode_change(&c)), c);
         }
         assert_eq!(decode_change("agent_config:x"), Change::Resync);
         assert_eq!(decode_change("something_new:1"), Change::Resync);
+        assert_eq!(decode_change("agent_token_revoked:3"), Change::Resync);
     }
 }

@@ -51,6 +51,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at INTEGER NOT NULL,
     finished_at INTEGER
 );
+CREATE TABLE IF NOT EXISTS agent_tokens (
+    id INTEGER PRIMARY KEY,
+    agent_id INTEGER NOT NULL REFERENCES agents(id),
+    name TEXT NOT NULL,
+    token_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS agent_tokens_agent ON agent_tokens (agent_id);
 "#;
 
 /// The embedded control plane.
@@ -84,6 +94,8 @@ impl SqlControlPlane<Sqlite> {
         )
         .map_err(storage)?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
+        conn.execute_batch(crate::agent_tokens::MIGRATE)
+            .map_err(storage)?;
         let (changes, _) = broadcast::channel(1024);
         Ok(SqlControlPlane::with_backend(Sqlite {
             conn: Mutex::new(conn),

@@ -1,11 +1,12 @@
 //! The control plane's logic over SQL, shared by the SQLite and PostgreSQL backends so
 //! both behave the same. Every operation is one transaction on the blocking pool.
 
+use crate::agent_tokens;
 use crate::sql::{conflict, Backend, Row, Tx, TxExt, Val};
 use crate::token::{hash_token, new_token, Secret, TokenKind};
 use crate::{
-    slug, Agent, AgentInfo, Change, ControlPlane, EnvironmentRecord, Error, Group, Job, JobStatus,
-    Project, Result, StartJob,
+    slug, Agent, AgentAuth, AgentInfo, AgentToken, Change, ControlPlane, EnvironmentRecord, Error,
+    Group, Job, JobStatus, Project, Result, StartJob,
 };
 use async_trait::async_trait;
 use kas_authz::{AgentRef, Environment, JobContext, Named};
@@ -401,9 +402,11 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
                 .map_err(conflict(|| {
                     format!("agent `{name}` already exists in project `{}`", p.path)
                 }))?;
+            let id = returned_id(&rows)?;
+            agent_tokens::insert(tx, to_i64("agent", id)?, "default", &token, created_at)?;
             Ok((
                 Agent {
-                    id: returned_id(&rows)?,
+                    id,
                     name,
                     project_id: p.id,
                     project_path: p.path,
@@ -427,6 +430,47 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
             Ok(rows.into_iter().map(|(a, _)| a).collect())
         })
         .await
+    }
+
+    async fn delete_agent(&self, agent_id: u64) -> Result<Agent> {
+        let id = to_i64("agent", agent_id)?;
+        self.run(move |tx| {
+            let (agent, _) = agent_where(tx, "a.id = $1", &[id.into()])?
+                .ok_or_else(|| Error::NotFound(format!("agent {agent_id} not found")))?;
+            agent_tokens::delete_all(tx, id)?;
+            tx.execute("DELETE FROM agents WHERE id = $1", &[id.into()])?;
+            tx.announce(Change::AgentDeleted { agent_id })?;
+            Ok(agent)
+        })
+        .await
+    }
+
+    async fn create_agent_token(
+        &self,
+        agent_id: u64,
+        name: Option<&str>,
+    ) -> Result<(AgentToken, Secret)> {
+        let id = to_i64("agent", agent_id)?;
+        let name = name.map(str::to_string);
+        self.run(move |tx| agent_tokens::create(tx, id, name.as_deref(), now()))
+            .await
+    }
+
+    async fn list_agent_tokens(&self, agent_id: u64) -> Result<Vec<AgentToken>> {
+        let id = to_i64("agent", agent_id)?;
+        self.run(move |tx| agent_tokens::list(tx, id)).await
+    }
+
+    async fn revoke_agent_token(&self, agent_id: u64, token: &str) -> Result<AgentToken> {
+        let id = to_i64("agent", agent_id)?;
+        let token = token.to_string();
+        self.run(move |tx| agent_tokens::revoke(tx, id, &token, now()))
+            .await
+    }
+
+    async fn touch_agent_token(&self, token_id: u64) -> Result<()> {
+        let id = to_i64("token", token_id)?;
+        self.run(move |tx| agent_tokens::touch(tx, id, now())).await
     }
 
     async fn get_agent(&self, project: &str, name: &str) -> Result<Agent> {
@@ -632,11 +676,20 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
         .await
     }
 
-    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentInfo>>> {
+    async fn authenticate_agent(&self, token: &str) -> Result<Option<Arc<AgentAuth>>> {
         let h = hash_token(token).to_vec();
         self.run(move |tx| {
-            let row = agent_where(tx, "a.token_hash = $1", &[h.into()])?;
-            row.map(|(a, y)| agent_info(a, y).map(Arc::new)).transpose()
+            let Some((token_id, agent_id)) = agent_tokens::active_by_hash(tx, h)? else {
+                return Ok(None);
+            };
+            let row = agent_where(tx, "a.id = $1", &[to_i64("agent", agent_id)?.into()])?;
+            row.map(|(a, y)| {
+                Ok(Arc::new(AgentAuth {
+                    token_id,
+                    info: Arc::new(agent_info(a, y)?),
+                }))
+            })
+            .transpose()
         })
         .await
     }

@@ -44,7 +44,147 @@ on_both!(
     agents_tokens_and_config,
     explicit_ids_do_not_collide_with_generated_ones,
     paths_compare_case_insensitively,
+    agent_tokens_rotate_revoke_and_die_with_the_agent,
 );
+
+async fn agent_tokens_rotate_revoke_and_die_with_the_agent(cp: &dyn ControlPlane) {
+    cp.create_project("acme/agents", None).await.expect("p");
+    let (agent, first) = cp.create_agent("acme/agents", "prod").await.expect("agent");
+    let mut changes = cp.subscribe();
+    let tokens = cp.list_agent_tokens(agent.id).await.expect("list");
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].name, "default");
+    assert!(tokens[0].is_active() && tokens[0].last_used_at.is_none());
+
+    // Rotation: a second token works alongside the first; a third is refused.
+    let (t2, second) = cp
+        .create_agent_token(agent.id, Some("rotation-2026"))
+        .await
+        .expect("second token");
+    assert_eq!(t2.name, "rotation-2026");
+    let err = cp
+        .create_agent_token(agent.id, None)
+        .await
+        .expect_err("a third active token");
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    assert!(err.to_string().contains("2 active tokens"), "{err}");
+    for bad in ["", "has space", "x/y"] {
+        assert!(matches!(
+            cp.create_agent_token(agent.id, Some(bad)).await,
+            Err(Error::Invalid(_) | Error::Conflict(_))
+        ));
+    }
+    let auth = |t: String| async move { cp.authenticate_agent(&t).await.expect("auth") };
+    let a1 = auth(first.expose().to_string()).await.expect("first works");
+    let a2 = auth(second.expose().to_string())
+        .await
+        .expect("second works");
+    assert_ne!(a1.token_id, a2.token_id);
+    assert_eq!(a2.token_id, t2.id);
+
+    // Last use is recorded.
+    cp.touch_agent_token(a2.token_id).await.expect("touch");
+    let listed = cp.list_agent_tokens(agent.id).await.expect("list");
+    assert!(listed[1].last_used_at.is_some(), "{listed:?}");
+
+    // Revoking by name: the token stops working at once and the change is announced.
+    let revoked = cp
+        .revoke_agent_token(agent.id, "default")
+        .await
+        .expect("revoke");
+    assert!(revoked.revoked_at.is_some());
+    assert!(auth(first.expose().to_string()).await.is_none());
+    assert!(auth(second.expose().to_string()).await.is_some());
+    let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv())
+        .await
+        .expect("change in time")
+        .expect("change");
+    assert_eq!(
+        change,
+        Change::AgentTokenRevoked {
+            agent_id: agent.id,
+            token_id: a1.token_id
+        }
+    );
+    assert!(matches!(
+        cp.revoke_agent_token(agent.id, "default").await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        cp.revoke_agent_token(agent.id, "nope").await,
+        Err(Error::NotFound(_))
+    ));
+    // With one active token left, a new one may be made (and revoked by id).
+    let (t3, third) = cp.create_agent_token(agent.id, None).await.expect("third");
+    assert_eq!(t3.name, "token-3");
+    cp.revoke_agent_token(agent.id, &t3.id.to_string())
+        .await
+        .expect("revoke by id");
+    assert!(auth(third.expose().to_string()).await.is_none());
+    assert_eq!(cp.list_agent_tokens(agent.id).await.expect("list").len(), 3);
+
+    // Deleting the agent deletes its tokens.
+    cp.delete_agent(agent.id).await.expect("delete");
+    assert!(auth(second.expose().to_string()).await.is_none());
+    assert!(cp.agent_info(agent.id).await.expect("info").is_none());
+    assert!(matches!(
+        cp.delete_agent(agent.id).await,
+        Err(Error::NotFound(_))
+    ));
+    let deleted = async {
+        loop {
+            if let Ok(Change::AgentDeleted { agent_id }) = changes.recv().await {
+                return agent_id;
+            }
+        }
+    };
+    let id = tokio::time::timeout(std::time::Duration::from_secs(5), deleted)
+        .await
+        .expect("deletion announced");
+    assert_eq!(id, agent.id);
+    // The name is free again.
+    cp.create_agent("acme/agents", "prod").await.expect("again");
+}
+
+/// A database written before agents had several tokens keeps working: each agent's
+/// one token becomes its token `default`.
+#[tokio::test]
+async fn agents_from_before_token_rotation_keep_their_token() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("cp.sqlite");
+    let token = "kasagent-legacylegacylegacylegacylegacylegacy";
+    {
+        let c = rusqlite::Connection::open(&path).expect("open");
+        c.execute_batch(
+            "CREATE TABLE groups (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES groups(id), path TEXT NOT NULL UNIQUE COLLATE NOCASE);
+             CREATE TABLE projects (id INTEGER PRIMARY KEY, group_id INTEGER NOT NULL REFERENCES groups(id), path TEXT NOT NULL UNIQUE COLLATE NOCASE);
+             CREATE TABLE agents (id INTEGER PRIMARY KEY, project_id INTEGER NOT NULL REFERENCES projects(id), name TEXT NOT NULL,
+                 token_hash BLOB NOT NULL UNIQUE, config_yaml TEXT NOT NULL DEFAULT '', config_version INTEGER NOT NULL DEFAULT 0,
+                 created_at INTEGER NOT NULL, UNIQUE (project_id, name));
+             INSERT INTO groups (id, path) VALUES (1, 'acme');
+             INSERT INTO projects (id, group_id, path) VALUES (2, 1, 'acme/agents');",
+        )
+        .expect("old schema");
+        c.execute(
+            "INSERT INTO agents (id, project_id, name, token_hash, created_at) VALUES (7, 2, 'prod', ?1, 1700000000)",
+            [hash_token(token).to_vec()],
+        )
+        .expect("old agent");
+    }
+    for _ in 0..2 {
+        // Opening twice: the migration adds the token once.
+        let cp = SqliteControlPlane::open(&path).expect("open");
+        let a = cp
+            .authenticate_agent(token)
+            .await
+            .expect("auth")
+            .expect("the old token works");
+        assert_eq!(a.info.agent.id, 7);
+        let tokens = cp.list_agent_tokens(7).await.expect("list");
+        assert_eq!(tokens.len(), 1, "{tokens:?}");
+        assert_eq!(tokens[0].name, "default");
+    }
+}
 
 async fn explicit_ids_do_not_collide_with_generated_ones(cp: &dyn ControlPlane) {
     cp.create_group("g", Some(23)).await.expect("explicit");
@@ -205,8 +345,8 @@ async fn agents_tokens_and_config(cp: &dyn ControlPlane) {
         .await
         .expect("auth")
         .expect("found");
-    assert_eq!(info.agent.id, agent.id);
-    assert_eq!(info.config_version, 0);
+    assert_eq!(info.info.agent.id, agent.id);
+    assert_eq!(info.info.config_version, 0);
     assert!(cp
         .authenticate_agent("kasagent-wrong")
         .await
@@ -270,7 +410,7 @@ async fn postgres_replicas_share_data_and_changes() {
         .await
         .expect("auth")
         .expect("replica b sees the agent");
-    assert_eq!(seen.agent.id, agent.id);
+    assert_eq!(seen.info.agent.id, agent.id);
     a.set_agent_config("acme/agents", "prod", "ci_access: {}\n")
         .await
         .expect("config");

@@ -47,7 +47,7 @@ async fn every_proxied_request_is_audited_with_its_identity() {
 
     let job_s = job.id.to_string();
     let records = wait_for(Duration::from_secs(5), "audit records", || {
-        let v = env.kasctl_json(&["audit", "--job", &job_s]);
+        let v = env.kasctl_json(&["audit", "--kind", "request", "--job", &job_s]);
         let list = v.as_array()?.clone();
         list.iter()
             .any(|r| r["path"] == "/api/v1/namespaces/audited/pods")
@@ -77,7 +77,7 @@ async fn every_proxied_request_is_audited_with_its_identity() {
     assert!(records.iter().all(|r| r["job_id"] == job.id));
 
     // Filters: by project, by agent, since; the refused job appears under its project.
-    let refused = env.kasctl_json(&["audit", "--project", "acme/other"]);
+    let refused = env.kasctl_json(&["audit", "--kind", "request", "--project", "acme/other"]);
     let refused = refused.as_array().expect("list");
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(
@@ -85,7 +85,7 @@ async fn every_proxied_request_is_audited_with_its_identity() {
         (Some(403), Some("mallory"))
     );
     assert_eq!(refused[0]["access_as"], "none");
-    let by_agent = env.kasctl_json(&["audit", "--agent", &agent.to_string()]);
+    let by_agent = env.kasctl_json(&["audit", "--kind", "request", "--agent", &agent.to_string()]);
     assert_eq!(by_agent.as_array().map(Vec::len), Some(records.len() + 1));
     let future = env.kasctl_json(&["audit", "--since", "9999999999"]);
     assert_eq!(future.as_array().map(Vec::len), Some(0));

@@ -65,8 +65,12 @@ enum Cmd {
     /// CI jobs: start (get a kubeconfig), finish, list.
     #[command(subcommand)]
     Job(JobCmd),
-    /// The audit trail of the Kubernetes API proxy (newest last).
+    /// The audit trail: requests through the Kubernetes API proxy and admin actions
+    /// (newest last).
     Audit {
+        /// Only `request` records (proxy requests) or only `admin` records.
+        #[arg(long, value_parser = ["request", "admin"])]
+        kind: Option<String>,
         #[arg(long)]
         job: Option<u64>,
         #[arg(long)]
@@ -140,6 +144,40 @@ enum AgentCmd {
     /// The agent's config.yaml.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Delete an agent and its tokens; its connections close at once on every kas.
+    Delete {
+        /// Configuration project path.
+        project: String,
+        name: String,
+    },
+    /// The agent's tokens: at most two active at once, so one can be rotated.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a token (shown once); fails while two tokens are active.
+    Create {
+        /// Configuration project path.
+        project: String,
+        agent: String,
+        /// The token's name (default: token-<n>).
+        #[arg(long = "name")]
+        token_name: Option<String>,
+        /// Also write the token to this file (mode 0600).
+        #[arg(long = "write-token", value_name = "FILE")]
+        write_token: Option<PathBuf>,
+    },
+    /// List the agent's tokens: name, created, last used, revoked (never the secret).
+    List { project: String, agent: String },
+    /// Revoke a token (by name or id); connections made with it close at once.
+    Revoke {
+        project: String,
+        agent: String,
+        /// The token's name or id.
+        token: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +382,7 @@ async fn run(cli: Cli) -> Result<()> {
         // Handled above, before the token is read.
         Cmd::Completion { .. } => {}
         Cmd::Audit {
+            kind,
             job,
             project,
             agent,
@@ -351,6 +390,9 @@ async fn run(cli: Cli) -> Result<()> {
             limit,
         } => {
             let mut q = vec![format!("limit={limit}")];
+            if let Some(k) = kind {
+                q.push(format!("kind={k}"));
+            }
             if let Some(j) = job {
                 q.push(format!("job={j}"));
             }
@@ -371,32 +413,10 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 table(
                     &[
-                        "TIME", "JOB", "PROJECT", "ENV", "USER", "AGENT", "AS", "IDENTITY", "VERB",
-                        "PATH", "CODE", "BYTES", "MS",
+                        "TIME", "KIND", "WHO", "JOB", "PROJECT", "ENV", "AGENT", "AS", "IDENTITY",
+                        "ACTION", "TARGET", "CODE", "BYTES", "MS",
                     ],
-                    list(&v)
-                        .iter()
-                        .map(|r| {
-                            vec![
-                                since(r["time"].as_f64().unwrap_or(0.0) as u64),
-                                s(r, "job_id"),
-                                s(r, "project"),
-                                r["environment"].as_str().unwrap_or("-").to_string(),
-                                s(r, "user"),
-                                s(r, "agent_id"),
-                                s(r, "access_as"),
-                                r["impersonated"]["username"]
-                                    .as_str()
-                                    .unwrap_or("(agent)")
-                                    .to_string(),
-                                s(r, "verb"),
-                                s(r, "path"),
-                                s(r, "code"),
-                                s(r, "bytes"),
-                                format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
-                            ]
-                        })
-                        .collect(),
+                    list(&v).iter().map(audit_row).collect(),
                 )
             }
         }
@@ -492,6 +512,21 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Agent(AgentCmd::Delete { project, name }) => {
+            let q = format!("/agents?project={}&name={}", enc(&project), enc(&name));
+            let v = api.call(M::DELETE, &q, None).await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                println!(
+                    "agent {} (id {}) deleted from {}; its tokens no longer work",
+                    s(&v, "name"),
+                    s(&v, "id"),
+                    s(&v, "project_path")
+                );
+            }
+        }
+        Cmd::Agent(AgentCmd::Token(t)) => token_cmd(&api, t, json_out).await?,
         Cmd::Agent(AgentCmd::List) => {
             let v = api.call(M::GET, "/agents", None).await?;
             if json_out {
@@ -732,6 +767,150 @@ async fn run(cli: Cli) -> Result<()> {
                         })
                         .collect(),
                 )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One audit record as a table row: a proxy request or an admin action.
+fn audit_row(r: &Value) -> Vec<String> {
+    let dash = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let ms = format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0));
+    let time = since(r["time"].as_f64().unwrap_or(0.0) as u64);
+    if r["kind"] == "admin" {
+        return vec![
+            time,
+            "admin".into(),
+            dash(&r["actor"]),
+            s(r, "job_id"),
+            dash(&r["project"]),
+            "-".into(),
+            s(r, "agent_id"),
+            "-".into(),
+            "-".into(),
+            r["action"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| s(r, "method")),
+            r["target"].as_str().unwrap_or(&s(r, "path")).to_string(),
+            s(r, "code"),
+            "-".into(),
+            "-".into(),
+        ];
+    }
+    vec![
+        time,
+        "request".into(),
+        s(r, "user"),
+        s(r, "job_id"),
+        s(r, "project"),
+        dash(&r["environment"]),
+        s(r, "agent_id"),
+        s(r, "access_as"),
+        r["impersonated"]["username"]
+            .as_str()
+            .unwrap_or("(agent)")
+            .to_string(),
+        s(r, "verb"),
+        s(r, "path"),
+        s(r, "code"),
+        s(r, "bytes"),
+        ms,
+    ]
+}
+
+/// `kasctl agent token ...`.
+async fn token_cmd(api: &Api, cmd: TokenCmd, json_out: bool) -> Result<()> {
+    use http::Method as M;
+    let print_json =
+        |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match cmd {
+        TokenCmd::Create {
+            project,
+            agent,
+            token_name,
+            write_token,
+        } => {
+            let v = api
+                .call(
+                    M::POST,
+                    "/agents/tokens",
+                    Some(json!({ "project": project, "name": agent, "token": token_name })),
+                )
+                .await?;
+            let secret = s(&v, "secret");
+            if let Some(f) = &write_token {
+                write_private(f, &format!("{secret}\n"))?;
+            }
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "token {} (id {}) created for {project}:{agent}",
+                    s(&v, "name"),
+                    s(&v, "id")
+                );
+                match &write_token {
+                    Some(f) => println!("token written to {} (it is not shown again)", f.display()),
+                    None => println!("token (shown once; store it now): {secret}"),
+                }
+            }
+        }
+        TokenCmd::List { project, agent } => {
+            let q = format!(
+                "/agents/tokens?project={}&name={}",
+                enc(&project),
+                enc(&agent)
+            );
+            let v = api.call(M::GET, &q, None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let ago = |v: &Value| match v.as_u64() {
+                    Some(t) => format!("{} ago", since(t)),
+                    None => "never".into(),
+                };
+                table(
+                    &["ID", "NAME", "STATUS", "CREATED", "LAST USED"],
+                    list(&v)
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                s(t, "id"),
+                                s(t, "name"),
+                                match t["revoked_at"].as_u64() {
+                                    Some(r) => format!("revoked {} ago", since(r)),
+                                    None => "active".into(),
+                                },
+                                ago(&t["created_at"]),
+                                ago(&t["last_used_at"]),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TokenCmd::Revoke {
+            project,
+            agent,
+            token,
+        } => {
+            let v = api
+                .call(
+                    M::POST,
+                    "/agents/tokens/revoke",
+                    Some(json!({ "project": project, "name": agent, "token": token })),
+                )
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "token {} (id {}) of {project}:{agent} revoked; connections made with it are closed",
+                    s(&v, "name"),
+                    s(&v, "id")
+                );
             }
         }
     }

@@ -13,10 +13,12 @@
 
 pub mod gateway;
 pub mod jwt;
+pub mod rate;
 pub mod redis;
 
 pub use gateway::{ForwardStats, GatewayService, OpenError, Peers};
 pub use jwt::PrivateAuth;
+pub use rate::RateLimiter;
 pub use redis::{Connection, Event, RedisError, RedisOptions, RedisRegistry};
 
 use kas_tunnel::{AcquireError, ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry};
@@ -206,6 +208,16 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// A rate limiter counting across every kas sharing the registry (or on this kas
+    /// alone without one).
+    pub fn rate_limiter(&self, name: &'static str, per_minute: u32) -> RateLimiter {
+        RateLimiter::new(
+            name,
+            per_minute,
+            self.shared.as_ref().map(|s| s.redis.clone()),
+        )
     }
 
     /// Every live connection in the shared registry (`None` for a single kas).

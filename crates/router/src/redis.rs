@@ -313,6 +313,21 @@ impl RedisRegistry {
         }
     }
 
+    /// Adds one to the counter `<prefix>:<key>` (which expires after `ttl_secs`) and
+    /// returns its new value.
+    pub async fn count_in_window(&self, key: &str, ttl_secs: i64) -> Result<u64, RedisError> {
+        let key = format!("{}:{key}", self.opts.key_prefix);
+        let mut conn = self.conn.clone();
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(&key, 1)
+            .expire(&key, ttl_secs)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
     /// Whether Redis answers (for readiness).
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();

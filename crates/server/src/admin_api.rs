@@ -1,10 +1,15 @@
 //! The admin API on kas's API listener (used by `kasctl`), authenticated by the admin
 //! token. JSON in, JSON out; errors are `{"error": "..."}` with a fitting status.
+//!
+//! Every request that changes something (POST, PUT, DELETE) leaves an audit record
+//! (`kind: admin`) in the audit trail: who (the admin token's id), what, on what, when,
+//! and the outcome, successful or not.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use kas_controlplane::{ControlPlane, Error as CpError, JobStatus, StartJob};
 use kas_router::Router as KasRouter;
@@ -19,8 +24,8 @@ use subtle::ConstantTimeEq;
 pub struct AdminState {
     pub cp: Arc<dyn ControlPlane>,
     pub router: Arc<KasRouter>,
-    /// The audit file, when audit records go to a file.
-    pub audit_file: Option<std::path::PathBuf>,
+    /// The audit trail: admin actions are recorded in it, and `kasctl audit` reads it.
+    pub audit: Arc<crate::audit::AuditLog>,
     pub admin_token_hash: [u8; 32],
     pub k8s_proxy_url: String,
     pub k8s_proxy_ca_pem: Option<String>,
@@ -35,6 +40,7 @@ impl From<CpError> for ApiError {
             CpError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
             CpError::AlreadyExists(m) => ApiError(StatusCode::CONFLICT, m),
             CpError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            CpError::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
             CpError::Config(c) => ApiError(StatusCode::BAD_REQUEST, c.to_string()),
             CpError::Storage(s) => {
                 tracing::error!(error = %s, "control plane storage error");
@@ -55,11 +61,59 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// Who made an admin request: the admin token's id (the first bytes of its hash, so
+/// records can name it without holding it) and the client's address.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub token_id: String,
+    pub peer: Option<String>,
+}
+
+/// What an admin handler did, for its audit record (a response extension).
+#[derive(Debug, Clone, Default)]
+pub struct Audited {
+    pub action: &'static str,
+    /// What it acted on, e.g. `acme/agents:prod`.
+    pub target: String,
+    pub agent_id: Option<u64>,
+    pub job_id: Option<u64>,
+    pub project: Option<String>,
+    /// More facts (never secrets).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Audited {
+    fn new(action: &'static str, target: impl Into<String>) -> Self {
+        Audited {
+            action,
+            target: target.into(),
+            ..Default::default()
+        }
+    }
+    fn detail(mut self, k: &str, v: impl Serialize) -> Self {
+        self.details
+            .insert(k.to_string(), serde_json::to_value(v).unwrap_or_default());
+        self
+    }
+}
+
+/// A JSON answer with its audit record.
+type AuditedJson<T> = Result<(Extension<Audited>, Json<T>), ApiError>;
+
+fn audited<T>(a: Audited, v: T) -> AuditedJson<T> {
+    Ok((Extension(a), Json(v)))
+}
+
+/// The id an admin token goes by in audit records.
+pub fn admin_token_id(hash: &[u8; 32]) -> String {
+    format!("admin-token:{}", hex::encode(&hash[..4]))
+}
+
 fn authorized(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::bearer)
         .ok_or_else(|| {
             ApiError(
                 StatusCode::UNAUTHORIZED,
@@ -82,7 +136,15 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/groups", get(list_groups).post(create_group))
         .route("/projects", get(list_projects).post(create_project))
-        .route("/agents", get(list_agents).post(create_agent))
+        .route(
+            "/agents",
+            get(list_agents).post(create_agent).delete(delete_agent),
+        )
+        .route(
+            "/agents/tokens",
+            get(list_agent_tokens).post(create_agent_token),
+        )
+        .route("/agents/tokens/revoke", post(revoke_agent_token))
         .route(
             "/agents/config",
             get(get_agent_config).put(set_agent_config),
@@ -96,6 +158,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/connected-agents", get(connected_agents))
         .route("/access/explain", get(explain))
         .route("/audit", get(audit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_admin,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     Router::new()
@@ -105,13 +171,74 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 async fn auth(
     State(state): State<Arc<AdminState>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     match authorized(&state, req.headers()) {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            let peer = req
+                .extensions()
+                .get::<Arc<crate::listener::ConnControl>>()
+                .map(|c| c.peer.to_string());
+            req.extensions_mut().insert(Actor {
+                token_id: admin_token_id(&state.admin_token_hash),
+                peer,
+            });
+            next.run(req).await
+        }
         Err(e) => e.into_response(),
     }
+}
+
+/// Records every changing admin request (after authentication) in the audit trail.
+async fn audit_admin(
+    State(state): State<Arc<AdminState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let changes = matches!(
+        *req.method(),
+        http::Method::POST | http::Method::PUT | http::Method::DELETE | http::Method::PATCH
+    );
+    if !changes {
+        return next.run(req).await;
+    }
+    let actor = req.extensions().get::<Actor>().cloned();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let done = resp.extensions().get::<Audited>().cloned();
+    let code = resp.status().as_u16();
+    let mut r = serde_json::Map::new();
+    r.insert("time".into(), json!(crate::audit::now_unix()));
+    r.insert("kind".into(), json!("admin"));
+    r.insert("actor".into(), json!(actor.as_ref().map(|a| &a.token_id)));
+    r.insert("peer".into(), json!(actor.and_then(|a| a.peer)));
+    r.insert("method".into(), json!(method));
+    r.insert("path".into(), json!(path));
+    r.insert("code".into(), json!(code));
+    r.insert(
+        "outcome".into(),
+        json!(if code < 400 { "ok" } else { "failed" }),
+    );
+    if let Some(a) = done {
+        r.insert("action".into(), json!(a.action));
+        r.insert("target".into(), json!(a.target));
+        if let Some(id) = a.agent_id {
+            r.insert("agent_id".into(), json!(id));
+        }
+        if let Some(id) = a.job_id {
+            r.insert("job_id".into(), json!(id));
+        }
+        if let Some(p) = a.project {
+            r.insert("project".into(), json!(p));
+        }
+        if !a.details.is_empty() {
+            r.insert("details".into(), serde_json::Value::Object(a.details));
+        }
+    }
+    state.audit.record_value(&serde_json::Value::Object(r));
+    resp
 }
 
 #[derive(Deserialize)]
@@ -123,8 +250,9 @@ struct PathReq {
 async fn create_group(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<PathReq>,
-) -> ApiResult<kas_controlplane::Group> {
-    Ok(Json(s.cp.create_group(&r.path, r.id).await?))
+) -> AuditedJson<kas_controlplane::Group> {
+    let g = s.cp.create_group(&r.path, r.id).await?;
+    audited(Audited::new("group.create", &g.path).detail("id", g.id), g)
 }
 
 async fn list_groups(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Group>> {
@@ -134,8 +262,11 @@ async fn list_groups(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_cont
 async fn create_project(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<PathReq>,
-) -> ApiResult<kas_controlplane::Project> {
-    Ok(Json(s.cp.create_project(&r.path, r.id).await?))
+) -> AuditedJson<kas_controlplane::Project> {
+    let p = s.cp.create_project(&r.path, r.id).await?;
+    let mut a = Audited::new("project.create", &p.path).detail("id", p.id);
+    a.project = Some(p.path.clone());
+    audited(a, p)
 }
 
 async fn list_projects(
@@ -157,15 +288,95 @@ struct CreatedAgent {
     token: String,
 }
 
+fn agent_audit(action: &'static str, agent: &kas_controlplane::Agent) -> Audited {
+    let mut a = Audited::new(action, format!("{}:{}", agent.project_path, agent.name));
+    a.agent_id = Some(agent.id);
+    a.project = Some(agent.project_path.clone());
+    a
+}
+
 async fn create_agent(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<AgentReq>,
-) -> ApiResult<CreatedAgent> {
+) -> AuditedJson<CreatedAgent> {
     let (agent, token) = s.cp.create_agent(&r.project, &r.name).await?;
-    Ok(Json(CreatedAgent {
-        agent,
-        token: token.expose().to_string(),
-    }))
+    audited(
+        agent_audit("agent.create", &agent),
+        CreatedAgent {
+            agent,
+            token: token.expose().to_string(),
+        },
+    )
+}
+
+async fn delete_agent(
+    State(s): State<Arc<AdminState>>,
+    Query(r): Query<AgentReq>,
+) -> AuditedJson<kas_controlplane::Agent> {
+    let a = s.cp.get_agent(&r.project, &r.name).await?;
+    let deleted = s.cp.delete_agent(a.id).await?;
+    audited(agent_audit("agent.delete", &deleted), deleted)
+}
+
+#[derive(Deserialize)]
+struct TokenReq {
+    project: String,
+    name: String,
+    /// The new token's name (create), or the name or id of the token (revoke).
+    token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CreatedToken {
+    #[serde(flatten)]
+    token: kas_controlplane::AgentToken,
+    /// Shown once.
+    secret: String,
+}
+
+async fn create_agent_token(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<TokenReq>,
+) -> AuditedJson<CreatedToken> {
+    let a = s.cp.get_agent(&r.project, &r.name).await?;
+    let (token, secret) = s.cp.create_agent_token(a.id, r.token.as_deref()).await?;
+    audited(
+        agent_audit("agent.token.create", &a)
+            .detail("token", &token.name)
+            .detail("token_id", token.id),
+        CreatedToken {
+            token,
+            secret: secret.expose().to_string(),
+        },
+    )
+}
+
+async fn list_agent_tokens(
+    State(s): State<Arc<AdminState>>,
+    Query(r): Query<AgentReq>,
+) -> ApiResult<Vec<kas_controlplane::AgentToken>> {
+    let a = s.cp.get_agent(&r.project, &r.name).await?;
+    Ok(Json(s.cp.list_agent_tokens(a.id).await?))
+}
+
+async fn revoke_agent_token(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<TokenReq>,
+) -> AuditedJson<kas_controlplane::AgentToken> {
+    let token = r.token.ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "name the token to revoke (`token`: its name or id)".into(),
+        )
+    })?;
+    let a = s.cp.get_agent(&r.project, &r.name).await?;
+    let revoked = s.cp.revoke_agent_token(a.id, &token).await?;
+    audited(
+        agent_audit("agent.token.revoke", &a)
+            .detail("token", &revoked.name)
+            .detail("token_id", revoked.id),
+        revoked,
+    )
 }
 
 async fn list_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Agent>> {
@@ -196,12 +407,23 @@ struct ConfigReq {
 async fn set_agent_config(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<ConfigReq>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> AuditedJson<serde_json::Value> {
     match s.cp.set_agent_config(&r.project, &r.name, &r.config).await {
-        Ok((version, warnings)) => Ok(Json(json!({
-            "version": version,
-            "warnings": warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        }))),
+        Ok((version, warnings)) => {
+            let mut a = Audited::new("agent.config.set", format!("{}:{}", r.project, r.name))
+                .detail("version", version);
+            a.project = Some(r.project.clone());
+            if let Ok(agent) = s.cp.get_agent(&r.project, &r.name).await {
+                a.agent_id = Some(agent.id);
+            }
+            audited(
+                a,
+                json!({
+                    "version": version,
+                    "warnings": warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                }),
+            )
+        }
         Err(CpError::Config(c)) => Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!(
@@ -227,11 +449,17 @@ struct EnvReq {
 async fn create_environment(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<EnvReq>,
-) -> ApiResult<kas_controlplane::EnvironmentRecord> {
-    Ok(Json(
+) -> AuditedJson<kas_controlplane::EnvironmentRecord> {
+    let e =
         s.cp.create_environment(&r.project, &r.name, r.tier.as_deref())
-            .await?,
-    ))
+            .await?;
+    let mut a = Audited::new(
+        "environment.create",
+        format!("{}:{}", e.project_path, e.name),
+    )
+    .detail("tier", &e.tier);
+    a.project = Some(e.project_path.clone());
+    audited(a, e)
 }
 
 async fn list_environments(
@@ -264,7 +492,7 @@ struct StartedJob {
 async fn start_job(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<JobReq>,
-) -> ApiResult<StartedJob> {
+) -> AuditedJson<StartedJob> {
     let (job, token) =
         s.cp.start_job(&StartJob {
             project: r.project,
@@ -301,12 +529,22 @@ async fn start_job(
         s.k8s_proxy_ca_pem.as_deref(),
     )
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(StartedJob {
-        job,
-        token: token.expose().to_string(),
-        kubeconfig,
-        contexts,
-    }))
+    let mut a = Audited::new("job.start", format!("job {}", job.id))
+        .detail("user", &job.username)
+        .detail("environment", &job.environment)
+        .detail("pipeline_id", job.pipeline_id)
+        .detail("contexts", &contexts);
+    a.job_id = Some(job.id);
+    a.project = Some(job.project_path.clone());
+    audited(
+        a,
+        StartedJob {
+            job,
+            token: token.expose().to_string(),
+            kubeconfig,
+            contexts,
+        },
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -318,7 +556,7 @@ async fn finish_job(
     State(s): State<Arc<AdminState>>,
     Path(id): Path<u64>,
     body: Option<Json<FinishReq>>,
-) -> ApiResult<kas_controlplane::Job> {
+) -> AuditedJson<kas_controlplane::Job> {
     let status = body
         .and_then(|b| b.0.status)
         .unwrap_or_else(|| "success".into());
@@ -330,7 +568,12 @@ async fn finish_job(
                 format!("status `{status}` is invalid: use success, failed or canceled"),
             )
         })?;
-    Ok(Json(s.cp.finish_job(id, status).await?))
+    let job = s.cp.finish_job(id, status).await?;
+    let mut a =
+        Audited::new("job.finish", format!("job {}", job.id)).detail("status", job.status.as_str());
+    a.job_id = Some(job.id);
+    a.project = Some(job.project_path.clone());
+    audited(a, job)
 }
 
 async fn list_jobs(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Job>> {
@@ -567,7 +810,7 @@ async fn audit(
     State(s): State<Arc<AdminState>>,
     Query(q): Query<crate::audit::AuditQuery>,
 ) -> ApiResult<Vec<serde_json::Value>> {
-    let Some(path) = s.audit_file.clone() else {
+    let Some(path) = s.audit.file().cloned() else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             "this kas writes its audit trail to stdout; query it where its logs are collected"

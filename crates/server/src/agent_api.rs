@@ -1,23 +1,46 @@
 //! The agent listener's gRPC service: authenticates agentk replicas, streams their
 //! configuration, and hands their idle tunnels to the [`TunnelRegistry`].
+//!
+//! Every stream an agent opens is authenticated by its token and counted against the
+//! token's rate limit. Each connection is remembered under the token it was made with,
+//! so that revoking the token (or deleting the agent) on any kas replica closes every
+//! connection made with it here. A configuration stream ends, so the agent reconnects,
+//! when kas shuts down or the connection reached its maximum age.
 
 // gRPC handlers answer with tonic::Status, which is large by design.
 #![allow(clippy::result_large_err)]
 
-use kas_controlplane::{AgentInfo, Change, ControlPlane};
+use crate::listener::ConnControl;
+use kas_controlplane::{AgentAuth, AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
 use kas_proto::v1::{agent_frame, AgentConfiguration, AgentFrame, ConfigAck};
 use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
-use kas_router::Router;
+use kas_router::{RateLimiter, Router};
 use kas_tunnel::{ReplicaInfo, TunnelRegistry};
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 type ReplicaKey = (u64, String);
+
+/// How long a revoked token's configuration streams get to deliver the reason before
+/// their connections are closed.
+const REVOKE_NOTICE: Duration = Duration::from_millis(250);
+/// A token's last use is written at most this often.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// Settings of the agent service.
+#[derive(Debug, Clone)]
+pub struct AgentServiceOptions {
+    /// Time for the first message of a configuration stream or tunnel.
+    pub handshake_timeout: Duration,
+    /// New streams per token and minute (0: unlimited).
+    pub streams_per_token_per_minute: u32,
+}
 
 /// Implements `kas.agent.v1.Agent`.
 pub struct AgentService {
@@ -27,9 +50,128 @@ pub struct AgentService {
     registry: Arc<TunnelRegistry>,
     /// (agent id, replica id) -> registry key of the replica's live configuration stream.
     replicas: Arc<Mutex<HashMap<ReplicaKey, Arc<str>>>>,
+    /// Connections by the token they were made with.
+    connections: Arc<Connections>,
+    rate: Option<RateLimiter>,
+    handshake_timeout: Duration,
+    /// When each token's last use was written.
+    touched: Mutex<HashMap<u64, Instant>>,
     /// Flips to true when kas shuts down; configuration streams end with UNAVAILABLE so
     /// agents reconnect (elsewhere, once there are several kas).
     shutdown: watch::Receiver<bool>,
+    /// Ends the task closing revoked connections when the service goes.
+    _revoker: crate::AbortOnDrop,
+}
+
+/// `token id -> (agent id, connections made with the token)`.
+type ByToken = HashMap<u64, (u64, Vec<Weak<ConnControl>>)>;
+
+/// Connections per token.
+#[derive(Default)]
+struct Connections {
+    by_token: Mutex<ByToken>,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByToken> {
+        self.by_token.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that `conn` authenticated with `token_id` (once per connection).
+    fn remember(&self, agent_id: u64, token_id: u64, conn: &Arc<ConnControl>) {
+        let mut map = self.lock();
+        let (_, list) = map.entry(token_id).or_insert((agent_id, Vec::new()));
+        list.retain(|w| w.strong_count() > 0);
+        if !list.iter().any(|w| w.as_ptr() == Arc::as_ptr(conn)) {
+            list.push(Arc::downgrade(conn));
+        }
+        // Forget tokens whose connections are all gone (bounded by live connections).
+        if map.len() > 64 && map.len().is_power_of_two() {
+            map.retain(|_, (_, l)| l.iter().any(|w| w.strong_count() > 0));
+        }
+    }
+
+    /// Takes the live connections matching `pick(token id, agent id)`.
+    fn take(&self, pick: impl Fn(u64, u64) -> bool) -> Vec<Arc<ConnControl>> {
+        let mut map = self.lock();
+        let mut out = Vec::new();
+        map.retain(|token, (agent, list)| {
+            if pick(*token, *agent) {
+                out.extend(list.iter().filter_map(Weak::upgrade));
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// Agent and token ids with live connections.
+    fn tokens(&self) -> Vec<(u64, u64)> {
+        self.lock()
+            .iter()
+            .filter(|(_, (_, l))| l.iter().any(|w| w.strong_count() > 0))
+            .map(|(t, (a, _))| (*a, *t))
+            .collect()
+    }
+}
+
+/// Closes `conns` after [`REVOKE_NOTICE`], logging why.
+fn close_later(conns: Vec<Arc<ConnControl>>, why: &'static str) {
+    if conns.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(REVOKE_NOTICE).await;
+        for c in &conns {
+            tracing::info!(peer = %c.peer, reason = why, "closing an agent connection");
+            c.close();
+        }
+    });
+}
+
+/// Closes the connections of revoked tokens and deleted agents as their changes arrive
+/// (and, after a resync, of every token no longer active).
+async fn revoker(cp: Arc<dyn ControlPlane>, connections: Arc<Connections>) {
+    let mut changes = cp.subscribe();
+    loop {
+        match changes.recv().await {
+            Ok(Change::AgentTokenRevoked { token_id, .. }) => {
+                close_later(connections.take(|t, _| t == token_id), "token revoked");
+            }
+            Ok(Change::AgentDeleted { agent_id }) => {
+                close_later(connections.take(|_, a| a == agent_id), "agent deleted");
+            }
+            Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                recheck(cp.as_ref(), &connections).await;
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Closes connections whose token is no longer active (changes may have been missed).
+async fn recheck(cp: &dyn ControlPlane, connections: &Connections) {
+    let mut agents: HashMap<u64, Vec<u64>> = HashMap::new();
+    for (agent, token) in connections.tokens() {
+        agents.entry(agent).or_default().push(token);
+    }
+    for (agent, tokens) in agents {
+        let active: Vec<u64> = match cp.list_agent_tokens(agent).await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|t| t.is_active())
+                .map(|t| t.id)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(agent_id = agent, error = %e, "cannot recheck agent tokens");
+                continue;
+            }
+        };
+        let gone: Vec<u64> = tokens.into_iter().filter(|t| !active.contains(t)).collect();
+        close_later(connections.take(|t, _| gone.contains(&t)), "token revoked");
+    }
 }
 
 impl AgentService {
@@ -38,37 +180,67 @@ impl AgentService {
         router: Arc<Router>,
         metrics: Arc<crate::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
+        opts: AgentServiceOptions,
     ) -> Self {
+        let connections = Arc::new(Connections::default());
+        let revoker =
+            crate::AbortOnDrop::new(tokio::spawn(revoker(cp.clone(), connections.clone())));
         AgentService {
             cp,
             metrics,
             registry: router.registry().clone(),
+            rate: (opts.streams_per_token_per_minute > 0)
+                .then(|| router.rate_limiter("agent-token", opts.streams_per_token_per_minute)),
             router,
             replicas: Default::default(),
+            connections,
+            handshake_timeout: opts.handshake_timeout,
+            touched: Mutex::default(),
             shutdown,
+            _revoker: revoker,
         }
     }
 
+    /// The agent behind the request's token, after the token's rate limit; remembers
+    /// the connection under the token.
     async fn authenticate(
         &self,
         md: &tonic::metadata::MetadataMap,
-    ) -> Result<(Arc<AgentInfo>, String, String), Status> {
+        conn: Option<&Arc<ConnControl>>,
+    ) -> Result<(Arc<AgentAuth>, String, String), Status> {
         let token = md
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(crate::bearer)
             .ok_or_else(|| {
                 Status::unauthenticated("missing agent token (authorization: Bearer <token>)")
             })?;
-        let info = self
+        let auth = self
             .cp
-            .authenticate_agent(token.trim())
+            .authenticate_agent(token)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "control plane failed while authenticating an agent");
                 Status::unavailable("kas cannot reach its control plane")
             })?
             .ok_or_else(|| Status::unauthenticated("invalid agent token"))?;
+        if let Some(rate) = &self.rate {
+            if !rate.allow(auth.token_id).await {
+                self.metrics.agent_rate_limited.inc();
+                tracing::info!(
+                    agent_id = auth.info.agent.id,
+                    token_id = auth.token_id,
+                    "agent token over its connection rate limit"
+                );
+                return Err(Status::resource_exhausted(
+                    "too many connections with this agent token; retry later",
+                ));
+            }
+        }
+        if let Some(conn) = conn {
+            self.connections
+                .remember(auth.info.agent.id, auth.token_id, conn);
+        }
         let replica = md
             .get(REPLICA_ID_METADATA)
             .and_then(|v| v.to_str().ok())
@@ -84,7 +256,44 @@ impl AgentService {
             .chars()
             .take(64)
             .collect();
-        Ok((info, replica, version))
+        Ok((auth, replica, version))
+    }
+
+    /// Writes the token's last use, at most once per [`TOUCH_EVERY`].
+    fn touch(&self, token_id: u64) {
+        {
+            let mut t = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            if t.get(&token_id)
+                .is_some_and(|at| at.elapsed() < TOUCH_EVERY)
+            {
+                return;
+            }
+            if t.len() > 100_000 {
+                t.clear();
+            }
+            t.insert(token_id, Instant::now());
+        }
+        let cp = self.cp.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cp.touch_agent_token(token_id).await {
+                tracing::debug!(token_id, error = %e, "cannot record the token's last use");
+            }
+        });
+    }
+
+    /// The first message of a stream, within the handshake timeout.
+    async fn first<T>(&self, inbound: &mut Streaming<T>, what: &str) -> Result<T, Status> {
+        match tokio::time::timeout(self.handshake_timeout, inbound.message()).await {
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err(Status::invalid_argument(format!(
+                "{what} closed before its first message"
+            ))),
+            Ok(Err(s)) => Err(s),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{what}: no first message within {:?}",
+                self.handshake_timeout
+            ))),
+        }
     }
 }
 
@@ -109,6 +318,121 @@ fn config_message(info: &AgentInfo) -> AgentConfiguration {
 }
 
 type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+type ConfigSender = mpsc::Sender<Result<Box<AgentConfiguration>, Box<Status>>>;
+
+/// What one configuration stream needs while it lives.
+struct ConfigStream {
+    cp: Arc<dyn ControlPlane>,
+    registry: Arc<TunnelRegistry>,
+    metrics: Arc<crate::metrics::Metrics>,
+    agent_id: u64,
+    token_id: u64,
+    key: Arc<str>,
+    inbound: Streaming<ConfigAck>,
+    tx: ConfigSender,
+    shutdown: watch::Receiver<bool>,
+    /// The connection's draining signal (maximum age), if known.
+    draining: Option<watch::Receiver<bool>>,
+}
+
+async fn fail(tx: &ConfigSender, status: Status) {
+    let _ = tx.send(Err(Box::new(status))).await;
+}
+
+impl ConfigStream {
+    /// Pushes configurations and records acknowledgements until the stream ends.
+    async fn run(self, info: Arc<AgentInfo>) {
+        let ConfigStream {
+            cp,
+            registry,
+            metrics,
+            agent_id,
+            token_id,
+            key,
+            mut inbound,
+            tx,
+            mut shutdown,
+            mut draining,
+        } = self;
+        let mut changes = cp.subscribe();
+        let mut sent = 0u64;
+        let mut latest = Some(info);
+        loop {
+            if let Some(i) = latest.take() {
+                if i.config_version != sent || sent == 0 {
+                    sent = i.config_version;
+                    if tx.send(Ok(Box::new(config_message(&i)))).await.is_err() {
+                        return;
+                    }
+                    metrics.config_pushes.inc();
+                }
+            }
+            tokio::select! {
+                ack = inbound.message() => match ack {
+                    Ok(Some(a)) => registry.set_config_version(agent_id, &key, a.applied_version),
+                    _ => return,
+                },
+                change = changes.recv() => match on_change(cp.as_ref(), agent_id, token_id, change).await {
+                    Ok(Some(i)) => latest = Some(i),
+                    Ok(None) => {}
+                    Err(status) => {
+                        fail(&tx, status).await;
+                        return;
+                    }
+                },
+                _ = crate::listener::stopped(&mut shutdown) => {
+                    fail(&tx, Status::unavailable("kas is shutting down; reconnect")).await;
+                    return;
+                }
+                _ = async { match draining.as_mut() {
+                    Some(d) => crate::listener::stopped(d).await,
+                    None => std::future::pending().await,
+                } } => {
+                    fail(&tx, Status::unavailable("the connection reached its maximum age; reconnect")).await;
+                    return;
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}
+
+/// What a control plane change means for a configuration stream: a newer
+/// configuration to push, nothing, or why the stream must end.
+async fn on_change(
+    cp: &dyn ControlPlane,
+    agent_id: u64,
+    token_id: u64,
+    change: Result<Change, broadcast::error::RecvError>,
+) -> Result<Option<Arc<AgentInfo>>, Status> {
+    let relevant = match change {
+        Ok(Change::AgentConfig { agent_id: id }) | Ok(Change::AgentDeleted { agent_id: id }) => {
+            id == agent_id
+        }
+        Ok(Change::AgentTokenRevoked { token_id: t, .. }) => {
+            if t == token_id {
+                return Err(Status::unauthenticated("the agent token was revoked"));
+            }
+            false
+        }
+        Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+        Ok(Change::JobFinished { .. }) => false,
+        Err(broadcast::error::RecvError::Closed) => {
+            return Err(Status::unavailable("kas is shutting down; reconnect"))
+        }
+    };
+    if !relevant {
+        return Ok(None);
+    }
+    match cp.agent_info(agent_id).await {
+        Ok(Some(i)) => Ok(Some(i)),
+        Ok(None) => Err(Status::unauthenticated("the agent was deleted")),
+        Err(e) => {
+            tracing::warn!(agent_id, error = %e, "could not load changed agent configuration");
+            Ok(None)
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -119,16 +443,18 @@ impl Agent for AgentService {
         &self,
         request: Request<Streaming<ConfigAck>>,
     ) -> Result<Response<Self::ConfigureStream>, Status> {
-        let (info, replica_id, agent_version) = self.authenticate(request.metadata()).await?;
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
+        let conn = request.extensions().get::<Arc<ConnControl>>().cloned();
+        let (auth, replica_id, agent_version) =
+            self.authenticate(request.metadata(), conn.as_ref()).await?;
+        let peer = conn
+            .as_ref()
+            .map(|c| c.peer.to_string())
             .unwrap_or_default();
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("configuration stream closed before its first message")
-        })?;
+        let first = self.first(&mut inbound, "configuration stream").await?;
         check_protocol(first.protocol_version)?;
+        self.touch(auth.token_id);
+        let info = auth.info.clone();
         let agent_id = info.agent.id;
         let guard = self.router.add_replica(
             agent_id,
@@ -148,59 +474,24 @@ impl Agent for AgentService {
         tracing::info!(agent_id, replica = %replica_id, "agent replica connected");
 
         // Boxed items: a channel allocates room for 32 items up front, per agent replica.
-        let (tx, rx) = mpsc::channel::<Result<Box<AgentConfiguration>, Box<Status>>>(4);
-        let cp = self.cp.clone();
-        let registry = self.registry.clone();
+        let (tx, rx) = mpsc::channel(4);
+        let stream = ConfigStream {
+            cp: self.cp.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            agent_id,
+            token_id: auth.token_id,
+            key: key.clone(),
+            inbound,
+            tx,
+            shutdown: self.shutdown.clone(),
+            draining: conn.map(|c| c.draining()),
+        };
         let replicas = self.replicas.clone();
-        let mut shutdown = self.shutdown.clone();
-        let mut changes = cp.subscribe();
-        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             // Owns the replica's registration: it ends when this task ends.
             let _guard = guard;
-            let mut sent = 0u64;
-            let mut latest = Some(info);
-            loop {
-                if let Some(i) = latest.take() {
-                    if i.config_version != sent || sent == 0 {
-                        sent = i.config_version;
-                        if tx.send(Ok(Box::new(config_message(&i)))).await.is_err() {
-                            break;
-                        }
-                        metrics.config_pushes.inc();
-                    }
-                }
-                tokio::select! {
-                    ack = inbound.message() => match ack {
-                        Ok(Some(a)) => registry.set_config_version(agent_id, &key, a.applied_version),
-                        _ => break,
-                    },
-                    change = changes.recv() => {
-                        let relevant = match change {
-                            Ok(Change::AgentConfig { agent_id: id }) => id == agent_id,
-                            Ok(Change::Resync) => true,
-                            Ok(_) => false,
-                            Err(broadcast::error::RecvError::Lagged(_)) => true,
-                            Err(broadcast::error::RecvError::Closed) => break,
-                        };
-                        if relevant {
-                            match cp.agent_info(agent_id).await {
-                                Ok(Some(i)) => latest = Some(i),
-                                Ok(None) => {
-                                    let _ = tx.send(Err(Box::new(Status::unauthenticated("the agent was deleted")))).await;
-                                    break;
-                                }
-                                Err(e) => tracing::warn!(agent_id, error = %e, "could not load changed agent configuration"),
-                            }
-                        }
-                    }
-                    _ = crate::serve::stopped(&mut shutdown) => {
-                        let _ = tx.send(Err(Box::new(Status::unavailable("kas is shutting down; reconnect")))).await;
-                        break;
-                    }
-                    _ = tx.closed() => break,
-                }
-            }
+            stream.run(info).await;
             let mut map = replicas.lock().unwrap_or_else(|p| p.into_inner());
             if map.get(&(agent_id, replica_id.clone())) == Some(&key) {
                 map.remove(&(agent_id, replica_id.clone()));
@@ -218,8 +509,9 @@ impl Agent for AgentService {
         &self,
         request: Request<Streaming<AgentFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (info, replica_id, _) = self.authenticate(request.metadata()).await?;
-        let agent_id = info.agent.id;
+        let conn = request.extensions().get::<Arc<ConnControl>>().cloned();
+        let (auth, replica_id, _) = self.authenticate(request.metadata(), conn.as_ref()).await?;
+        let agent_id = auth.info.agent.id;
         let key = self
             .replicas
             .lock()
@@ -230,10 +522,10 @@ impl Agent for AgentService {
                 Status::failed_precondition("open the configuration stream before tunnels")
             })?;
         let mut inbound = request.into_inner();
-        match inbound.message().await? {
-            Some(AgentFrame {
+        match self.first(&mut inbound, "tunnel").await? {
+            AgentFrame {
                 msg: Some(agent_frame::Msg::Hello(h)),
-            }) => check_protocol(h.protocol_version)?,
+            } => check_protocol(h.protocol_version)?,
             _ => return Err(Status::invalid_argument("a tunnel must start with Hello")),
         }
         // Small: the request body pump waits here, which is the backpressure.

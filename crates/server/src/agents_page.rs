@@ -147,7 +147,7 @@ impl PageState {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(crate::bearer);
         let cookie = headers
             .get_all(header::COOKIE)
             .iter()

@@ -144,7 +144,7 @@ async fn auth(
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(crate::bearer);
     match token.map(|t| {
         jsonwebtoken::decode::<serde_json::Value>(t.trim(), &state.decoding, &state.validation)
     }) {

@@ -65,6 +65,28 @@ pub fn line_writer(target: &AuditTarget, what: &'static str) -> (Batched, Option
     }
 }
 
+impl AuditLog {
+    /// The file records go to, unless they go to stdout.
+    pub fn file(&self) -> Option<&PathBuf> {
+        match &self.target {
+            AuditTarget::File(p) => Some(p),
+            AuditTarget::Stdout => None,
+        }
+    }
+
+    /// Writes one record (an admin action).
+    pub fn record_value(&self, v: &Value) {
+        let mut line = v.to_string();
+        line.push('\n');
+        self.out.append(line.as_bytes());
+    }
+}
+
+/// Seconds since the epoch, with fractions.
+pub fn now_unix() -> f64 {
+    kas_k8s_proxy::audit::now_unix()
+}
+
 impl AuditSink for AuditLog {
     fn record(&self, record: AuditRecord) {
         match serde_json::to_string(&record) {
@@ -80,6 +102,8 @@ impl AuditSink for AuditLog {
 /// Filters of `kasctl audit`.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct AuditQuery {
+    /// `admin` (admin actions) or `request` (proxy requests); both when absent.
+    pub kind: Option<String>,
     pub job: Option<u64>,
     pub project: Option<String>,
     pub agent: Option<u64>,
@@ -103,7 +127,9 @@ pub fn read(path: &std::path::Path, q: &AuditQuery) -> std::io::Result<Vec<Value
         let Ok(v) = serde_json::from_str::<Value>(&line?) else {
             continue;
         };
-        let keep = q.job.is_none_or(|j| v["job_id"].as_u64() == Some(j))
+        let kind = v["kind"].as_str().unwrap_or("request");
+        let keep = q.kind.as_deref().is_none_or(|k| k == kind)
+            && q.job.is_none_or(|j| v["job_id"].as_u64() == Some(j))
             && q.agent.is_none_or(|a| v["agent_id"].as_u64() == Some(a))
             && q.project.as_deref().is_none_or(|p| {
                 v["project"]

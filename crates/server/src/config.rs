@@ -2,6 +2,7 @@
 //! the environment, which wins over the file). Every problem is reported at once,
 //! before anything is bound.
 
+use crate::listener::{Limits, MaxAge};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -111,6 +112,29 @@ struct FileConfig {
     application: FileApplication,
     #[serde(default)]
     audit: FileAudit,
+    #[serde(default)]
+    connections: FileConnections,
+}
+
+/// Connection limits per listener (`connections.<listener>`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConnections {
+    agent: Option<FileLimits>,
+    k8s_proxy: Option<FileLimits>,
+    api: Option<FileLimits>,
+    observability: Option<FileLimits>,
+    private: Option<FileLimits>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    /// Connections open at once.
+    max: Option<usize>,
+    first_request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    handshake_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +190,19 @@ struct FileListen {
 #[serde(deny_unknown_fields)]
 struct FileAgent {
     tls: Option<FileTls>,
+    /// Connections older than this are asked to reconnect (default 2h; 0s: never).
+    max_connection_age: Option<String>,
+    /// How long such a connection may finish its requests (default 5m).
+    max_connection_age_grace: Option<String>,
+    /// Time for an agent's first message on a new stream (default 10s).
+    handshake_timeout: Option<String>,
+    /// HTTP/2 pings to agents: every `keepalive_interval` without traffic, and a peer
+    /// that does not answer within `keepalive_timeout` is dropped.
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
+    /// New streams (configuration and tunnels) per agent token and minute, counted
+    /// across replicas through Redis when configured (default 40000; 0: no limit).
+    connections_per_token_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +264,213 @@ pub struct Config {
     pub application: Option<ApplicationConfig>,
     /// Where audit records go.
     pub audit: crate::audit::AuditTarget,
+    /// Connection limits of each listener.
+    pub limits: ListenerLimits,
+    /// The agent connection's own settings.
+    pub agent: AgentSettings,
+}
+
+/// Connection limits of every listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerLimits {
+    pub agent: Limits,
+    pub k8s_proxy: Limits,
+    pub api: Limits,
+    pub observability: Limits,
+    pub private: Limits,
+}
+
+/// Settings of agent connections beyond the listener's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Time for the first message of a configuration stream or tunnel.
+    pub handshake_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// New streams per token and minute (0: unlimited).
+    pub connections_per_token_per_minute: u32,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_timeout: Duration::from_secs(10),
+            connections_per_token_per_minute: 40_000,
+        }
+    }
+}
+
+impl Default for ListenerLimits {
+    /// Sized for 15,000 agents (one connection per agent replica) on one kas.
+    fn default() -> Self {
+        let l = |max, idle| Limits {
+            max_connections: max,
+            handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(idle),
+            max_age: None,
+        };
+        let mut agent = l(20_000, 60);
+        agent.max_age = Some(MaxAge {
+            age: Duration::from_secs(2 * 3600),
+            grace: Duration::from_secs(300),
+        });
+        ListenerLimits {
+            agent,
+            k8s_proxy: l(10_000, 120),
+            api: l(1_000, 60),
+            observability: l(256, 60),
+            private: l(4_096, 300),
+        }
+    }
+}
+
+impl ListenerLimits {
+    /// Every connection the listeners may hold at once.
+    pub fn total(&self) -> usize {
+        [
+            &self.agent,
+            &self.k8s_proxy,
+            &self.api,
+            &self.observability,
+            &self.private,
+        ]
+        .iter()
+        .map(|l| l.max_connections)
+        .sum()
+    }
+}
+
+/// A duration setting: `default` when absent, the problem recorded when invalid.
+fn duration_setting(
+    name: &str,
+    value: &Option<String>,
+    default: Duration,
+    min: Duration,
+    errors: &mut Vec<String>,
+) -> Duration {
+    match value.as_deref().map(parse_duration) {
+        None => default,
+        Some(Ok(d)) if d >= min => d,
+        Some(Ok(_)) => {
+            errors.push(format!("{name} must be at least {min:?}"));
+            default
+        }
+        Some(Err(e)) => {
+            errors.push(format!("{name}: {e}"));
+            default
+        }
+    }
+}
+
+/// Applies `connections.<name>` over `limits`.
+fn apply_limits(
+    name: &str,
+    file: &Option<FileLimits>,
+    limits: &mut Limits,
+    errors: &mut Vec<String>,
+) {
+    let Some(f) = file else { return };
+    let key = |k: &str| format!("connections.{name}.{k}");
+    if let Some(max) = f.max {
+        if max == 0 {
+            errors.push(format!("{} must be at least 1", key("max")));
+        } else {
+            limits.max_connections = max;
+        }
+    }
+    let ms = Duration::from_millis(1);
+    limits.first_request_timeout = duration_setting(
+        &key("first_request_timeout"),
+        &f.first_request_timeout,
+        limits.first_request_timeout,
+        ms,
+        errors,
+    );
+    limits.idle_timeout = duration_setting(
+        &key("idle_timeout"),
+        &f.idle_timeout,
+        limits.idle_timeout,
+        ms,
+        errors,
+    );
+    limits.handshake_timeout = duration_setting(
+        &key("handshake_timeout"),
+        &f.handshake_timeout,
+        limits.handshake_timeout,
+        ms,
+        errors,
+    );
+}
+
+/// The listeners' limits and the agent settings from the file.
+fn connection_settings(
+    file: &FileConfig,
+    errors: &mut Vec<String>,
+) -> (ListenerLimits, AgentSettings) {
+    let mut limits = ListenerLimits::default();
+    let c = &file.connections;
+    apply_limits("agent", &c.agent, &mut limits.agent, errors);
+    apply_limits("k8s_proxy", &c.k8s_proxy, &mut limits.k8s_proxy, errors);
+    apply_limits("api", &c.api, &mut limits.api, errors);
+    apply_limits(
+        "observability",
+        &c.observability,
+        &mut limits.observability,
+        errors,
+    );
+    apply_limits("private", &c.private, &mut limits.private, errors);
+    let a = &file.agent;
+    let d = AgentSettings::default();
+    let ms = Duration::from_millis(1);
+    let default_age = limits.agent.max_age.unwrap_or(MaxAge {
+        age: Duration::from_secs(2 * 3600),
+        grace: Duration::from_secs(300),
+    });
+    let age = duration_setting(
+        "agent.max_connection_age",
+        &a.max_connection_age,
+        default_age.age,
+        Duration::ZERO,
+        errors,
+    );
+    let grace = duration_setting(
+        "agent.max_connection_age_grace",
+        &a.max_connection_age_grace,
+        default_age.grace,
+        Duration::ZERO,
+        errors,
+    );
+    limits.agent.max_age = (!age.is_zero()).then_some(MaxAge { age, grace });
+    let settings = AgentSettings {
+        handshake_timeout: duration_setting(
+            "agent.handshake_timeout",
+            &a.handshake_timeout,
+            d.handshake_timeout,
+            ms,
+            errors,
+        ),
+        keepalive_interval: duration_setting(
+            "agent.keepalive_interval",
+            &a.keepalive_interval,
+            d.keepalive_interval,
+            Duration::from_secs(1),
+            errors,
+        ),
+        keepalive_timeout: duration_setting(
+            "agent.keepalive_timeout",
+            &a.keepalive_timeout,
+            d.keepalive_timeout,
+            Duration::from_secs(1),
+            errors,
+        ),
+        connections_per_token_per_minute: a
+            .connections_per_token_per_minute
+            .unwrap_or(d.connections_per_token_per_minute),
+    };
+    (limits, settings)
 }
 
 /// The application API's settings.
@@ -546,7 +790,7 @@ impl Config {
         let data_dir = cli
             .data_dir
             .clone()
-            .or(file.data_dir)
+            .or(file.data_dir.clone())
             .unwrap_or_else(|| PathBuf::from("./kas-data"));
         if data_dir.exists() && !data_dir.is_dir() {
             errors.push(format!(
@@ -559,6 +803,7 @@ impl Config {
             Some(f) => crate::audit::AuditTarget::File(PathBuf::from(f)),
             None => crate::audit::AuditTarget::File(data_dir.join("audit.jsonl")),
         };
+        let (limits, agent) = connection_settings(&file, &mut errors);
         if errors.is_empty() {
             Ok(Config {
                 data_dir,
@@ -575,6 +820,8 @@ impl Config {
                 controlplane_url,
                 application,
                 audit,
+                limits,
+                agent,
             })
         } else {
             Err(errors)

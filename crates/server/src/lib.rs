@@ -11,8 +11,8 @@ mod agents_page;
 pub mod application_api;
 pub mod audit;
 pub mod config;
+pub mod listener;
 pub mod metrics;
-mod serve;
 pub mod tls;
 
 use crate::config::{Config, ProxyTls};
@@ -29,9 +29,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How long in-flight requests may take to finish after shutdown begins.
 const GRACE: Duration = Duration::from_secs(10);
+
+/// A spawned task aborted when this handle is dropped.
+pub(crate) type AbortOnDrop = AbortOnDropHandle<()>;
 
 /// Why kas could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +89,8 @@ pub struct Kas {
     pub endpoints: Endpoints,
     router: Arc<Router>,
     shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    /// The listeners; each task returns its listener's name.
+    tasks: JoinSet<&'static str>,
     /// The audit and integration log writers: dropped last, after the requests that
     /// write to them have ended, so their final records reach the files.
     flush: Vec<kas_telemetry::batch::Flush>,
@@ -146,83 +151,234 @@ fn host_list(addr: SocketAddr, url: Option<&str>) -> Vec<String> {
     hosts
 }
 
+/// The bearer token of an `Authorization` header value (scheme case-insensitive).
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Creates the data dir (0700) or tightens an existing one's permissions: it holds the
+/// control plane, the admin token and generated keys.
+fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Makes every file kas keeps in the data dir readable by its owner only (SQLite
+/// creates its files with the process umask).
+fn restrict_data_files(dir: &Path) -> Result<(), StartError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let entries = std::fs::read_dir(dir).map_err(|source| StartError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_file() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|source| StartError::DataDir { path, source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit (15,000 agents need as many
+/// descriptors), and warns when the listeners' caps exceed what is left.
+fn raise_file_limit(limits: &config::ListenerLimits) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => {
+            let wanted = limits.total() as u64;
+            if n < wanted {
+                tracing::warn!(
+                    open_files = n,
+                    connection_caps = wanted,
+                    "the open-file limit is below the listeners' connection caps; connections beyond it wait until others close (raise `ulimit -n` or lower connections.*.max)"
+                );
+            } else {
+                tracing::debug!(open_files = n, "open-file limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
+async fn open_control_plane(config: &Config) -> Result<Arc<dyn ControlPlane>, StartError> {
+    Ok(match &config.controlplane_url {
+        Some(url) => {
+            let url = url.clone();
+            // Connecting and migrating block; keep them off the async workers.
+            let pg = tokio::task::spawn_blocking(move || PostgresControlPlane::connect(&url))
+                .await
+                .map_err(|e| kas_controlplane::Error::Storage(Box::new(e)))??;
+            Arc::new(Cached::new(pg))
+        }
+        None => {
+            let path = config.data_dir.join("controlplane.sqlite");
+            let cp = Arc::new(Cached::new(SqliteControlPlane::open(&path)?));
+            restrict_data_files(&config.data_dir)?;
+            cp
+        }
+    })
+}
+
+/// The proxy's TLS settings and the CA to hand to clients (PEM text and file).
+type ProxyTlsSetup = (Option<Arc<rustls::ServerConfig>>, Option<(String, PathBuf)>);
+
+fn proxy_tls(config: &Config, proxy_addr: SocketAddr) -> Result<ProxyTlsSetup, StartError> {
+    Ok(match &config.k8s_proxy_tls {
+        ProxyTls::Plaintext => (None, None),
+        ProxyTls::Files(f) => {
+            let pem = tls::load_pem(&f.certificate_file, &f.key_file)?;
+            let ca = match &f.ca_file {
+                Some(p) => Some((tls::read_pem_text(p)?, p.clone())),
+                None => None,
+            };
+            (Some(tls::server_config(&pem)?), ca)
+        }
+        ProxyTls::Generated => {
+            let g = tls::generated_proxy_tls(
+                &config.data_dir,
+                &host_list(proxy_addr, config.k8s_proxy_url.as_deref()),
+            )?;
+            restrict_data_files(&config.data_dir)?;
+            (
+                Some(tls::server_config(&g.serving)?),
+                Some((g.ca_pem, g.ca_file)),
+            )
+        }
+    })
+}
+
+/// The proxy URL handed to jobs when none is configured.
+fn default_proxy_url(tls: bool, addr: SocketAddr) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    format!("{scheme}://{host}:{}/k8s-proxy/", addr.port())
+}
+
+/// Every listener, bound.
+struct Bound {
+    agent: TcpListener,
+    api: TcpListener,
+    proxy: TcpListener,
+    observability: TcpListener,
+    private: Option<TcpListener>,
+}
+
+impl Bound {
+    async fn bind(config: &Config) -> Result<Bound, StartError> {
+        Ok(Bound {
+            agent: bind("agent", config.listen_agent).await?,
+            api: bind("api", config.listen_api).await?,
+            proxy: bind("k8s_proxy", config.listen_k8s_proxy).await?,
+            observability: bind("observability", config.listen_observability).await?,
+            private: match &config.shared {
+                Some(_) => Some(bind("private", config.listen_private).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// What `Kas::start` spawns listeners with.
+struct Spawner {
+    tasks: JoinSet<&'static str>,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Spawner {
+    /// Serves `svc` on `listener` until shutdown; the task returns the listener's name.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn<S, B>(
+        &mut self,
+        name: &'static str,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        svc: S,
+        limits: &listener::Limits,
+        protocol: listener::Protocol,
+        conn_control: bool,
+    ) where
+        S: hyper::service::Service<
+                hyper::Request<hyper::body::Incoming>,
+                Response = hyper::Response<B>,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stats = self.metrics.listener(name);
+        let l = listener::Listener {
+            name,
+            listener,
+            tls,
+            svc,
+            limits: limits.clone(),
+            protocol,
+            stats,
+            conn_control,
+        };
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            listener::serve(l, shutdown, GRACE).await;
+            name
+        });
+    }
+}
+
 impl Kas {
     /// Opens the data dir and control plane, binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Kas, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        prepare_data_dir(&config.data_dir)?;
+        raise_file_limit(&config.limits);
         let admin_hash = admin_token(&config.data_dir)?;
-        let cp: Arc<dyn ControlPlane> = match &config.controlplane_url {
-            Some(url) => {
-                let url = url.clone();
-                // Connecting and migrating block; keep them off the async workers.
-                let pg = tokio::task::spawn_blocking(move || PostgresControlPlane::connect(&url))
-                    .await
-                    .map_err(|e| kas_controlplane::Error::Storage(Box::new(e)))??;
-                Arc::new(Cached::new(pg))
-            }
-            None => {
-                let path = config.data_dir.join("controlplane.sqlite");
-                Arc::new(Cached::new(SqliteControlPlane::open(&path)?))
-            }
-        };
-
-        let agent_l = bind("agent", config.listen_agent).await?;
-        let api_l = bind("api", config.listen_api).await?;
-        let proxy_l = bind("k8s_proxy", config.listen_k8s_proxy).await?;
-        let obs_l = bind("observability", config.listen_observability).await?;
-        let private_l = match &config.shared {
-            Some(_) => Some(bind("private", config.listen_private).await?),
-            None => None,
-        };
+        let cp = open_control_plane(&config).await?;
+        let bound = Bound::bind(&config).await?;
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-        let private_addr = private_l.as_ref().map(|l| local(l, config.listen_private));
-        let agent_addr = local(&agent_l, config.listen_agent);
-        let proxy_addr = local(&proxy_l, config.listen_k8s_proxy);
-
-        let (proxy_tls, ca) = match &config.k8s_proxy_tls {
-            ProxyTls::Plaintext => (None, None),
-            ProxyTls::Files(f) => {
-                let pem = tls::load_pem(&f.certificate_file, &f.key_file)?;
-                let ca = match &f.ca_file {
-                    Some(p) => Some((tls::read_pem_text(p)?, p.clone())),
-                    None => None,
-                };
-                (Some(tls::server_config(&pem)?), ca)
-            }
-            ProxyTls::Generated => {
-                let g = tls::generated_proxy_tls(
-                    &config.data_dir,
-                    &host_list(proxy_addr, config.k8s_proxy_url.as_deref()),
-                )?;
-                (
-                    Some(tls::server_config(&g.serving)?),
-                    Some((g.ca_pem, g.ca_file)),
-                )
-            }
-        };
-        let k8s_proxy_url = config.k8s_proxy_url.clone().unwrap_or_else(|| {
-            let scheme = if proxy_tls.is_some() { "https" } else { "http" };
-            let host = if proxy_addr.ip().is_unspecified() {
-                "127.0.0.1".to_string()
-            } else {
-                proxy_addr.ip().to_string()
-            };
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
-            format!("{scheme}://{host}:{}/k8s-proxy/", proxy_addr.port())
-        });
-        let endpoints = Endpoints {
-            agent: agent_addr,
+        let private_addr = bound
+            .private
+            .as_ref()
+            .map(|l| local(l, config.listen_private));
+        let proxy_addr = local(&bound.proxy, config.listen_k8s_proxy);
+        let (proxy_tls, ca) = proxy_tls(&config, proxy_addr)?;
+        let k8s_proxy_url = config
+            .k8s_proxy_url
+            .clone()
+            .unwrap_or_else(|| default_proxy_url(proxy_tls.is_some(), proxy_addr));
+        let mut endpoints = Endpoints {
+            agent: local(&bound.agent, config.listen_agent),
             agent_tls: config.agent_tls.is_some(),
-            api: local(&api_l, config.listen_api),
+            api: local(&bound.api, config.listen_api),
             k8s_proxy: proxy_addr,
-            observability: local(&obs_l, config.listen_observability),
+            observability: local(&bound.observability, config.listen_observability),
             private: private_addr,
             kas_id: None,
             k8s_proxy_url: k8s_proxy_url.clone(),
@@ -236,96 +392,23 @@ impl Kas {
         let (audit, audit_flush) = audit::AuditLog::start(config.audit.clone());
         let audit = Arc::new(audit);
         let mut flush: Vec<kas_telemetry::batch::Flush> = audit_flush.into_iter().collect();
-        let mut tasks = JoinSet::new();
-        let mut endpoints = endpoints;
+        let mut spawner = Spawner {
+            tasks: JoinSet::new(),
+            shutdown: shutdown_rx.clone(),
+            metrics: metrics.clone(),
+        };
 
-        // Routing: local only, or shared through Redis and the private API.
-        let router = match (&config.shared, private_l, private_addr) {
+        let router = match (&config.shared, bound.private, private_addr) {
             (Some(sh), Some(private_l), Some(addr)) => {
-                let kas_id = format!("kas-{:08x}", rand::random::<u32>());
-                let url = sh
-                    .private_url
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{addr}"));
-                let auth = Arc::new(PrivateAuth::new(&sh.secret, &kas_id)?);
-                let redis = RedisRegistry::start(
-                    RedisOptions {
-                        url: sh.redis_url.clone(),
-                        key_prefix: sh.key_prefix.clone(),
-                        expiry: sh.expiry,
-                    },
-                    &kas_id,
-                )
-                .await?;
-                let gateway = kas_proto::v1::gateway_server::GatewayServer::new(
-                    GatewayService::new(registry.clone(), shutdown_rx.clone()),
-                )
-                .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
-                let verifier = auth.clone();
-                let app = tonic::service::Routes::new(gateway)
-                    .into_axum_router()
-                    .layer(axum::middleware::from_fn(move |req, next| {
-                        private_auth(verifier.clone(), req, next)
-                    }));
-                tasks.spawn(serve::serve_http(
-                    private_l,
-                    None,
-                    hyper_util::service::TowerToHyperService::new(app),
-                    shutdown_rx.clone(),
-                    GRACE,
-                ));
-                endpoints.kas_id = Some(kas_id.clone());
-                Router::shared(registry.clone(), redis, &kas_id, &url, auth)
+                let (router, kas_id) =
+                    start_shared(&config, sh, private_l, addr, &registry, &mut spawner).await?;
+                endpoints.kas_id = Some(kas_id);
+                router
             }
             _ => Router::local(registry.clone()),
         };
 
-        // Agent listener (gRPC).
-        let agent_svc = AgentServer::new(agent_api::AgentService::new(
-            cp.clone(),
-            router.clone(),
-            metrics.clone(),
-            shutdown_rx.clone(),
-        ))
-        .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
-        let mut server = tonic::transport::Server::builder()
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(64 * 1024 * 1024)
-            .max_frame_size(kas_proto::MAX_H2_FRAME)
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_nodelay(true);
-        if let Some(t) = &config.agent_tls {
-            let pem = tls::load_pem(&t.certificate_file, &t.key_file)?;
-            server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(pem.cert_pem, pem.key_pem),
-            ))?;
-        }
-        let agent_routes = server.add_service(agent_svc);
-        let (mut rx, mut rx2) = (shutdown_rx.clone(), shutdown_rx.clone());
-        tasks.spawn(async move {
-            // tonic applies its TCP settings only to listeners it binds itself.
-            let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(agent_l), |s| {
-                s.inspect(|s| {
-                    let _ = s.set_nodelay(true);
-                })
-            });
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            // tonic waits for every stream to end; agents' long-lived streams end when
-            // they see the shutdown, and the grace period bounds the wait regardless.
-            tokio::select! {
-                r = agent_routes.serve_with_incoming_shutdown(incoming, stop) => {
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "agent listener failed");
-                    }
-                }
-                _ = async { let _ = rx2.wait_for(|s| *s).await; tokio::time::sleep(GRACE).await } => {}
-            }
-        });
+        spawn_agent_listener(&config, bound.agent, &cp, &router, &mut spawner)?;
 
         // Kubernetes API proxy.
         let proxy = K8sProxy::new(
@@ -341,23 +424,21 @@ impl Kas {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req).await) }
         });
-        let acceptor = proxy_tls.map(tokio_rustls::TlsAcceptor::from);
-        tasks.spawn(serve::serve_http(
-            proxy_l,
-            acceptor,
+        spawner.spawn(
+            "k8s_proxy",
+            bound.proxy,
+            proxy_tls.map(tokio_rustls::TlsAcceptor::from),
             svc,
-            shutdown_rx.clone(),
-            GRACE,
-        ));
+            &config.limits.k8s_proxy,
+            listener::Protocol::Http,
+            false,
+        );
 
-        // Admin API.
+        // Admin API (and the application API and agents page on the same listener).
         let state = Arc::new(admin_api::AdminState {
             cp: cp.clone(),
             router: router.clone(),
-            audit_file: match &audit.target {
-                audit::AuditTarget::File(p) => Some(p.clone()),
-                audit::AuditTarget::Stdout => None,
-            },
+            audit: audit.clone(),
             admin_token_hash: admin_hash,
             k8s_proxy_url,
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
@@ -386,14 +467,15 @@ impl Kas {
             });
             api_router = api_router.merge(application_api::router(app_state));
         }
-        let api = hyper_util::service::TowerToHyperService::new(api_router);
-        tasks.spawn(serve::serve_http(
-            api_l,
+        spawner.spawn(
+            "api",
+            bound.api,
             None,
-            api,
-            shutdown_rx.clone(),
-            GRACE,
-        ));
+            hyper_util::service::TowerToHyperService::new(api_router),
+            &config.limits.api,
+            listener::Protocol::Http,
+            true,
+        );
 
         // Observability.
         let obs = hyper_util::service::TowerToHyperService::new(observability_router(
@@ -401,19 +483,21 @@ impl Kas {
             router.clone(),
             metrics.clone(),
         ));
-        tasks.spawn(serve::serve_http(
-            obs_l,
+        spawner.spawn(
+            "observability",
+            bound.observability,
             None,
             obs,
-            shutdown_rx.clone(),
-            GRACE,
-        ));
+            &config.limits.observability,
+            listener::Protocol::Http,
+            false,
+        );
 
         Ok(Kas {
             endpoints,
             router,
             shutdown,
-            tasks,
+            tasks: spawner.tasks,
             flush,
         })
     }
@@ -429,10 +513,119 @@ impl Kas {
         self.flush.clear();
     }
 
-    /// Serves until one of the listener tasks ends (it should not) or shutdown.
-    pub async fn wait(&mut self) {
-        let _ = self.tasks.join_next().await;
+    /// Serves until shutdown. A listener never ends by itself: if one does (it
+    /// panicked), this returns which, and kas must stop with an error.
+    pub async fn wait(&mut self) -> ListenerEnded {
+        match self.tasks.join_next().await {
+            Some(Ok(name)) => ListenerEnded(format!("the {name} listener stopped unexpectedly")),
+            Some(Err(e)) => ListenerEnded(format!("a listener failed: {e}")),
+            None => ListenerEnded("no listener is running".into()),
+        }
     }
+}
+
+/// Why kas stopped serving without being asked to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ListenerEnded(pub String);
+
+/// The shared registry, the private API listener and the router over them.
+async fn start_shared(
+    config: &Config,
+    sh: &config::SharedConfig,
+    private_l: TcpListener,
+    addr: SocketAddr,
+    registry: &Arc<TunnelRegistry>,
+    spawner: &mut Spawner,
+) -> Result<(Arc<Router>, String), StartError> {
+    let kas_id = format!("kas-{:08x}", rand::random::<u32>());
+    let url = sh
+        .private_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let auth = Arc::new(PrivateAuth::new(&sh.secret, &kas_id)?);
+    let redis = RedisRegistry::start(
+        RedisOptions {
+            url: sh.redis_url.clone(),
+            key_prefix: sh.key_prefix.clone(),
+            expiry: sh.expiry,
+        },
+        &kas_id,
+    )
+    .await?;
+    let gateway = kas_proto::v1::gateway_server::GatewayServer::new(GatewayService::new(
+        registry.clone(),
+        spawner.shutdown.clone(),
+    ))
+    .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
+    .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
+    let verifier = auth.clone();
+    let app = tonic::service::Routes::new(gateway)
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(move |req, next| {
+            private_auth(verifier.clone(), req, next)
+        }));
+    spawner.spawn(
+        "private",
+        private_l,
+        None,
+        hyper_util::service::TowerToHyperService::new(app),
+        &config.limits.private,
+        grpc_protocol(&config.agent),
+        false,
+    );
+    let router = Router::shared(registry.clone(), redis, &kas_id, &url, auth);
+    Ok((router, kas_id))
+}
+
+fn grpc_protocol(agent: &config::AgentSettings) -> listener::Protocol {
+    listener::Protocol::Grpc {
+        ping_interval: agent.keepalive_interval,
+        ping_timeout: agent.keepalive_timeout,
+    }
+}
+
+/// The agent listener: gRPC over HTTP/2 (TLS when configured), one connection per
+/// agent replica, each with its [`listener::ConnControl`] for the agent service.
+fn spawn_agent_listener(
+    config: &Config,
+    agent_l: TcpListener,
+    cp: &Arc<dyn ControlPlane>,
+    router: &Arc<Router>,
+    spawner: &mut Spawner,
+) -> Result<(), StartError> {
+    let agent_svc = AgentServer::new(agent_api::AgentService::new(
+        cp.clone(),
+        router.clone(),
+        spawner.metrics.clone(),
+        spawner.shutdown.clone(),
+        agent_api::AgentServiceOptions {
+            handshake_timeout: config.agent.handshake_timeout,
+            streams_per_token_per_minute: config.agent.connections_per_token_per_minute,
+        },
+    ))
+    .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
+    .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
+    let tls = match &config.agent_tls {
+        Some(t) => {
+            let pem = tls::load_pem(&t.certificate_file, &t.key_file)?;
+            Some(tokio_rustls::TlsAcceptor::from(tls::grpc_server_config(
+                &pem,
+            )?))
+        }
+        None => None,
+    };
+    let app = tonic::service::Routes::new(agent_svc).into_axum_router();
+    spawner.spawn(
+        "agent",
+        agent_l,
+        tls,
+        hyper_util::service::TowerToHyperService::new(app),
+        &config.limits.agent,
+        grpc_protocol(&config.agent),
+        true,
+    );
+    Ok(())
 }
 
 /// Lets only other kas replicas (a valid private API JWT) through; 401 otherwise.

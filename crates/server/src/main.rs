@@ -59,13 +59,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     println!("kas: ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = kas.wait() => {}
+    // Only SIGTERM and SIGINT stop kas cleanly; a listener ending by itself is fatal.
+    let ended = tokio::select! {
+        _ = term.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        e = kas.wait() => Some(e),
+    };
+    match &ended {
+        None => tracing::info!("shutting down"),
+        Some(e) => tracing::error!(reason = %e, "a listener ended unexpectedly; stopping"),
     }
-    tracing::info!("shutting down");
     kas.shutdown().await;
     drop(log_guard);
+    if let Some(e) = ended {
+        eprintln!("kas: {e}");
+        std::process::exit(1);
+    }
     Ok(())
 }

@@ -2,15 +2,22 @@
 //! (`/metrics`). Counters are updated where things happen; the connection gauges are
 //! read from the tunnel registry at scrape time, so they cannot drift.
 
+use crate::listener::{CloseReason, ListenerStats};
 use kas_k8s_proxy::{Observed, ProxyObserver};
 use kas_router::Router;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -45,6 +52,70 @@ pub struct Metrics {
     replicas: Gauge,
     tunnels_idle: Gauge,
     tunnels_busy: Gauge,
+    /// Agent streams refused by the per-token rate limit.
+    pub agent_rate_limited: Counter,
+    listeners: Listeners,
+}
+
+/// Every listener's counts, by name.
+type Listeners = Arc<Mutex<Vec<(&'static str, Arc<ListenerStats>)>>>;
+
+/// A listener counter: metric name, help, and how to read it.
+type ListenerCounter = (
+    &'static str,
+    &'static str,
+    fn(&crate::listener::ListenerCounts) -> u64,
+);
+
+/// Connection counts of every listener, read at scrape time.
+#[derive(Debug, Default)]
+struct ListenersCollector {
+    listeners: Listeners,
+}
+
+impl Collector for ListenersCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let list: Vec<_> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, s)| (*n, s.counts()))
+            .collect();
+        let mut m = enc.encode_descriptor(
+            "kas_listener_connections",
+            "Connections open on each listener",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, c) in &list {
+            ConstGauge::new(c.open).encode(m.encode_family(&[("listener", *name)])?)?;
+        }
+        let counters: [ListenerCounter; 3] = [
+            ("kas_listener_connections_accepted", "Connections accepted on each listener", |c| c.accepted),
+            ("kas_listener_accept_errors", "Failed accepts (such as running out of file descriptors); the listener backs off and serves on", |c| c.accept_errors),
+            ("kas_listener_connections_refused", "Connections closed on arrival because the listener was at its connection limit", |c| c.refused),
+        ];
+        for (metric, help, value) in counters {
+            let mut m = enc.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (name, c) in &list {
+                ConstCounter::new(value(c)).encode(m.encode_family(&[("listener", *name)])?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "kas_listener_connections_closed",
+            "Connections kas closed, by listener and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, c) in &list {
+            for (i, r) in CloseReason::ALL.iter().enumerate() {
+                ConstCounter::new(c.closed[i])
+                    .encode(m.encode_family(&[("listener", *name), ("reason", r.as_str())])?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -74,8 +145,18 @@ impl Metrics {
             replicas: Gauge::default(),
             tunnels_idle: Gauge::default(),
             tunnels_busy: Gauge::default(),
+            agent_rate_limited: Counter::default(),
+            listeners: Arc::default(),
             registry: Mutex::new(Registry::default()),
         };
+        r.register_collector(Box::new(ListenersCollector {
+            listeners: m.listeners.clone(),
+        }));
+        r.register(
+            "kas_agent_connections_rate_limited",
+            "Agent streams refused because their token was over its per-minute connection limit",
+            m.agent_rate_limited.clone(),
+        );
         r.register(
             "kas_k8s_proxy_requests",
             "Requests through the Kubernetes API proxy, by response code and access_as mode",
@@ -148,6 +229,16 @@ impl Metrics {
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         m
+    }
+
+    /// The counts of a listener, registered under its name.
+    pub fn listener(&self, name: &'static str) -> Arc<ListenerStats> {
+        let stats = Arc::new(ListenerStats::default());
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, stats.clone()));
+        stats
     }
 
     /// The text exposition, with the connection gauges read now.

@@ -172,6 +172,18 @@ pub fn generated_proxy_tls(dir: &Path, hosts: &[String]) -> Result<GeneratedTls,
 
 /// A rustls server configuration offering HTTP/2 and HTTP/1.1.
 pub fn server_config(pem: &CertifiedKeyPem) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    config_with_alpn(pem, &[b"h2", b"http/1.1"])
+}
+
+/// A rustls server configuration for gRPC: HTTP/2 only.
+pub fn grpc_server_config(pem: &CertifiedKeyPem) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    config_with_alpn(pem, &[b"h2"])
+}
+
+fn config_with_alpn(
+    pem: &CertifiedKeyPem,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = rustls_pemfile::certs(&mut pem.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Io {
@@ -192,7 +204,7 @@ pub fn server_config(pem: &CertifiedKeyPem) -> Result<Arc<rustls::ServerConfig>,
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 

@@ -160,7 +160,8 @@ fn endpoint(opts: &ConnectOptions, t: &Target) -> Result<Endpoint, SessionError>
         .map_err(|_| SessionError::Address(t.to_string()))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
+        // A dead or frozen kas is noticed within 20 s, and the agent moves to another.
+        .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .initial_stream_window_size(4 * 1024 * 1024)

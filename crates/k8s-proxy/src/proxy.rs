@@ -165,10 +165,19 @@ impl K8sProxy {
         let started = Instant::now();
         let arrived = crate::audit::now_unix();
         let request_id = format!("{:016x}", rand::random::<u64>());
+        // WebSocket clients that cannot set headers send the token as a subprotocol
+        // (kube-apiserver accepts it too); it is stripped before forwarding either way.
+        let ws_bearer = match req.headers().get(header::AUTHORIZATION) {
+            None if is_upgrade(&req) => {
+                headers::websocket_bearer(req.headers()).map(|t| format!("Bearer {t}"))
+            }
+            _ => None,
+        };
         let auth = req
             .headers()
             .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or(""));
+            .map(|v| v.to_str().unwrap_or(""))
+            .or(ws_bearer.as_deref());
         let token = match parse_ci_token(auth) {
             Ok(t) => t,
             Err(e) => {

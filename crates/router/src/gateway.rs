@@ -628,8 +628,10 @@ impl Peers {
             })?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
+            // A dead or frozen peer is noticed within 20 s (forwards to it fail over).
+            .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024);
         let c = GatewayClient::new(ep.connect_lazy())

@@ -19,6 +19,9 @@ struct Claims {
     sub: String,
     iat: u64,
     exp: u64,
+    /// Not before (unix seconds); refused while in the future, beyond the leeway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
 
 /// Why a shared secret is unusable.
@@ -63,6 +66,7 @@ impl PrivateAuth {
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "aud", "iss"]);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         Ok(PrivateAuth {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
@@ -87,6 +91,7 @@ impl PrivateAuth {
             sub: self.kas_id.clone(),
             iat: t,
             exp: t + LIFETIME.as_secs(),
+            nbf: None,
         };
         // HS256 over serializable claims cannot fail; an empty token is refused by peers.
         let tok = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -126,6 +131,31 @@ mod tests {
     }
 
     #[test]
+    fn tokens_not_yet_valid_are_refused() {
+        let key = [9u8; 32];
+        let v = PrivateAuth::new(&key, "kas-b").expect("v");
+        let sign = |nbf: u64| {
+            let c = Claims {
+                iss: ISSUER.into(),
+                aud: AUDIENCE.into(),
+                sub: "kas-a".into(),
+                iat: now(),
+                exp: now() + 600,
+                nbf: Some(nbf),
+            };
+            let t = jsonwebtoken::encode(&Header::default(), &c, &EncodingKey::from_secret(&key))
+                .expect("sign");
+            format!("Bearer {t}")
+        };
+        assert!(v.verify(Some(&sign(now() + 300))).is_err(), "future nbf");
+        assert!(
+            v.verify(Some(&sign(now() + 2))).is_ok(),
+            "within the leeway"
+        );
+        assert!(v.verify(Some(&sign(now() - 10))).is_ok());
+    }
+
+    #[test]
     fn expired_and_foreign_audience_tokens_are_refused() {
         let key = [9u8; 32];
         let v = PrivateAuth::new(&key, "kas-b").expect("v");
@@ -136,6 +166,7 @@ mod tests {
                 sub: "kas-a".into(),
                 iat: 0,
                 exp,
+                nbf: None,
             };
             jsonwebtoken::encode(&Header::default(), &c, &EncodingKey::from_secret(&key))
                 .expect("sign")

@@ -75,6 +75,27 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 "#;
 
+/// Rewrites connections (KEYS[i] is the agent key of the i-th; ARGV: expiry ms, channel,
+/// then field, value, agent id per connection). A field that was missing (Redis lost
+/// its data, or this kas's entry expired) is announced like a new connection, so
+/// every kas drops a cached "not connected" answer at once.
+const REFRESH: &str = r#"
+local ttl = ARGV[1]
+local channel = ARGV[2]
+local announced = {}
+for i = 1, #KEYS do
+  local base = 3 + (i - 1) * 3
+  local created = redis.call('HSET', KEYS[i], ARGV[base], ARGV[base + 1])
+  redis.call('PEXPIRE', KEYS[i], ttl)
+  local agent = ARGV[base + 2]
+  if created == 1 and not announced[agent] then
+    announced[agent] = true
+    redis.call('PUBLISH', channel, 'c:' .. agent)
+  end
+end
+return #KEYS
+"#;
+
 const SWEEP: &str = r#"
 local h = redis.call('HGETALL', KEYS[1])
 local removed = 0
@@ -152,6 +173,7 @@ pub struct RedisRegistry {
     /// Scripts, hashed once (EVALSHA, loaded on first use).
     register_script: Script,
     unregister_script: Script,
+    refresh_script: Script,
     sweep_script: Script,
     stop: watch::Sender<bool>,
     /// Connections this kas registered (what a refresh rewrites).
@@ -182,6 +204,7 @@ impl RedisRegistry {
             cache: Mutex::default(),
             register_script: Script::new(REGISTER),
             unregister_script: Script::new(UNREGISTER),
+            refresh_script: Script::new(REFRESH),
             sweep_script: Script::new(SWEEP),
             stop,
             own: Arc::default(),
@@ -337,7 +360,8 @@ impl RedisRegistry {
             .is_ok()
     }
 
-    /// Rewrites every connection this kas holds (what the periodic refresh does).
+    /// Rewrites every connection this kas holds (what the periodic refresh does),
+    /// announcing the ones Redis had lost.
     pub async fn refresh(&self) -> Result<usize, RedisError> {
         let own: Vec<Connection> = self
             .own
@@ -348,17 +372,16 @@ impl RedisRegistry {
             .collect();
         let ttl = self.opts.expiry.as_millis() as u64;
         for chunk in own.chunks(1000) {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
+            let mut inv = self.refresh_script.prepare_invoke();
+            inv.arg(ttl).arg(self.channel());
             for c in chunk {
-                let key = self.agent_key(c.agent_id);
-                pipe.hset(&key, self.field(&c.connection), self.value(c))
-                    .ignore()
-                    .pexpire(&key, ttl as i64)
-                    .ignore();
+                inv.key(self.agent_key(c.agent_id))
+                    .arg(self.field(&c.connection))
+                    .arg(self.value(c))
+                    .arg(c.agent_id);
             }
             let mut conn = self.conn.clone();
-            pipe.query_async::<()>(&mut conn).await?;
+            inv.invoke_async::<i64>(&mut conn).await?;
         }
         Ok(own.len())
     }

@@ -51,7 +51,9 @@ pub fn validation() -> Validation {
     let mut v = Validation::new(Algorithm::HS256);
     v.set_audience(&[AUDIENCE]);
     v.set_required_spec_claims(&["exp", "aud"]);
-    v.leeway = 5;
+    // Allowed clock skew between the application and kas, for `exp` and `nbf`.
+    v.leeway = 10;
+    v.validate_nbf = true;
     v
 }
 
@@ -388,5 +390,48 @@ async fn forward(
             record(e.status().as_u16(), Some(failure_code(&e)));
             error(e.status(), &e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn check(claims: serde_json::Value) -> bool {
+        let key = b"application-secret-of-at-least-32-bytes!";
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .expect("sign");
+        jsonwebtoken::decode::<serde_json::Value>(&t, &DecodingKey::from_secret(key), &validation())
+            .is_ok()
+    }
+
+    #[test]
+    fn tokens_are_refused_before_their_nbf_and_after_their_exp() {
+        let (n, aud) = (now(), AUDIENCE);
+        assert!(check(serde_json::json!({"aud": aud, "exp": n + 60})));
+        assert!(check(
+            serde_json::json!({"aud": aud, "exp": n + 60, "nbf": n - 5})
+        ));
+        assert!(
+            check(serde_json::json!({"aud": aud, "exp": n + 60, "nbf": n + 5})),
+            "skew"
+        );
+        assert!(!check(
+            serde_json::json!({"aud": aud, "exp": n + 600, "nbf": n + 300})
+        ));
+        assert!(!check(serde_json::json!({"aud": aud, "exp": n - 60})));
+        assert!(!check(serde_json::json!({"aud": "other", "exp": n + 60})));
+        assert!(!check(serde_json::json!({"aud": aud})), "exp required");
     }
 }

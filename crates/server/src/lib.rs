@@ -174,6 +174,15 @@ fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Creates `path` empty with mode 0600 unless it exists.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path).map(drop)
+}
+
 /// Makes every file kas keeps in the data dir readable by its owner only (SQLite
 /// creates its files with the process umask).
 fn restrict_data_files(dir: &Path) -> Result<(), StartError> {
@@ -227,6 +236,11 @@ async fn open_control_plane(config: &Config) -> Result<Arc<dyn ControlPlane>, St
         }
         None => {
             let path = config.data_dir.join("controlplane.sqlite");
+            // SQLite gives its -wal and -shm files the database file's permissions.
+            create_private_file(&path).map_err(|source| StartError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
             let cp = Arc::new(Cached::new(SqliteControlPlane::open(&path)?));
             restrict_data_files(&config.data_dir)?;
             cp

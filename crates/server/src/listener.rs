@@ -605,7 +605,8 @@ where
     let mut shutdown = shared.shutdown.clone();
     let never = CancellationToken::new();
     let closed = control.as_ref().map(|c| &c.close).unwrap_or(&never);
-    let timer = tokio::time::sleep_until(first_request.into());
+    let first_check = max_age.map_or(first_request, |(at, _)| at.min(first_request));
+    let timer = tokio::time::sleep_until(first_check.into());
     tokio::pin!(timer);
     loop {
         tokio::select! {

@@ -51,6 +51,10 @@ pub struct Recorded {
     pub impersonate_groups: Vec<String>,
     /// Keys decoded and lowercased, as Kubernetes does.
     pub impersonate_extra: BTreeMap<String, Vec<String>>,
+    /// The WebSocket subprotocols offered, in order.
+    pub websocket_protocols: Vec<String>,
+    /// Whether an `Authorization` header arrived (the agent's own credentials).
+    pub authorization: Option<String>,
 }
 
 struct Store {
@@ -338,6 +342,13 @@ fn record(state: &State, req: &Request<Incoming>, authenticated: bool) {
         impersonate_uid: all("impersonate-uid").into_iter().next(),
         impersonate_groups: all("impersonate-group"),
         impersonate_extra: extra,
+        websocket_protocols: all("sec-websocket-protocol")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        authorization: all("authorization").into_iter().next(),
     };
     state
         .recorded

@@ -50,6 +50,12 @@ impl Env {
 
     /// Like [`Env::start`], with extra kas arguments.
     pub async fn start_with(extra: &[&str]) -> Env {
+        Self::start_wrapped(&[], extra).await
+    }
+
+    /// Like [`Env::start_with`], kas run through `wrapper` (e.g. `prlimit
+    /// --nofile=256:256 --`).
+    pub async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
         let api = TestApiServer::start().await.expect("test API server");
         let cluster_kubeconfig = dir.path().join("cluster.yaml");
@@ -59,12 +65,18 @@ impl Env {
             .map(|s| s.to_string())
             .collect();
         kas_args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = kas_args.iter().map(String::as_str).collect();
-        let (kas, kas_info) = procs::start_kas(
-            &dir.path().join("kas-data"),
-            &args,
-            &dir.path().join("logs"),
-        );
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(procs::bin("kas"));
+                c
+            }
+            None => Command::new(procs::bin("kas")),
+        };
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("kas-data"))
+            .args(&kas_args);
+        let (kas, kas_info) = procs::start_kas_cmd(cmd, &dir.path().join("logs"));
         Env {
             dir,
             api,

@@ -12,6 +12,7 @@ pub mod procs;
 pub mod prometheus;
 pub mod replicas;
 pub mod services;
+pub mod sockets;
 pub mod story;
 mod time;
 

@@ -30,6 +30,11 @@ impl Replicas {
     /// Starts Redis, PostgreSQL, the test API server and `n` kas replicas sharing a
     /// data dir (so they share the admin token and the proxy's generated CA).
     pub async fn start(n: usize) -> Replicas {
+        Self::start_with(n, "").await
+    }
+
+    /// Like [`Replicas::start`], with `extra` YAML appended to kas's configuration.
+    pub async fn start_with(n: usize, extra: &str) -> Replicas {
         let dir = tempfile::tempdir().expect("temp dir");
         let api = TestApiServer::start().await.expect("test API server");
         let (redis, postgres) = tokio::task::spawn_blocking(|| (Redis::start(), Postgres::start()))
@@ -43,7 +48,7 @@ impl Replicas {
         std::fs::write(
             &config_file,
             format!(
-                "redis:\n  url: {}\n  expiry: {}ms\nprivate:\n  secret_file: {}\ncontrolplane:\n  url: {}\nk8s_proxy:\n  agent_wait_timeout: 4s\n",
+                "redis:\n  url: {}\n  expiry: {}ms\nprivate:\n  secret_file: {}\ncontrolplane:\n  url: {}\nk8s_proxy:\n  agent_wait_timeout: 4s\n{extra}",
                 redis.url(),
                 EXPIRY.as_millis(),
                 secret.display(),

@@ -15,6 +15,39 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
+/// The WebSocket subprotocol prefix under which browsers and some clients send a
+/// bearer token (`base64url.bearer.authorization.k8s.io.<base64url token>`), since
+/// WebSocket APIs cannot set `Authorization`.
+pub const WEBSOCKET_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
+
+/// A `Sec-WebSocket-Protocol` value without its bearer token entries (the other
+/// subprotocols kept, in order); `None` when nothing else is left.
+pub fn strip_websocket_bearer(value: &[u8]) -> Option<Vec<u8>> {
+    let text = String::from_utf8_lossy(value);
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.starts_with(WEBSOCKET_BEARER_PREFIX))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(", ").into_bytes())
+}
+
+/// The bearer token a WebSocket client put in `Sec-WebSocket-Protocol`, if any.
+pub fn websocket_bearer(map: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    map.get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WEBSOCKET_BEARER_PREFIX))
+        .and_then(|b| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(b.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|t| String::from_utf8(t).ok())
+}
+
 /// Whether a request header from a client must never reach the cluster: credentials
 /// and impersonation are decided by kas and the agent only.
 pub fn is_identity_header(name: &str) -> bool {
@@ -45,6 +78,15 @@ pub fn to_wire(map: &HeaderMap, strip_identity: bool, upgrade: bool) -> Vec<Head
         {
             continue;
         }
+        if strip_identity && n == "sec-websocket-protocol" {
+            if let Some(v) = strip_websocket_bearer(value.as_bytes()) {
+                out.push(Header {
+                    name: n.to_string(),
+                    value: v.into(),
+                });
+            }
+            continue;
+        }
         out.push(Header {
             name: n.to_string(),
             value: bytes::Bytes::copy_from_slice(value.as_bytes()),
@@ -67,9 +109,17 @@ pub fn from_wire(headers: &[Header], strip_identity: bool) -> HeaderMap {
         if strip_identity && is_identity_header(&h.name) {
             continue;
         }
+        let value = if strip_identity && h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            match strip_websocket_bearer(&h.value) {
+                Some(v) => std::borrow::Cow::Owned(v),
+                None => continue,
+            }
+        } else {
+            std::borrow::Cow::Borrowed(&h.value[..])
+        };
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&h.value),
+            HeaderValue::from_bytes(&value),
         ) {
             map.append(n, v);
         }
@@ -80,6 +130,48 @@ pub fn from_wire(headers: &[Header], strip_identity: bool) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_bearer_tokens_are_read_and_stripped() {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("ci:7:secret");
+        let value =
+            format!("v5.channel.k8s.io, {WEBSOCKET_BEARER_PREFIX}{token},v4.channel.k8s.io");
+        let mut m = HeaderMap::new();
+        m.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&value).expect("value"),
+        );
+        assert_eq!(websocket_bearer(&m).as_deref(), Some("ci:7:secret"));
+        let w = to_wire(&m, true, true);
+        let p = w
+            .iter()
+            .find(|h| h.name == "sec-websocket-protocol")
+            .expect("kept");
+        assert_eq!(&p.value[..], b"v5.channel.k8s.io, v4.channel.k8s.io");
+        // Only the token: the header goes.
+        let only = format!("{WEBSOCKET_BEARER_PREFIX}{token}");
+        m.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&only).expect("value"),
+        );
+        assert!(to_wire(&m, true, true)
+            .iter()
+            .all(|h| h.name != "sec-websocket-protocol"));
+        // The agent side strips it too (defence in depth).
+        let back = from_wire(
+            &[Header {
+                name: "Sec-WebSocket-Protocol".into(),
+                value: value.clone().into(),
+            }],
+            true,
+        );
+        assert_eq!(
+            back["sec-websocket-protocol"],
+            "v5.channel.k8s.io, v4.channel.k8s.io"
+        );
+        assert_eq!(strip_websocket_bearer(b" , "), None);
+    }
 
     #[test]
     fn strips_identity_and_hop_by_hop() {

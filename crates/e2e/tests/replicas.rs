@@ -471,3 +471,48 @@ async fn readiness_follows_redis() {
         (status(&client) == 200).then_some(())
     });
 }
+
+/// A frozen kas replica (SIGSTOP: a long pause, a stuck node) answers nothing but still
+/// holds its TCP connections. Its agents move to a live replica, and a request that
+/// the live replica forwards to it fails over, within 30 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_replica_loses_its_agents_and_its_forwards_fail_over() {
+    let mut r = Replicas::start_custom(2, "30s", "").await;
+    let _ = r.kasctl(0, &["project", "create", PROJECT]);
+    let (a, token) = r.create_agent("acme/platform/agents", "alpha", &config("agent-alpha"));
+    r.start_agentk(&token, &[0, 1]);
+    let on = r.index_of(&r.wait_connections(0, a, 1)[0]);
+    let live = 1 - on;
+    let job = r.start_job(PROJECT, "alice");
+    let ctx = "acme/platform/agents:alpha";
+    // Forwarded from the live replica to the one holding the agent (streams pooled).
+    for _ in 0..2 {
+        assert_ok(&r.kubectl(live, &job, ctx, &["get", "pods"]), "warm-up", &r);
+    }
+    let pid = r.kas[on].as_ref().expect("running").pid().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+    };
+    signal("-STOP");
+    let frozen = Instant::now();
+    let out = r.kubectl(live, &job, ctx, &["get", "pods", "-n", "during-freeze"]);
+    let answered = frozen.elapsed();
+    let moved = wait_for(
+        Duration::from_secs(30),
+        "the agent to move to the live replica",
+        || {
+            let c = r.connections(live, a);
+            c.contains(&r.info[live].instance)
+                .then_some(frozen.elapsed())
+        },
+    );
+    signal("-CONT");
+    assert_ok(&out, "a request during the freeze", &r);
+    eprintln!("answered after {answered:?}; agent moved after {moved:?}");
+    assert!(answered < Duration::from_secs(30), "{answered:?}");
+    assert!(moved < Duration::from_secs(30), "{moved:?}");
+    assert_eq!(seen_as(&r, "during-freeze").as_deref(), Some("agent-alpha"));
+}

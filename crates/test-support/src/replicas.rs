@@ -35,6 +35,11 @@ impl Replicas {
 
     /// Like [`Replicas::start`], with `extra` YAML appended to kas's configuration.
     pub async fn start_with(n: usize, extra: &str) -> Replicas {
+        Self::start_custom(n, "4s", extra).await
+    }
+
+    /// Like [`Replicas::start_with`], requests waiting up to `agent_wait` for an agent.
+    pub async fn start_custom(n: usize, agent_wait: &str, extra: &str) -> Replicas {
         let dir = tempfile::tempdir().expect("temp dir");
         let api = TestApiServer::start().await.expect("test API server");
         let (redis, postgres) = tokio::task::spawn_blocking(|| (Redis::start(), Postgres::start()))
@@ -48,7 +53,7 @@ impl Replicas {
         std::fs::write(
             &config_file,
             format!(
-                "redis:\n  url: {}\n  expiry: {}ms\nprivate:\n  secret_file: {}\ncontrolplane:\n  url: {}\nk8s_proxy:\n  agent_wait_timeout: 4s\n{extra}",
+                "redis:\n  url: {}\n  expiry: {}ms\nprivate:\n  secret_file: {}\ncontrolplane:\n  url: {}\nk8s_proxy:\n  agent_wait_timeout: {agent_wait}\n{extra}",
                 redis.url(),
                 EXPIRY.as_millis(),
                 secret.display(),

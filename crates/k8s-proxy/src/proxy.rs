@@ -112,6 +112,48 @@ fn to_proto(id: &Identity) -> Impersonation {
     }
 }
 
+/// The path a client asked for, as the cluster sees it: without the proxy's
+/// `/k8s-proxy` prefix (when it is a whole path segment), always starting with `/`.
+pub fn upstream_path(path_and_query: &str) -> String {
+    match path_and_query.strip_prefix(PREFIX) {
+        Some(rest) if rest.is_empty() || rest.starts_with(['/', '?']) => {
+            if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            }
+        }
+        _ if path_and_query.starts_with('/') => path_and_query.to_string(),
+        _ => format!("/{path_and_query}"),
+    }
+}
+
+/// The request head sent to the agent for a client's request: method, path without
+/// the proxy prefix, the client's headers without credentials, impersonation or
+/// hop-by-hop headers, and the identity kas decided (never one the client sent).
+pub fn upstream_head<B: Body>(
+    req: &Request<B>,
+    identity: Option<&Identity>,
+    request_id: &str,
+) -> RequestHead {
+    let upgrade = is_upgrade(req);
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    RequestHead {
+        method: req.method().as_str().to_string(),
+        path_and_query: upstream_path(path_and_query),
+        headers: headers::to_wire(req.headers(), true, upgrade),
+        impersonation: identity.map(to_proto),
+        upgrade,
+        request_id: request_id.to_string(),
+        end_of_body: !upgrade && req.body().is_end_stream(),
+        service: None,
+    }
+}
+
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() <= http::Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -255,35 +297,11 @@ impl K8sProxy {
             }
         };
 
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let path_and_query = match path_and_query.strip_prefix(PREFIX) {
-            Some(rest) if rest.is_empty() || rest.starts_with(['/', '?']) => {
-                if rest.starts_with('/') {
-                    rest.to_string()
-                } else {
-                    format!("/{rest}")
-                }
-            }
-            _ => path_and_query.to_string(),
-        };
-        let upgrade = is_upgrade(&req);
+        let head = upstream_head(&req, allowed.identity.as_ref(), &request_id);
+        let upgrade = head.upgrade;
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         // A request without a body can be replayed on another tunnel if one breaks.
-        let replayable = upgrade || req.body().is_end_stream();
-        let head = RequestHead {
-            method: req.method().as_str().to_string(),
-            path_and_query,
-            headers: headers::to_wire(req.headers(), true, upgrade),
-            impersonation: allowed.identity.as_ref().map(to_proto),
-            upgrade,
-            request_id: request_id.clone(),
-            end_of_body: replayable && !upgrade,
-            service: None,
-        };
+        let replayable = upgrade || head.end_of_body;
         let body = req.into_body();
 
         let outcome = exchange(

@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
             path: "acme/platform/agents".into(),
         },
     };
-    for (project, env) in [("acme/web/shop", Some("review/x")), ("acme/platform/agents", None)] {
+    for (project, env) in [
+        ("acme/web/shop", Some("review/x")),
+        ("acme/platform/agents", None),
+    ] {
         let job = JobContext {
             job_id: 7,
             pipeline_id: 3,
@@ -38,7 +41,11 @@ fuzz_target!(|data: &[u8]| {
                 },
                 Named {
                     id: 25,
-                    path: project.rsplit_once('/').map(|(g, _)| g).unwrap_or("acme").into(),
+                    path: project
+                        .rsplit_once('/')
+                        .map(|(g, _)| g)
+                        .unwrap_or("acme")
+                        .into(),
                 },
             ],
             environment: env.map(|e| Environment {

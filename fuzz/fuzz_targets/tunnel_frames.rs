@@ -60,8 +60,9 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         tokio::join!(exchange, async {
-            tokio::time::timeout(std::time::Duration::from_millis(50), drain).await.ok()
+            tokio::time::timeout(std::time::Duration::from_millis(50), drain)
+                .await
+                .ok()
         });
     });
 });
-

@@ -21,15 +21,14 @@ const HOP_BY_HOP: [&str; 8] = [
 pub const WEBSOCKET_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
 
 /// A `Sec-WebSocket-Protocol` value without its bearer token entries (the other
-/// subprotocols kept, in order); `None` when nothing else is left.
+/// subprotocols kept, byte for byte, in order); `None` when nothing else is left.
 pub fn strip_websocket_bearer(value: &[u8]) -> Option<Vec<u8>> {
-    let text = String::from_utf8_lossy(value);
-    let kept: Vec<&str> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty() && !p.starts_with(WEBSOCKET_BEARER_PREFIX))
+    let kept: Vec<&[u8]> = value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty() && !p.starts_with(WEBSOCKET_BEARER_PREFIX.as_bytes()))
         .collect();
-    (!kept.is_empty()).then(|| kept.join(", ").into_bytes())
+    (!kept.is_empty()).then(|| kept.join(&b", "[..]))
 }
 
 /// The bearer token a WebSocket client put in `Sec-WebSocket-Protocol`, if any.

@@ -269,21 +269,14 @@ async fn a_frozen_agent_is_dropped() {
         &[],
     )
     .await;
-    let pid = env.agents[0].pid().to_string();
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill")
-    };
-    signal("-STOP");
+    env.agents[0].signal("STOP");
     let started = Instant::now();
     let mut gone = false;
     while !gone && started.elapsed() < Duration::from_secs(10) {
         gone = env.connected(agent).is_none();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    signal("-CONT");
+    env.agents[0].signal("CONT");
     assert!(gone, "the frozen agent is still connected:\n{}", env.logs());
     // Thawed, it reconnects.
     env.wait_connected(agent, 1);
@@ -293,34 +286,18 @@ async fn a_frozen_agent_is_dropped() {
 /// its acknowledgement and a tunnel without its Hello are ended.
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_must_send_their_first_messages_in_time() {
-    use kas_proto::v1::agent_client::AgentClient;
     use kas_proto::v1::{AgentFrame, ConfigAck};
+    use kas_test_support::grpc::{agent_client, agent_request};
     let (env, _, token) = env_with("agent:\n  handshake_timeout: 300ms\n", &[]).await;
     let token = std::fs::read_to_string(&token).expect("token");
-    let url = env.kas_info.agent.replace("grpc://", "http://");
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = AgentClient::new(channel);
-    fn req<S>(token: &str, stream: S) -> tonic::Request<S> {
-        let mut r = tonic::Request::new(stream);
-        let md = r.metadata_mut();
-        md.insert(
-            "authorization",
-            format!("Bearer {}", token.trim()).parse().expect("md"),
-        );
-        md.insert(
-            kas_proto::REPLICA_ID_METADATA,
-            "silent".parse().expect("md"),
-        );
-        r
-    }
+    let mut client = agent_client(&env.kas_info.agent).await;
     // Configuration stream: nothing sent.
     let silent = futures::stream::pending::<ConfigAck>();
     let started = Instant::now();
-    let status = match client.configure(req(&token, silent)).await {
+    let status = match client
+        .configure(agent_request(&token, "silent", silent))
+        .await
+    {
         Err(s) => s,
         Ok(r) => {
             let mut inbound = r.into_inner();
@@ -344,8 +321,9 @@ async fn agents_must_send_their_first_messages_in_time() {
         .await
         .expect("ack");
     let mut configs = client
-        .configure(req(
+        .configure(agent_request(
             &token,
+            "silent",
             tokio_stream::wrappers::ReceiverStream::new(ack_rx),
         ))
         .await
@@ -357,7 +335,7 @@ async fn agents_must_send_their_first_messages_in_time() {
         .expect("config")
         .expect("first config");
     let silent = futures::stream::pending::<AgentFrame>();
-    let status = match client.tunnel(req(&token, silent)).await {
+    let status = match client.tunnel(agent_request(&token, "silent", silent)).await {
         Err(s) => s,
         Ok(r) => r.into_inner().message().await.expect_err("tunnel went on"),
     };

@@ -489,14 +489,8 @@ async fn a_frozen_replica_loses_its_agents_and_its_forwards_fail_over() {
     for _ in 0..2 {
         assert_ok(&r.kubectl(live, &job, ctx, &["get", "pods"]), "warm-up", &r);
     }
-    let pid = r.kas[on].as_ref().expect("running").pid().to_string();
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill")
-    };
-    signal("-STOP");
+    let frozen_kas = |sig: &str| r.kas[on].as_ref().expect("running").signal(sig);
+    frozen_kas("STOP");
     let frozen = Instant::now();
     let out = r.kubectl(live, &job, ctx, &["get", "pods", "-n", "during-freeze"]);
     let answered = frozen.elapsed();
@@ -509,7 +503,7 @@ async fn a_frozen_replica_loses_its_agents_and_its_forwards_fail_over() {
                 .then_some(frozen.elapsed())
         },
     );
-    signal("-CONT");
+    frozen_kas("CONT");
     assert_ok(&out, "a request during the freeze", &r);
     eprintln!("answered after {answered:?}; agent moved after {moved:?}");
     assert!(answered < Duration::from_secs(30), "{answered:?}");

@@ -254,30 +254,16 @@ async fn streams_until_refused(
     token: &str,
     most: usize,
 ) -> (usize, Option<tonic::Code>) {
-    use kas_proto::v1::agent_client::AgentClient;
     use kas_proto::v1::ConfigAck;
-    let channel = tonic::transport::Endpoint::from_shared(url.replace("grpc://", "http://"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = AgentClient::new(channel);
+    use kas_test_support::grpc::{agent_client, agent_request};
+    let mut client = agent_client(url).await;
     for n in 0..most {
         let ack = ConfigAck {
             protocol_version: kas_proto::PROTOCOL_VERSION,
             applied_version: 0,
             agent_version: "test".into(),
         };
-        let mut req = tonic::Request::new(futures::stream::iter([ack]));
-        let md = req.metadata_mut();
-        md.insert(
-            "authorization",
-            format!("Bearer {}", token.trim()).parse().expect("md"),
-        );
-        md.insert(
-            kas_proto::REPLICA_ID_METADATA,
-            format!("r{n}").parse().expect("md"),
-        );
+        let req = agent_request(token, &format!("r{n}"), futures::stream::iter([ack]));
         if let Err(s) = client.configure(req).await {
             return (n, Some(s.code()));
         }

@@ -326,7 +326,7 @@ struct Spawner {
 impl Spawner {
     /// Serves `svc` on `listener` until shutdown; the task returns the listener's name.
     #[allow(clippy::too_many_arguments)]
-    fn spawn<S, B>(
+    fn spawn<S: listener::HttpService>(
         &mut self,
         name: &'static str,
         listener: TcpListener,
@@ -335,20 +335,7 @@ impl Spawner {
         limits: &listener::Limits,
         protocol: listener::Protocol,
         conn_control: bool,
-    ) where
-        S: hyper::service::Service<
-                hyper::Request<hyper::body::Incoming>,
-                Response = hyper::Response<B>,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) {
         let stats = self.metrics.listener(name);
         let l = listener::Listener {
             name,

@@ -274,6 +274,40 @@ fn builder(protocol: Protocol) -> auto::Builder<TokioExecutor> {
     b
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A service a listener can serve: HTTP requests in, HTTP responses out, shareable
+/// between connections.
+pub trait HttpService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = hyper::Response<Self::ResponseBody>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    type ResponseBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> HttpService for S
+where
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type ResponseBody = B;
+}
+
 /// Accept errors that concern one connection only (the next accept may well work).
 fn transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
@@ -286,19 +320,11 @@ fn transient(e: &std::io::Error) -> bool {
 /// Serves `l` until `shutdown` turns true, then stops accepting, asks every connection
 /// to close gracefully and waits for them up to `grace`; connections still open after
 /// that are closed. Returns only then: no accept error ends it.
-pub async fn serve<S, B>(l: Listener<S>, mut shutdown: watch::Receiver<bool>, grace: Duration)
-where
-    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+pub async fn serve<S: HttpService>(
+    l: Listener<S>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let max = l.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let shared = Arc::new(Shared {
@@ -534,19 +560,7 @@ fn jittered(started: Instant, age: Duration) -> Instant {
 }
 
 /// Serves one accepted connection until it ends or kas ends it.
-async fn connection<S, B>(shared: Arc<Shared<S>>, io: Counted, peer: SocketAddr)
-where
-    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+async fn connection<S: HttpService>(shared: Arc<Shared<S>>, io: Counted, peer: SocketAddr) {
     let limits = &shared.limits;
     match &shared.tls {
         None => serve_conn(&shared, TokioIo::new(io), peer).await,
@@ -571,18 +585,9 @@ where
     }
 }
 
-async fn serve_conn<S, B, I>(shared: &Shared<S>, io: TokioIo<I>, peer: SocketAddr)
+async fn serve_conn<S, I>(shared: &Shared<S>, io: TokioIo<I>, peer: SocketAddr)
 where
-    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &shared.limits;

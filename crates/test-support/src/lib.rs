@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod certs;
 pub mod fixture;
+pub mod grpc;
 pub mod http;
 pub mod pods;
 pub mod procs;

@@ -517,7 +517,17 @@ async fn run_charts(mut kas_values: Vec<(String, String)>, shared: bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kas_and_agentk_run_as_the_charts_render_them() {
-    run_charts(Vec::new(), false).await;
+    // Connection limits pass through to kas's configuration as they are written.
+    let limits = [
+        ("connections.k8s_proxy.max", "500"),
+        ("connections.k8s_proxy.idle_timeout", "30s"),
+        ("agent.maxConnectionAge", "30m"),
+    ];
+    let values = limits
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    run_charts(values, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -130,8 +130,9 @@ struct FileConnections {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileLimits {
-    /// Connections open at once.
-    max: Option<usize>,
+    /// Connections open at once (a number, or a string of digits as `--set-string` and
+    /// quoting give).
+    max: Option<Count>,
     first_request_timeout: Option<String>,
     idle_timeout: Option<String>,
     handshake_timeout: Option<String>,
@@ -343,6 +344,23 @@ impl ListenerLimits {
     }
 }
 
+/// A whole number written as a number or as a string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Count {
+    Number(u64),
+    Text(String),
+}
+
+impl Count {
+    fn value(&self) -> Option<usize> {
+        match self {
+            Count::Number(n) => usize::try_from(*n).ok(),
+            Count::Text(t) => t.trim().parse().ok(),
+        }
+    }
+}
+
 /// A duration setting: `default` when absent, the problem recorded when invalid.
 fn duration_setting(
     name: &str,
@@ -374,12 +392,13 @@ fn apply_limits(
 ) {
     let Some(f) = file else { return };
     let key = |k: &str| format!("connections.{name}.{k}");
-    if let Some(max) = f.max {
-        if max == 0 {
-            errors.push(format!("{} must be at least 1", key("max")));
-        } else {
-            limits.max_connections = max;
-        }
+    match f.max.as_ref().map(|m| (m, m.value())) {
+        None => {}
+        Some((_, Some(max))) if max > 0 => limits.max_connections = max,
+        Some((m, _)) => errors.push(format!(
+            "{} must be a whole number of at least 1, not {m:?}",
+            key("max")
+        )),
     }
     let ms = Duration::from_millis(1);
     limits.first_request_timeout = duration_setting(
@@ -584,12 +603,14 @@ impl Config {
                     match serde_path_to_error::deserialize(de) {
                         Ok(f) => f,
                         Err(e) => {
-                            errors.push(format!(
-                                "config file {}: {}: {}",
-                                p.display(),
-                                e.path(),
-                                e.inner()
-                            ));
+                            // The YAML error may name the field itself already.
+                            let (path, inner) = (e.path().to_string(), e.inner().to_string());
+                            let message = if inner.starts_with(&path) {
+                                inner
+                            } else {
+                                format!("{path}: {inner}")
+                            };
+                            errors.push(format!("config file {}: {message}", p.display()));
                             FileConfig::default()
                         }
                     }
@@ -919,6 +940,65 @@ mod tests {
         .expect_err("no secret")
         .join("\n");
         assert!(errs.contains("private.secret_file is required"), "{errs}");
+    }
+
+    #[test]
+    fn connection_limits_and_agent_settings() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("kas.yaml");
+        std::fs::write(
+            &f,
+            "connections:\n  k8s_proxy: {max: \"500\", idle_timeout: 30s}\n  api: {max: 7, first_request_timeout: 2s}\nagent:\n  max_connection_age: 0s\n  handshake_timeout: 3s\n  connections_per_token_per_minute: 9\n",
+        )
+        .expect("write");
+        let c = Config::load(&Cli {
+            config: Some(f.clone()),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(c.limits.k8s_proxy.max_connections, 500);
+        assert_eq!(c.limits.k8s_proxy.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.api.max_connections, 7);
+        assert_eq!(c.limits.api.first_request_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.agent.max_age, None, "0s: never");
+        assert_eq!(c.limits.agent.max_connections, 20_000);
+        assert_eq!(c.agent.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(c.agent.connections_per_token_per_minute, 9);
+        let d = Config::load(&Cli::default()).expect("defaults");
+        let age = d.limits.agent.max_age.expect("a default max age");
+        assert_eq!(age.age, Duration::from_secs(7200));
+        assert_eq!(d.agent.connections_per_token_per_minute, 40_000);
+
+        std::fs::write(
+            &f,
+            "connections:\n  api: {max: 0}\n  agent: {max: lots, idle_timeout: soon}\n  bogus: {}\n",
+        )
+        .expect("write");
+        let errs = Config::load(&Cli {
+            config: Some(f.clone()),
+            ..Default::default()
+        })
+        .expect_err("invalid")
+        .join("\n");
+        assert!(errs.contains("bogus"), "{errs}");
+        std::fs::write(
+            &f,
+            "connections:\n  api: {max: 0}\n  agent: {max: lots, idle_timeout: soon}\n",
+        )
+        .expect("write");
+        let errs = Config::load(&Cli {
+            config: Some(f),
+            ..Default::default()
+        })
+        .expect_err("invalid")
+        .join("\n");
+        for needle in [
+            "connections.api.max",
+            "connections.agent.max",
+            "connections.agent.idle_timeout",
+        ] {
+            assert!(errs.contains(needle), "missing {needle} in {errs}");
+        }
     }
 
     #[test]

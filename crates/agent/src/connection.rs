@@ -294,11 +294,15 @@ async fn session(
         .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);
     let applied = config_tx.borrow().as_ref().map(|c| c.version).unwrap_or(0);
     let (ack_tx, ack_rx) = mpsc::channel(4);
+    // The cluster's version is read once (a slow cluster delays the first session by
+    // at most this much; the version then follows with a later acknowledgement).
+    let meta = upstream.meta(Duration::from_secs(3)).await;
     let _ = ack_tx
         .send(ConfigAck {
             protocol_version: PROTOCOL_VERSION,
             applied_version: applied,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            meta: Some(meta),
         })
         .await;
     let req = with_metadata(opts, ReceiverStream::new(ack_rx)).map_err(SessionError::Rejected)?;
@@ -371,7 +375,7 @@ async fn apply(
     ack_tx: &mpsc::Sender<ConfigAck>,
 ) {
     let version = c.version;
-    upstream.configure(&c.config_yaml, &c.config_project_path);
+    upstream.configure(&c);
     upstream
         .stats
         .config_version
@@ -382,11 +386,13 @@ async fn apply(
         .fetch_add(1, Ordering::Relaxed);
     tracing::info!(agent_id = c.agent_id, agent = %c.agent_name, version, "applied agent configuration");
     config_tx.send_replace(Some(c));
+    let meta = upstream.meta(Duration::ZERO).await;
     let _ = ack_tx
         .send(ConfigAck {
             protocol_version: PROTOCOL_VERSION,
             applied_version: version,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            meta: Some(meta),
         })
         .await;
 }

@@ -33,6 +33,13 @@ pub struct Upstream {
     services: std::sync::RwLock<std::sync::Arc<Vec<AllowedService>>>,
     /// What the observability endpoint reports.
     pub stats: std::sync::Arc<crate::stats::Stats>,
+    /// Where this replica runs (pod, namespace, node; the cluster's version once read).
+    meta: std::sync::Mutex<kas_proto::v1::AgentMeta>,
+    /// Applies `observability.logging` from the configuration, when logging is set up.
+    log_level: Option<kas_telemetry::LogLevel>,
+    /// Whether the configuration changed the log filter (so a configuration without
+    /// levels goes back to the one agentk started with).
+    log_level_set: std::sync::atomic::AtomicBool,
 }
 
 impl Upstream {
@@ -43,12 +50,77 @@ impl Upstream {
             access,
             services: Default::default(),
             stats: Default::default(),
+            meta: Default::default(),
+            log_level: None,
+            log_level_set: Default::default(),
         })
     }
 
-    /// Applies a configuration from kas (already validated there).
-    pub fn configure(&self, yaml: &str, config_project: &str) {
-        let services = match kas_authz::parse_agent_config(yaml, config_project) {
+    /// Where this replica runs, as reported to kas.
+    pub fn with_meta(self, meta: kas_proto::v1::AgentMeta) -> Self {
+        *self.meta.lock().unwrap_or_else(|p| p.into_inner()) = meta;
+        self
+    }
+
+    /// Lets the configuration's `observability.logging` change the log filter.
+    pub fn with_log_level(mut self, l: kas_telemetry::LogLevel) -> Self {
+        self.log_level = Some(l);
+        self
+    }
+
+    /// The replica's meta, with the cluster's Kubernetes version (read from `/version`
+    /// once, within `wait`; left empty while the cluster does not answer).
+    pub async fn meta(&self, wait: std::time::Duration) -> kas_proto::v1::AgentMeta {
+        let known = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !known.kubernetes_version.is_empty() {
+            return known;
+        }
+        match tokio::time::timeout(wait, self.cluster_version()).await {
+            Ok(Ok(v)) => {
+                let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+                m.kubernetes_version = v;
+                m.clone()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the cluster's version");
+                known
+            }
+            Err(_) => known,
+        }
+    }
+
+    async fn cluster_version(&self) -> Result<String, String> {
+        let uri = target_uri(&self.access.server, "/version").map_err(|(_, m)| m)?;
+        let mut req = Request::get(uri);
+        if let Some(a) = self.access.auth.header() {
+            req = req.header(http::header::AUTHORIZATION, a);
+        }
+        let req = req
+            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync())
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("GET /version: {}", resp.status()));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        v["gitVersion"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| "GET /version: no gitVersion".to_string())
+    }
+
+    /// Applies a configuration from kas (already validated there): the services the
+    /// application may reach and the log levels.
+    pub fn configure(&self, c: &kas_proto::v1::AgentConfiguration) {
+        self.apply_log_levels(&c.log_level, &c.grpc_log_level);
+        let (yaml, config_project) = (&c.config_yaml, &c.config_project_path);
+        let services = match kas_authz::parse_agent_config_with(yaml, config_project, None) {
             Ok((c, _)) => c.allowed_services(),
             Err(e) => {
                 // kas validated it; a newer kas may know fields this agent does not.
@@ -57,6 +129,34 @@ impl Upstream {
             }
         };
         *self.services.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(services);
+    }
+
+    /// `observability.logging.level` for agentk itself and `grpc_level` (GitLab's
+    /// default: error) for the gRPC, HTTP/2 and TLS libraries; neither set: the filter
+    /// agentk started with.
+    fn apply_log_levels(&self, level: &str, grpc_level: &str) {
+        use std::sync::atomic::Ordering;
+        let Some(handle) = &self.log_level else {
+            return;
+        };
+        let result = if level.is_empty() && grpc_level.is_empty() {
+            if !self.log_level_set.swap(false, Ordering::Relaxed) {
+                return;
+            }
+            handle.reset()
+        } else {
+            self.log_level_set.store(true, Ordering::Relaxed);
+            let own = if level.is_empty() { "info" } else { level };
+            let grpc = if grpc_level.is_empty() { "error" } else { grpc_level };
+            let filter = format!(
+                "{own},h2={grpc},tonic={grpc},hyper={grpc},hyper_util={grpc},tower={grpc},rustls={grpc}"
+            );
+            handle.set(&filter)
+        };
+        match result {
+            Ok(()) => tracing::info!(level, grpc_level, "log levels from the configuration applied"),
+            Err(e) => tracing::warn!(error = %e, "cannot apply the configuration's log levels"),
+        }
     }
 
     fn allowed_services(&self) -> std::sync::Arc<Vec<AllowedService>> {

@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let _log_guard = kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format)
+    let (_log_guard, log_level) = kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format)
         .map_err(|e| Fatal(e.to_string()))?;
     let token = std::fs::read_to_string(&cli.token_file)
         .map_err(|e| {
@@ -116,7 +116,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .map_err(|e| Fatal(e.to_string()))?;
     tracing::info!(cluster = %access.server, kas = ?cli.kas_address, "agentk starting");
-    let upstream = Arc::new(Upstream::new(access).map_err(|e| Fatal(e.to_string()))?);
+    // Set by the Deployment from the downward API; empty outside a cluster.
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let meta = kas_proto::v1::AgentMeta {
+        pod_name: env("POD_NAME"),
+        pod_namespace: env("POD_NAMESPACE"),
+        node_name: env("NODE_NAME"),
+        kubernetes_version: String::new(),
+    };
+    let upstream = Arc::new(
+        Upstream::new(access)
+            .map_err(|e| Fatal(e.to_string()))?
+            .with_meta(meta)
+            .with_log_level(log_level),
+    );
     let opts = ConnectOptions {
         kas_addresses: cli.kas_address,
         token,

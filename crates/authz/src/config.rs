@@ -10,14 +10,20 @@ pub const MAX_PROJECTS: usize = 100;
 pub const MAX_GROUPS: usize = 100;
 
 /// An agent's configuration (`.gitlab/agents/<name>/config.yaml`).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// A configuration written for GitLab is accepted as it is: the sections kas does not
+/// implement (`gitops`, `user_access`, `container_scanning`, ...) and top-level keys it
+/// does not know are kept aside in [`AgentConfig::ignored`] and reported as warnings,
+/// while the sections kas implements (`ci_access`, `service_access`,
+/// `observability.logging`) are strict: a misspelt key there is an error naming it.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentConfig {
-    #[serde(default)]
     pub ci_access: CiAccess,
     /// In-cluster services the application may reach through the agent.
-    #[serde(default)]
     pub service_access: Vec<crate::services::ServiceEntry>,
+    pub observability: Observability,
+    /// Top-level keys kas does not implement, in file order.
+    pub ignored: Vec<String>,
 }
 
 impl AgentConfig {
@@ -29,6 +35,123 @@ impl AgentConfig {
             .filter_map(|e| crate::services::parse_service_url(&e.url).ok())
             .collect()
     }
+}
+
+impl<'de> Deserialize<'de> for AgentConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = AgentConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of configuration sections")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<AgentConfig, E> {
+                Ok(AgentConfig::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<AgentConfig, A::Error> {
+                let mut c = AgentConfig::default();
+                let mut seen = HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "`{key}` appears twice"
+                        )));
+                    }
+                    match key.as_str() {
+                        "ci_access" => {
+                            c.ci_access = map.next_value::<Option<CiAccess>>()?.unwrap_or_default()
+                        }
+                        "service_access" => {
+                            c.service_access = map.next_value::<Option<_>>()?.unwrap_or_default()
+                        }
+                        "observability" => {
+                            c.observability = map.next_value::<Option<_>>()?.unwrap_or_default()
+                        }
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            c.ignored.push(key);
+                        }
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// Top-level sections of GitLab's agent configuration that kas does not implement, and
+/// what they are for (named in the warning).
+const GITLAB_SECTIONS: [(&str, &str); 8] = [
+    ("gitops", "GitLab's GitOps manifest projects"),
+    ("user_access", "GitLab user access to the cluster"),
+    ("container_scanning", "GitLab's operational container scanning"),
+    ("starboard", "GitLab's (former) Starboard scanning"),
+    ("remote_development", "GitLab's remote development workspaces"),
+    ("flux", "GitLab's Flux integration"),
+    ("workspaces", "GitLab's remote development workspaces"),
+    ("alerts", "GitLab alerts"),
+];
+
+/// The top-level sections kas implements: a key close to one of these is a misspelling.
+const KAS_SECTIONS: [&str; 3] = ["ci_access", "service_access", "observability"];
+
+/// `observability`: agentk's log levels, as GitLab's agent takes them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Observability {
+    #[serde(default)]
+    pub logging: Logging,
+    /// GitLab's Google Cloud Profiler settings: accepted, ignored (with a warning).
+    #[serde(default)]
+    pub google_profiler: Option<serde_yaml_ng::Value>,
+}
+
+/// `observability.logging`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logging {
+    /// agentk's own log level: `debug`, `info`, `warn` or `error`.
+    pub level: Option<String>,
+    /// The log level of the gRPC and HTTP/2 libraries (GitLab's default: `error`).
+    pub grpc_level: Option<String>,
+}
+
+/// Log levels GitLab's agent accepts.
+pub const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
+/// Limits on `ci_access` entries (kas settings; GitLab allows 500 since 17.0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CiAccessLimits {
+    pub max_projects: usize,
+    pub max_groups: usize,
+}
+
+impl Default for CiAccessLimits {
+    fn default() -> Self {
+        CiAccessLimits {
+            max_projects: MAX_PROJECTS,
+            max_groups: MAX_GROUPS,
+        }
+    }
+}
+
+/// Levenshtein distance, for "did you mean" on top-level keys.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Which projects and groups may use the agent from CI/CD jobs.
@@ -50,6 +173,9 @@ pub struct ProjectEntry {
     pub environments: Option<Vec<String>>,
     #[serde(default)]
     pub access_as: AccessAs,
+    /// Only jobs on protected branches (or tags) may use the agent through this entry.
+    #[serde(default)]
+    pub protected_branches_only: bool,
 }
 
 /// `ci_access.groups[]`: every project in the group and its subgroups.
@@ -61,6 +187,9 @@ pub struct GroupEntry {
     pub environments: Option<Vec<String>>,
     #[serde(default)]
     pub access_as: AccessAs,
+    /// Only jobs on protected branches (or tags) may use the agent through this entry.
+    #[serde(default)]
+    pub protected_branches_only: bool,
 }
 
 /// `access_as`: whose identity the cluster sees. Exactly one key: `agent`, `ci_job`
@@ -111,8 +240,50 @@ pub struct ImpersonateIdentity {
     pub uid: Option<String>,
     #[serde(default)]
     pub groups: Vec<String>,
-    #[serde(default)]
+    /// A map (`{key: [values]}`) or GitLab's list form (`[{key: k, val: [values]}]`).
+    #[serde(default, deserialize_with = "extra_map")]
     pub extra: BTreeMap<String, Vec<String>>,
+}
+
+/// GitLab's form of one `impersonate.extra` entry.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtraKeyVal {
+    key: String,
+    #[serde(default)]
+    val: Vec<String>,
+}
+
+/// Reads `impersonate.extra` as a map or as GitLab's list of `{key, val}`; values of a
+/// key listed twice are joined.
+fn extra_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = BTreeMap<String, Vec<String>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map of keys to lists of values, or a list of {key, val}")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = m.next_entry::<String, Vec<String>>()? {
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+            let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            while let Some(e) = s.next_element::<ExtraKeyVal>()? {
+                out.entry(e.key).or_default().extend(e.val);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Visitor)
 }
 
 #[derive(Deserialize)]
@@ -159,11 +330,21 @@ fn join(p: &[Problem]) -> String {
 pub type ConfigWarning = Problem;
 
 /// Parses and validates `config.yaml` of an agent whose configuration project is
-/// `config_project_path`. Returns the configuration and warnings (entries that are
-/// valid but can never match, such as another root group).
+/// `config_project_path`, with the default `ci_access` limits. Returns the
+/// configuration and warnings (what kas ignores, entries that can never match).
 pub fn parse_agent_config(
     yaml: &str,
     config_project_path: &str,
+) -> Result<(AgentConfig, Vec<ConfigWarning>), ConfigError> {
+    parse_agent_config_with(yaml, config_project_path, Some(&CiAccessLimits::default()))
+}
+
+/// [`parse_agent_config`] with `limits` on `ci_access` entries (`None`: not checked,
+/// for a stored configuration that was validated when it was set).
+pub fn parse_agent_config_with(
+    yaml: &str,
+    config_project_path: &str,
+    limits: Option<&CiAccessLimits>,
 ) -> Result<(AgentConfig, Vec<ConfigWarning>), ConfigError> {
     let config: AgentConfig = if yaml.trim().is_empty() {
         AgentConfig::default()
@@ -172,11 +353,17 @@ pub fn parse_agent_config(
         serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let message = e.into_inner().to_string();
-            // The YAML error already starts with the path; keep it once.
-            let message = message
-                .strip_prefix(&format!("{field}: "))
-                .map(str::to_string)
-                .unwrap_or(message);
+            // The YAML error starts with the path (or its parent's); keep the path once.
+            let message = match message.split_once(": ") {
+                Some((prefix, rest))
+                    if field == prefix
+                        || field.starts_with(&format!("{prefix}."))
+                        || field.starts_with(&format!("{prefix}[")) =>
+                {
+                    rest.to_string()
+                }
+                _ => message,
+            };
             ConfigError {
                 problems: vec![Problem {
                     field: if field == "." { String::new() } else { field },
@@ -188,24 +375,29 @@ pub fn parse_agent_config(
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     let root = crate::root_of(config_project_path);
+    check_sections(&config, &mut problems, &mut warnings);
     let ca = &config.ci_access;
-    if ca.projects.len() > MAX_PROJECTS {
-        problems.push(problem(
-            "ci_access.projects",
-            format!(
-                "at most {MAX_PROJECTS} projects are allowed, found {}",
-                ca.projects.len()
-            ),
-        ));
-    }
-    if ca.groups.len() > MAX_GROUPS {
-        problems.push(problem(
-            "ci_access.groups",
-            format!(
-                "at most {MAX_GROUPS} groups are allowed, found {}",
-                ca.groups.len()
-            ),
-        ));
+    if let Some(l) = limits {
+        if ca.projects.len() > l.max_projects {
+            problems.push(problem(
+                "ci_access.projects",
+                format!(
+                    "at most {} projects are allowed (kas's agent.max_ci_access_projects), found {}",
+                    l.max_projects,
+                    ca.projects.len()
+                ),
+            ));
+        }
+        if ca.groups.len() > l.max_groups {
+            problems.push(problem(
+                "ci_access.groups",
+                format!(
+                    "at most {} groups are allowed (kas's agent.max_ci_access_groups), found {}",
+                    l.max_groups,
+                    ca.groups.len()
+                ),
+            ));
+        }
     }
     let entries = ca
         .projects
@@ -301,6 +493,49 @@ pub fn parse_agent_config(
         Ok((config, warnings))
     } else {
         Err(ConfigError { problems })
+    }
+}
+
+/// Warnings for what kas ignores, and problems for top-level keys that look like
+/// misspellings of the sections kas implements; checks `observability`.
+fn check_sections(config: &AgentConfig, problems: &mut Vec<Problem>, warnings: &mut Vec<Problem>) {
+    for key in &config.ignored {
+        if let Some((_, what)) = GITLAB_SECTIONS.iter().find(|(k, _)| k == key) {
+            warnings.push(problem(
+                key.as_str(),
+                format!("kas does not implement {what}; this section is ignored"),
+            ));
+        } else if let Some(meant) = KAS_SECTIONS
+            .iter()
+            .find(|s| distance(&key.to_ascii_lowercase(), s) <= 2)
+        {
+            problems.push(problem(
+                key.as_str(),
+                format!("unknown section; did you mean `{meant}`?"),
+            ));
+        } else {
+            warnings.push(problem(
+                key.as_str(),
+                "unknown section; kas ignores it",
+            ));
+        }
+    }
+    let logging = &config.observability.logging;
+    for (name, level) in [("level", &logging.level), ("grpc_level", &logging.grpc_level)] {
+        if let Some(l) = level {
+            if !LOG_LEVELS.contains(&l.as_str()) {
+                problems.push(problem(
+                    format!("observability.logging.{name}"),
+                    format!("`{l}` is not a log level (use debug, info, warn or error)"),
+                ));
+            }
+        }
+    }
+    if config.observability.google_profiler.is_some() {
+        warnings.push(problem(
+            "observability.google_profiler",
+            "kas does not implement GitLab's Google Cloud Profiler settings; ignored",
+        ));
     }
 }
 
@@ -449,5 +684,99 @@ ci_access:
             .expect("valid");
         assert_eq!(w.len(), 1);
         assert!(w[0].to_string().contains("root group `acme`"));
+    }
+
+    #[test]
+    fn gitlab_configurations_are_accepted_with_warnings() {
+        let yaml = r#"
+gitops:
+  manifest_projects:
+    - id: acme/manifests
+      paths: [{glob: '/**/*.yaml'}]
+observability:
+  logging:
+    level: debug
+    grpc_level: warn
+user_access:
+  access_as: {agent: {}}
+  projects: [{id: acme/web/shop}]
+container_scanning:
+  cadence: '0 0 * * *'
+remote_development:
+  enabled: true
+flux:
+  webhook_receiver_url: http://webhook-receiver.flux-system.svc.cluster.local
+something_gitlab_adds_later:
+  enabled: true
+ci_access:
+  projects:
+    - id: acme/web/shop
+      protected_branches_only: true
+      environments: [production]
+      access_as:
+        impersonate:
+          username: deployer
+          extra:
+            - key: team
+              val: [web, ops]
+            - key: reason
+              val: [deploy]
+"#;
+        let (c, w) = parse_agent_config(yaml, "acme/platform/agents").expect("valid");
+        let warned: Vec<&str> = w.iter().map(|p| p.field.as_str()).collect();
+        for k in [
+            "gitops",
+            "user_access",
+            "container_scanning",
+            "remote_development",
+            "flux",
+            "something_gitlab_adds_later",
+        ] {
+            assert!(warned.contains(&k), "no warning for {k}: {warned:?}");
+        }
+        assert_eq!(c.observability.logging.level.as_deref(), Some("debug"));
+        assert_eq!(c.observability.logging.grpc_level.as_deref(), Some("warn"));
+        assert!(c.ci_access.projects[0].protected_branches_only);
+        match &c.ci_access.projects[0].access_as {
+            AccessAs::Impersonate(i) => {
+                assert_eq!(i.extra["team"], ["web", "ops"]);
+                assert_eq!(i.extra["reason"], ["deploy"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn implemented_sections_stay_strict() {
+        let e = err("ci_access:\n  project:\n    - id: acme/x\n");
+        assert!(e.contains("ci_access") && e.contains("project"), "{e}");
+        let e = err("service_access:\n  - url: http://x:1/\n    urls: y\n");
+        assert!(e.contains("service_access[0]") && e.contains("urls"), "{e}");
+        let e = err("observability:\n  logging:\n    levle: debug\n");
+        assert!(e.contains("observability.logging") && e.contains("levle"), "{e}");
+        let e = err("observability:\n  logging:\n    level: verbose\n");
+        assert!(e.contains("observability.logging.level"), "{e}");
+        let e = err("servce_access: []\n");
+        assert!(e.contains("did you mean `service_access`"), "{e}");
+        let e = err("ci_access:\n  projects:\n    - id: acme/x\n      access_as:\n        impersonate:\n          username: u\n          extra: [{key: k, vals: [v]}]\n");
+        assert!(e.contains("extra") && e.contains("vals"), "{e}");
+        let e = err("ci_access: {}\nci_access: {}\n");
+        assert!(e.contains("twice") || e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn limits_are_settings() {
+        let mut yaml = String::from("ci_access:\n  projects:\n");
+        for i in 0..150 {
+            yaml.push_str(&format!("    - id: acme/p{i}\n"));
+        }
+        let e = err(&yaml);
+        assert!(e.contains("at most 100 projects") && e.contains("max_ci_access_projects"), "{e}");
+        let raised = CiAccessLimits {
+            max_projects: 500,
+            max_groups: 500,
+        };
+        assert!(parse_agent_config_with(&yaml, "acme/a", Some(&raised)).is_ok());
+        assert!(parse_agent_config_with(&yaml, "acme/a", None).is_ok());
     }
 }

@@ -29,6 +29,8 @@ pub struct JobContext {
     pub groups: Vec<Named>,
     pub environment: Option<Environment>,
     pub username: String,
+    /// Whether the job runs for a protected branch or tag.
+    pub protected_ref: bool,
 }
 
 /// The agent being used.
@@ -102,6 +104,8 @@ pub enum DenyReason {
     },
     /// No entry covers the project.
     NotAuthorized { project: String },
+    /// The deciding entry allows only jobs on protected branches.
+    ProtectedBranchesOnly { project: String, entry: String },
 }
 
 impl fmt::Display for DenyReason {
@@ -122,6 +126,10 @@ impl fmt::Display for DenyReason {
             DenyReason::NotAuthorized { project } => {
                 write!(f, "the agent's ci_access does not authorize project {project}")
             }
+            DenyReason::ProtectedBranchesOnly { project, entry } => write!(
+                f,
+                "the agent's ci_access entry {entry} allows project {project} only for jobs on protected branches"
+            ),
         }
     }
 }
@@ -136,7 +144,9 @@ pub enum Decision {
 /// Decides whether `job` may use `agent` configured with `config`, and as whom.
 ///
 /// Project entries take precedence over group entries; among groups the deepest one
-/// covering the project wins; the first entry in file order breaks ties.
+/// covering the project wins; the first entry in file order breaks ties. The deciding
+/// entry alone says whether jobs on unprotected branches may use the agent (as GitLab:
+/// the most specific entry is used).
 pub fn decide(agent: &AgentRef, config: &AgentConfig, job: &JobContext) -> Decision {
     let root = root_of(&agent.config_project.path);
     let project_path = job.project.path.as_str();
@@ -155,10 +165,21 @@ pub fn decide(agent: &AgentRef, config: &AgentConfig, job: &JobContext) -> Decis
     };
     let mut covered = false;
     let ca = &config.ci_access;
+    let protected_only = |only: bool, id: &str| {
+        (only && !job.protected_ref).then(|| {
+            Decision::Deny(DenyReason::ProtectedBranchesOnly {
+                project: project_path.to_string(),
+                entry: id.to_string(),
+            })
+        })
+    };
     for (i, e) in ca.projects.iter().enumerate() {
         if e.id.eq_ignore_ascii_case(project_path) {
             covered = true;
             if env_ok(&e.environments) {
+                if let Some(deny) = protected_only(e.protected_branches_only, &e.id) {
+                    return deny;
+                }
                 return allow(
                     agent,
                     job,
@@ -181,6 +202,9 @@ pub fn decide(agent: &AgentRef, config: &AgentConfig, job: &JobContext) -> Decis
         }
     }
     if let Some((i, e)) = best {
+        if let Some(deny) = protected_only(e.protected_branches_only, &e.id) {
+            return deny;
+        }
         return allow(
             agent,
             job,
@@ -349,6 +373,7 @@ mod tests {
                 tier: t.into(),
             }),
             username: "alice".into(),
+            protected_ref: false,
         }
     }
 
@@ -572,5 +597,23 @@ ci_access:
     fn paths_compare_case_insensitively() {
         let c = cfg("ci_access:\n  projects: [{id: Group1/Web/Shop}]\n");
         allowed(decide(&agent(), &c, &job("group1/web/shop", None)));
+    }
+
+    #[test]
+    fn protected_branches_only_is_decided_by_the_most_specific_entry() {
+        // GitLab's example: the project entry supersedes the group's.
+        let c = cfg("ci_access:\n  projects:\n    - id: group1/web/shop\n      protected_branches_only: false\n  groups:\n    - id: group1\n      protected_branches_only: true\n");
+        let a = agent();
+        assert!(matches!(decide(&a, &c, &job("group1/web/shop", None)), Decision::Allow(_)));
+        let other = job("group1/web/blog", None);
+        match decide(&a, &c, &other) {
+            Decision::Deny(r @ DenyReason::ProtectedBranchesOnly { .. }) => {
+                assert!(r.to_string().contains("only for jobs on protected branches"), "{r}");
+            }
+            d => panic!("{d:?}"),
+        }
+        let mut protected = other;
+        protected.protected_ref = true;
+        assert!(matches!(decide(&a, &c, &protected), Decision::Allow(_)));
     }
 }

@@ -132,6 +132,7 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
             replica_id: format!("{:016x}", rand::random::<u64>()),
             agent_version: "0.1.0".into(),
             since: 0,
+            meta: Default::default(),
         });
     }
     let mut refresh = Vec::new();

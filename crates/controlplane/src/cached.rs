@@ -171,8 +171,9 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
         project: &str,
         name: &str,
         yaml: &str,
+        limits: &kas_authz::CiAccessLimits,
     ) -> Result<(u64, Vec<kas_authz::ConfigWarning>)> {
-        let r = self.inner.set_agent_config(project, name, yaml).await;
+        let r = self.inner.set_agent_config(project, name, yaml, limits).await;
         self.invalidate();
         r
     }
@@ -277,7 +278,7 @@ mod tests {
         assert_eq!(v0.config_version, 0);
         let mut changes = cp.subscribe();
         for round in 1..=20u64 {
-            db.set_agent_config("a/agents", "x", "ci_access: {}\n")
+            db.set_agent_config("a/agents", "x", "ci_access: {}\n", &Default::default())
                 .await
                 .expect("config");
             assert_eq!(

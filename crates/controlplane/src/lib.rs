@@ -99,12 +99,14 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Records that a token was used now.
     async fn touch_agent_token(&self, token_id: u64) -> Result<()>;
     async fn get_agent(&self, project: &str, name: &str) -> Result<Agent>;
-    /// Validates and stores an agent's config.yaml; returns the new version and warnings.
+    /// Validates (with `limits` on `ci_access`) and stores an agent's config.yaml;
+    /// returns the new version and warnings.
     async fn set_agent_config(
         &self,
         project: &str,
         name: &str,
         yaml: &str,
+        limits: &kas_authz::CiAccessLimits,
     ) -> Result<(u64, Vec<kas_authz::ConfigWarning>)>;
     async fn create_environment(
         &self,

@@ -115,6 +115,8 @@ pub struct Job {
     pub status: JobStatus,
     pub started_at: i64,
     pub finished_at: Option<i64>,
+    /// Whether the job runs for a protected branch or tag.
+    pub protected_ref: bool,
 }
 
 /// Parameters of a new CI job.
@@ -125,4 +127,6 @@ pub struct StartJob {
     pub username: String,
     /// A new pipeline id is allocated when absent.
     pub pipeline_id: Option<u64>,
+    /// Whether the job runs for a protected branch or tag.
+    pub protected_ref: bool,
 }

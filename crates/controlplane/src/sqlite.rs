@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     token_hash BLOB NOT NULL UNIQUE,
     status TEXT NOT NULL,
     started_at INTEGER NOT NULL,
-    finished_at INTEGER
+    finished_at INTEGER,
+    protected_ref INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS agent_tokens (
     id INTEGER PRIMARY KEY,
@@ -94,6 +95,20 @@ impl SqlControlPlane<Sqlite> {
         )
         .map_err(storage)?;
         conn.execute_batch(SCHEMA).map_err(storage)?;
+        // Columns added after the first release: added to older files.
+        let has_protected: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'protected_ref'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(storage)?;
+        if has_protected == 0 {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN protected_ref INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(storage)?;
+        }
         conn.execute_batch(crate::agent_tokens::MIGRATE)
             .map_err(storage)?;
         let (changes, _) = broadcast::channel(1024);

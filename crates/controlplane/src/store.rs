@@ -230,7 +230,7 @@ fn agent_row(r: &Row) -> Result<(Agent, String)> {
 fn agent_info(agent: Agent, yaml: String) -> Result<AgentInfo> {
     // Stored configurations were validated on set; a parse failure here means the
     // stored row is corrupt, which is a storage error, not the caller's.
-    let (config, _) = kas_authz::parse_agent_config(&yaml, &agent.project_path)
+    let (config, _) = kas_authz::parse_agent_config_with(&yaml, &agent.project_path, None)
         .map_err(|e| Error::Storage(Box::new(e)))?;
     Ok(AgentInfo {
         agent: AgentRef {
@@ -253,7 +253,7 @@ fn agent_infos(rows: Vec<(Agent, String)>) -> Result<Vec<Arc<AgentInfo>>> {
         .collect()
 }
 
-const JOB_COLS: &str = "j.id, j.project_id, p.path, j.pipeline_id, e.name, j.username, j.status, j.started_at, j.finished_at";
+const JOB_COLS: &str = "j.id, j.project_id, p.path, j.pipeline_id, e.name, j.username, j.status, j.started_at, j.finished_at, j.protected_ref";
 const JOB_FROM: &str = "FROM jobs j JOIN projects p ON p.id = j.project_id LEFT JOIN environments e ON e.id = j.environment_id";
 
 fn job_row(r: &Row) -> Result<Job> {
@@ -267,6 +267,7 @@ fn job_row(r: &Row) -> Result<Job> {
         status: JobStatus::parse(&r.text(6)?).unwrap_or(JobStatus::Failed),
         started_at: r.int(7)?,
         finished_at: r.opt_int(8)?,
+        protected_ref: r.int(9)? != 0,
     })
 }
 
@@ -495,9 +496,11 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
         project: &str,
         name: &str,
         yaml: &str,
+        limits: &kas_authz::CiAccessLimits,
     ) -> Result<(u64, Vec<kas_authz::ConfigWarning>)> {
         let agent = self.get_agent(project, name).await?;
-        let (_, warnings) = kas_authz::parse_agent_config(yaml, &agent.project_path)?;
+        let (_, warnings) =
+            kas_authz::parse_agent_config_with(yaml, &agent.project_path, Some(limits))?;
         let yaml = yaml.to_string();
         let id = agent.id;
         let version = self
@@ -619,8 +622,8 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
             };
             let token = new_token(TokenKind::Job);
             let rows = tx.query(
-                "INSERT INTO jobs (project_id, pipeline_id, environment_id, username, token_hash, status, started_at) \
-                 VALUES ($1, $2, $3, $4, $5, 'running', $6) RETURNING id",
+                "INSERT INTO jobs (project_id, pipeline_id, environment_id, username, token_hash, status, started_at, protected_ref) \
+                 VALUES ($1, $2, $3, $4, $5, 'running', $6, $7) RETURNING id",
                 &[
                     pid.into(),
                     pipeline_id.into(),
@@ -628,6 +631,7 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
                     (&req.username).into(),
                     hash_token(token.expose()).to_vec().into(),
                     now().into(),
+                    i64::from(req.protected_ref).into(),
                 ],
             )?;
             let id = to_i64("job", returned_id(&rows)?)?;
@@ -721,7 +725,7 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
         let h = hash_token(token).to_vec();
         self.run(move |tx| {
             let Some(r) = tx.query_opt(
-                "SELECT j.id, j.project_id, j.pipeline_id, j.username, e.name, e.slug, e.tier, p.path, p.group_id \
+                "SELECT j.id, j.project_id, j.pipeline_id, j.username, e.name, e.slug, e.tier, p.path, p.group_id, j.protected_ref \
                  FROM jobs j JOIN projects p ON p.id = j.project_id LEFT JOIN environments e ON e.id = j.environment_id \
                  WHERE j.token_hash = $1 AND j.status = 'running'",
                 &[h.into()],
@@ -748,6 +752,7 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
                 groups,
                 environment,
                 username: r.text(3)?,
+                protected_ref: r.int(9)? != 0,
             })))
         })
         .await

@@ -146,8 +146,8 @@ async fn agent_tokens_rotate_revoke_and_die_with_the_agent(cp: &dyn ControlPlane
     cp.create_agent("acme/agents", "prod").await.expect("again");
 }
 
-/// A database written before agents had several tokens keeps working: each agent's
-/// one token becomes its token `default`.
+/// A database written before agents had several tokens (and jobs a protected flag)
+/// keeps working: each agent's one token becomes its token `default`.
 #[tokio::test]
 async fn agents_from_before_token_rotation_keep_their_token() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -161,6 +161,9 @@ async fn agents_from_before_token_rotation_keep_their_token() {
              CREATE TABLE agents (id INTEGER PRIMARY KEY, project_id INTEGER NOT NULL REFERENCES projects(id), name TEXT NOT NULL,
                  token_hash BLOB NOT NULL UNIQUE, config_yaml TEXT NOT NULL DEFAULT '', config_version INTEGER NOT NULL DEFAULT 0,
                  created_at INTEGER NOT NULL, UNIQUE (project_id, name));
+             CREATE TABLE jobs (id INTEGER PRIMARY KEY, project_id INTEGER NOT NULL REFERENCES projects(id), pipeline_id INTEGER NOT NULL,
+                 environment_id INTEGER, username TEXT NOT NULL, token_hash BLOB NOT NULL UNIQUE, status TEXT NOT NULL,
+                 started_at INTEGER NOT NULL, finished_at INTEGER);
              INSERT INTO groups (id, path) VALUES (1, 'acme');
              INSERT INTO projects (id, group_id, path) VALUES (2, 1, 'acme/agents');",
         )
@@ -183,6 +186,14 @@ async fn agents_from_before_token_rotation_keep_their_token() {
         let tokens = cp.list_agent_tokens(7).await.expect("list");
         assert_eq!(tokens.len(), 1, "{tokens:?}");
         assert_eq!(tokens[0].name, "default");
+        // The jobs table gained its protected_ref column.
+        cp.start_job(&StartJob {
+            project: "acme/agents".into(),
+            username: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a job in the old table");
     }
 }
 
@@ -273,15 +284,18 @@ async fn project_creates_parents_and_job_context_has_group_chain(cp: &dyn Contro
             environment: Some("prod".into()),
             username: "alice".into(),
             pipeline_id: None,
+            protected_ref: true,
         })
         .await
         .expect("job");
     assert_eq!(job.status, JobStatus::Running);
+    assert!(job.protected_ref);
     let ctx = cp
         .authenticate_job(token.expose())
         .await
         .expect("auth")
         .expect("running");
+    assert!(ctx.protected_ref);
     assert_eq!(
         ctx.groups.iter().map(|g| g.id).collect::<Vec<_>>(),
         [23, 25]
@@ -357,6 +371,7 @@ async fn agents_tokens_and_config(cp: &dyn ControlPlane) {
             "acme/platform/agents",
             "prod",
             "ci_access:\n  projects:\n    - id: acme/x\n      access_as: {bogus: {}}\n",
+            &Default::default(),
         )
         .await
         .expect_err("invalid");
@@ -369,6 +384,7 @@ async fn agents_tokens_and_config(cp: &dyn ControlPlane) {
             "acme/platform/agents",
             "prod",
             "ci_access:\n  projects:\n    - id: acme/web/shop\n",
+            &Default::default(),
         )
         .await
         .expect("valid");
@@ -411,7 +427,7 @@ async fn postgres_replicas_share_data_and_changes() {
         .expect("auth")
         .expect("replica b sees the agent");
     assert_eq!(seen.info.agent.id, agent.id);
-    a.set_agent_config("acme/agents", "prod", "ci_access: {}\n")
+    a.set_agent_config("acme/agents", "prod", "ci_access: {}\n", &Default::default())
         .await
         .expect("config");
     let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes_b.recv())

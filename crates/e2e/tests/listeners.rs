@@ -317,6 +317,7 @@ async fn agents_must_send_their_first_messages_in_time() {
             protocol_version: kas_proto::PROTOCOL_VERSION,
             applied_version: 0,
             agent_version: "test".into(),
+            meta: None,
         })
         .await
         .expect("ack");

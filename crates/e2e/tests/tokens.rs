@@ -262,6 +262,7 @@ async fn streams_until_refused(
             protocol_version: kas_proto::PROTOCOL_VERSION,
             applied_version: 0,
             agent_version: "test".into(),
+            meta: None,
         };
         let req = agent_request(token, &format!("r{n}"), futures::stream::iter([ack]));
         if let Err(s) = client.configure(req).await {

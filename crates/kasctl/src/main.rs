@@ -57,8 +57,12 @@ enum Cmd {
     /// Agents registered in a configuration project.
     #[command(subcommand)]
     Agent(AgentCmd),
-    /// Connected agents: id, name, configuration project, replicas, since.
-    Agents,
+    /// Connected agents: id, name, configuration project, replicas, versions, since.
+    Agents {
+        /// One row per agent replica: its pod, namespace, node, versions and kas.
+        #[arg(long)]
+        replicas: bool,
+    },
     /// Environments of a project.
     #[command(subcommand)]
     Environment(EnvCmd),
@@ -112,6 +116,9 @@ enum AccessCmd {
         job_id: u64,
         #[arg(long, default_value_t = 1)]
         pipeline_id: u64,
+        /// As for a job on a protected branch or tag.
+        #[arg(long)]
+        protected: bool,
     },
 }
 
@@ -234,6 +241,9 @@ struct StartArgs {
     /// Pipeline id (a new one is allocated if absent).
     #[arg(long)]
     pipeline: Option<u64>,
+    /// The job runs for a protected branch or tag (for `protected_branches_only`).
+    #[arg(long)]
+    protected: bool,
     /// Write the job's kubeconfig here (mode 0600).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -427,8 +437,10 @@ async fn run(cli: Cli) -> Result<()> {
             user,
             job_id,
             pipeline_id,
+            protected,
         }) => {
             let mut q = vec![
+                ("protected", protected.to_string()),
                 ("project", project),
                 ("agent", agent),
                 ("user", user),
@@ -593,52 +605,14 @@ async fn run(cli: Cli) -> Result<()> {
                 print!("{}", s(&v, "config"))
             }
         }
-        Cmd::Agents => {
+        Cmd::Agents { replicas } => {
             let v = api.call(M::GET, "/connected-agents", None).await?;
             if json_out {
                 print_json(&v)
+            } else if replicas {
+                replica_table(&v)
             } else {
-                table(
-                    &[
-                        "ID",
-                        "NAME",
-                        "CONFIG PROJECT",
-                        "REPLICAS",
-                        "IDLE TUNNELS",
-                        "BUSY",
-                        "SINCE",
-                        "KAS",
-                    ],
-                    list(&v)
-                        .iter()
-                        .map(|a| {
-                            let reps = list(&a["replicas"]);
-                            let first = reps
-                                .iter()
-                                .filter_map(|r| r["connected_since"].as_u64())
-                                .min()
-                                .unwrap_or(0);
-                            let mut kas: Vec<&str> =
-                                reps.iter().filter_map(|r| r["kas"].as_str()).collect();
-                            kas.sort_unstable();
-                            kas.dedup();
-                            vec![
-                                s(a, "id"),
-                                s(a, "name"),
-                                s(a, "config_project"),
-                                reps.len().to_string(),
-                                s(a, "idle_tunnels"),
-                                s(a, "busy_tunnels"),
-                                since(first),
-                                if kas.is_empty() {
-                                    "-".into()
-                                } else {
-                                    kas.join(",")
-                                },
-                            ]
-                        })
-                        .collect(),
-                )
+                agents_table(&v)
             }
         }
         Cmd::Environment(EnvCmd::Create {
@@ -696,7 +670,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .call(
                     M::POST,
                     "/jobs",
-                    Some(json!({ "project": a.project, "environment": a.environment, "user": a.user, "pipeline_id": a.pipeline })),
+                    Some(json!({ "project": a.project, "environment": a.environment, "user": a.user, "pipeline_id": a.pipeline, "protected": a.protected })),
                 )
                 .await?;
             if let Some(f) = &a.kubeconfig {
@@ -771,6 +745,110 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `kasctl agents`: one row per agent.
+fn agents_table(v: &Value) {
+    let distinct = |reps: &[Value], key: &str| {
+        let mut vals: Vec<&str> = reps
+            .iter()
+            .filter_map(|r| r[key].as_str())
+            .filter(|s| !s.is_empty())
+            .collect();
+        vals.sort_unstable();
+        vals.dedup();
+        if vals.is_empty() {
+            "-".to_string()
+        } else {
+            vals.join(",")
+        }
+    };
+    table(
+        &[
+            "ID",
+            "NAME",
+            "CONFIG PROJECT",
+            "REPLICAS",
+            "IDLE TUNNELS",
+            "BUSY",
+            "SINCE",
+            "VERSION",
+            "KUBERNETES",
+            "KAS",
+        ],
+        list(v)
+            .iter()
+            .map(|a| {
+                let reps = list(&a["replicas"]);
+                let first = reps
+                    .iter()
+                    .filter_map(|r| r["connected_since"].as_u64())
+                    .min()
+                    .unwrap_or(0);
+                vec![
+                    s(a, "id"),
+                    s(a, "name"),
+                    s(a, "config_project"),
+                    reps.len().to_string(),
+                    s(a, "idle_tunnels"),
+                    s(a, "busy_tunnels"),
+                    since(first),
+                    distinct(reps, "agent_version"),
+                    distinct(reps, "kubernetes_version"),
+                    distinct(reps, "kas"),
+                ]
+            })
+            .collect(),
+    );
+    warn_replicas(v);
+}
+
+/// `kasctl agents --replicas`: one row per agent replica.
+fn replica_table(v: &Value) {
+    let dash = |r: &Value, k: &str| match r[k].as_str() {
+        Some(x) if !x.is_empty() => x.to_string(),
+        _ => "-".to_string(),
+    };
+    let mut rows = Vec::new();
+    for a in list(v) {
+        for r in list(&a["replicas"]) {
+            rows.push(vec![
+                s(a, "id"),
+                s(a, "name"),
+                s(r, "replica_id"),
+                dash(r, "pod_namespace"),
+                dash(r, "pod_name"),
+                dash(r, "node_name"),
+                dash(r, "agent_version"),
+                dash(r, "kubernetes_version"),
+                since(r["connected_since"].as_u64().unwrap_or(0)),
+                dash(r, "kas"),
+            ]);
+        }
+    }
+    table(
+        &[
+            "ID", "NAME", "REPLICA", "NAMESPACE", "POD", "NODE", "VERSION", "KUBERNETES", "SINCE",
+            "KAS",
+        ],
+        rows,
+    );
+    warn_replicas(v);
+}
+
+/// Prints each replica's warning (such as version skew) on stderr.
+fn warn_replicas(v: &Value) {
+    for a in list(v) {
+        for r in list(&a["replicas"]) {
+            if let Some(w) = r["warning"].as_str() {
+                eprintln!(
+                    "warning: agent {} replica {}: {w}",
+                    s(a, "id"),
+                    s(r, "replica_id")
+                );
+            }
+        }
+    }
 }
 
 /// One audit record as a table row: a proxy request or an admin action.

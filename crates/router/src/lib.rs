@@ -53,7 +53,8 @@ pub struct Router {
 /// Dropping it forgets the replica everywhere.
 pub struct Registration {
     local: ReplicaGuard,
-    shared: Option<(Arc<RedisRegistry>, u64)>,
+    /// The registry and the entry written to it.
+    shared: Option<(Arc<RedisRegistry>, Connection)>,
 }
 
 impl Registration {
@@ -61,12 +62,22 @@ impl Registration {
     pub fn replica_key(&self) -> &Arc<str> {
         self.local.replica_key()
     }
+
+    /// Records what the replica reported about itself (shared with the next refresh).
+    pub fn set_meta(&mut self, meta: &kas_tunnel::ReplicaMeta) {
+        if let Some((redis, c)) = &mut self.shared {
+            if c.meta != *meta {
+                c.meta = meta.clone();
+                redis.update(c.clone());
+            }
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some((redis, agent_id)) = &self.shared {
-            redis.unregister(*agent_id, self.local.replica_key());
+        if let Some((redis, c)) = &self.shared {
+            redis.unregister(c.agent_id, self.local.replica_key());
         }
     }
 }
@@ -120,7 +131,7 @@ impl Router {
     pub fn add_replica(&self, agent_id: u64, info: ReplicaInfo) -> Registration {
         let local = self.local.add_replica(agent_id, info.clone());
         let shared = self.shared.as_ref().map(|s| {
-            s.redis.register(Connection {
+            let c = Connection {
                 agent_id,
                 connection: local.replica_key().to_string(),
                 kas_id: s.kas_id.clone(),
@@ -128,8 +139,10 @@ impl Router {
                 replica_id: info.replica_id.clone(),
                 agent_version: info.agent_version.clone(),
                 since: unix_now(),
-            });
-            (s.redis.clone(), agent_id)
+                meta: info.meta.clone(),
+            };
+            s.redis.register(c.clone());
+            (s.redis.clone(), c)
         });
         Registration { local, shared }
     }

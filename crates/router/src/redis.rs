@@ -42,6 +42,9 @@ pub struct Connection {
     pub agent_version: String,
     /// Unix seconds.
     pub since: u64,
+    /// Where the replica runs (absent in entries of older kas).
+    #[serde(default, flatten)]
+    pub meta: kas_tunnel::ReplicaMeta,
 }
 
 /// Registry settings.
@@ -244,6 +247,19 @@ impl RedisRegistry {
             .unwrap_or_else(|p| p.into_inner())
             .insert((c.agent_id, c.connection.clone()), c.clone());
         let _ = self.commands.send(Command::Register(c));
+    }
+
+    /// Updates what is known of a connection held by this kas (written with the next
+    /// refresh).
+    pub fn update(&self, c: Connection) {
+        if let Some(own) = self
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&(c.agent_id, c.connection.clone()))
+        {
+            *own = c;
+        }
     }
 
     /// Forgets a connection held by this kas.

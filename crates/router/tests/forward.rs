@@ -106,6 +106,7 @@ async fn gateway(older: bool) -> Gw {
             replica_id: "agentk-1".into(),
             agent_version: "test".into(),
             peer: "test".into(),
+            meta: Default::default(),
         },
     );
     let key = replica.replica_key().clone();

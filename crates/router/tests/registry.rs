@@ -13,6 +13,7 @@ fn conn(agent_id: u64) -> Connection {
         replica_id: "replica-a".into(),
         agent_version: "test".into(),
         since: 0,
+        meta: Default::default(),
     }
 }
 

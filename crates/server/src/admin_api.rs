@@ -29,6 +29,8 @@ pub struct AdminState {
     pub admin_token_hash: [u8; 32],
     pub k8s_proxy_url: String,
     pub k8s_proxy_ca_pem: Option<String>,
+    /// Limits on `ci_access` entries of agent configurations (kas settings).
+    pub ci_access_limits: kas_authz::CiAccessLimits,
 }
 
 /// Errors of the admin API, mapped to status codes here and nowhere else.
@@ -408,8 +410,15 @@ async fn set_agent_config(
     State(s): State<Arc<AdminState>>,
     Json(r): Json<ConfigReq>,
 ) -> AuditedJson<serde_json::Value> {
-    match s.cp.set_agent_config(&r.project, &r.name, &r.config).await {
+    match s
+        .cp
+        .set_agent_config(&r.project, &r.name, &r.config, &s.ci_access_limits)
+        .await
+    {
         Ok((version, warnings)) => {
+            for w in &warnings {
+                tracing::warn!(agent = %format!("{}:{}", r.project, r.name), version, warning = %w, "agent configuration stored with a warning");
+            }
             let mut a = Audited::new("agent.config.set", format!("{}:{}", r.project, r.name))
                 .detail("version", version);
             a.project = Some(r.project.clone());
@@ -478,6 +487,9 @@ struct JobReq {
     environment: Option<String>,
     user: String,
     pipeline_id: Option<u64>,
+    /// The job runs for a protected branch or tag.
+    #[serde(default)]
+    protected: bool,
 }
 
 #[derive(Serialize)]
@@ -499,6 +511,7 @@ async fn start_job(
             environment: r.environment,
             username: r.user,
             pipeline_id: r.pipeline_id,
+            protected_ref: r.protected,
         })
         .await?;
     let ctx =
@@ -613,8 +626,17 @@ async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Con
     ))
 }
 
-/// Connected agents on this kas and, with a shared registry, on every other kas.
+/// Connected agents on this kas and, with a shared registry, on every other kas, each
+/// replica with a warning when its version is too far from kas's.
 pub(crate) async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
+    let mut agents = connected_anywhere(router).await;
+    for r in agents.iter_mut().flat_map(|a| a.replicas.iter_mut()) {
+        r.warning = crate::version_skew(&r.agent_version);
+    }
+    agents
+}
+
+async fn connected_anywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
     let mut agents = router.registry().snapshot();
     let Some(shared) = router.connections().await else {
         return agents;
@@ -642,6 +664,8 @@ pub(crate) async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAge
             config_version: 0,
             idle_tunnels: 0,
             kas: Some(c.kas_id),
+            meta: c.meta,
+            warning: None,
         };
         match agents.iter_mut().find(|a| a.agent_id == c.agent_id) {
             Some(a) => a.replicas.push(replica),
@@ -666,6 +690,9 @@ struct ExplainReq {
     user: Option<String>,
     job_id: Option<u64>,
     pipeline_id: Option<u64>,
+    /// As for a job on a protected branch or tag.
+    #[serde(default)]
+    protected: bool,
 }
 
 /// Whether jobs of a project (and environment) may use an agent, which `ci_access`
@@ -759,6 +786,7 @@ async fn explain(
         groups: chain,
         environment: environment.clone(),
         username: q.user.clone().unwrap_or_else(|| "user".into()),
+        protected_ref: q.protected,
     };
     let agent_json = json!({
         "id": agent.agent.id,
@@ -772,6 +800,7 @@ async fn explain(
         "user": job.username,
         "job_id": job.job_id,
         "pipeline_id": job.pipeline_id,
+        "protected": job.protected_ref,
     });
     Ok(Json(match decide(&agent.agent, &agent.config, &job) {
         Decision::Allow(a) => {

@@ -308,12 +308,26 @@ fn check_protocol(v: u32) -> Result<(), Status> {
 }
 
 fn config_message(info: &AgentInfo) -> AgentConfiguration {
+    let logging = &info.config.observability.logging;
     AgentConfiguration {
         agent_id: info.agent.id,
         agent_name: info.agent.name.clone(),
         config_project_path: info.agent.config_project.path.clone(),
         version: info.config_version,
         config_yaml: info.config_yaml.clone(),
+        log_level: logging.level.clone().unwrap_or_default(),
+        grpc_log_level: logging.grpc_level.clone().unwrap_or_default(),
+    }
+}
+
+/// What a replica reported about itself, bounded (it is shown to admins).
+fn replica_meta(m: kas_proto::v1::AgentMeta) -> kas_tunnel::ReplicaMeta {
+    let clip = |s: String| s.chars().take(253).collect::<String>();
+    kas_tunnel::ReplicaMeta {
+        pod_name: clip(m.pod_name),
+        pod_namespace: clip(m.pod_namespace),
+        node_name: clip(m.node_name),
+        kubernetes_version: clip(m.kubernetes_version),
     }
 }
 
@@ -324,6 +338,8 @@ type ConfigSender = mpsc::Sender<Result<Box<AgentConfiguration>, Box<Status>>>;
 struct ConfigStream {
     cp: Arc<dyn ControlPlane>,
     registry: Arc<TunnelRegistry>,
+    /// The replica's registration, dropped (the replica forgotten) when the stream ends.
+    registration: kas_router::Registration,
     metrics: Arc<crate::metrics::Metrics>,
     agent_id: u64,
     token_id: u64,
@@ -345,6 +361,7 @@ impl ConfigStream {
         let ConfigStream {
             cp,
             registry,
+            mut registration,
             metrics,
             agent_id,
             token_id,
@@ -369,7 +386,13 @@ impl ConfigStream {
             }
             tokio::select! {
                 ack = inbound.message() => match ack {
-                    Ok(Some(a)) => registry.set_config_version(agent_id, &key, a.applied_version),
+                    Ok(Some(a)) => {
+                        let meta = a.meta.map(replica_meta);
+                        if let Some(m) = &meta {
+                            registration.set_meta(m);
+                        }
+                        registry.acknowledged(agent_id, &key, a.applied_version, meta);
+                    }
                     _ => return,
                 },
                 change = changes.recv() => match on_change(cp.as_ref(), agent_id, token_id, change).await {
@@ -456,17 +479,22 @@ impl Agent for AgentService {
         self.touch(auth.token_id);
         let info = auth.info.clone();
         let agent_id = info.agent.id;
+        if let Some(skew) = crate::version_skew(&agent_version) {
+            tracing::warn!(agent_id, replica = %replica_id, agent_version = %agent_version, "{skew}");
+        }
+        let meta = first.meta.map(replica_meta).unwrap_or_default();
         let guard = self.router.add_replica(
             agent_id,
             ReplicaInfo {
                 replica_id: replica_id.clone(),
                 agent_version,
                 peer,
+                meta,
             },
         );
         let key = guard.replica_key().clone();
         self.registry
-            .set_config_version(agent_id, &key, first.applied_version);
+            .acknowledged(agent_id, &key, first.applied_version, None);
         self.replicas
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -478,6 +506,7 @@ impl Agent for AgentService {
         let stream = ConfigStream {
             cp: self.cp.clone(),
             registry: self.registry.clone(),
+            registration: guard,
             metrics: self.metrics.clone(),
             agent_id,
             token_id: auth.token_id,
@@ -489,8 +518,7 @@ impl Agent for AgentService {
         };
         let replicas = self.replicas.clone();
         tokio::spawn(async move {
-            // Owns the replica's registration: it ends when this task ends.
-            let _guard = guard;
+            // The stream owns the replica's registration: it ends when the stream ends.
             stream.run(info).await;
             let mut map = replicas.lock().unwrap_or_else(|p| p.into_inner());
             if map.get(&(agent_id, replica_id.clone())) == Some(&key) {

@@ -238,6 +238,31 @@ pub async fn page(
         let mut versions: Vec<&str> = reps.iter().map(|r| r.agent_version.as_str()).collect();
         versions.sort_unstable();
         versions.dedup();
+        let mut warnings: Vec<&str> = reps.iter().filter_map(|r| r.warning.as_deref()).collect();
+        warnings.dedup();
+        let mut clusters: Vec<&str> = reps
+            .iter()
+            .map(|r| r.meta.kubernetes_version.as_str())
+            .filter(|v| !v.is_empty())
+            .collect();
+        clusters.sort_unstable();
+        clusters.dedup();
+        let runs_on: Vec<String> = reps
+            .iter()
+            .filter(|r| !r.meta.pod_name.is_empty())
+            .map(|r| {
+                let node = if r.meta.node_name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", esc(&r.meta.node_name))
+                };
+                format!(
+                    "<div>{}/{}{node}</div>",
+                    esc(&r.meta.pod_namespace),
+                    esc(&r.meta.pod_name)
+                )
+            })
+            .collect();
         let (state, class) = if reps.is_empty() {
             ("disconnected", "off")
         } else {
@@ -262,7 +287,7 @@ pub async fn page(
         };
         let _ = write!(
             rows,
-            "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}</td><td>{kas}</td><td>{seen}</td><td>{versions}</td><td class=pods>{pods}</td></tr>",
+            "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}{runs_on}</td><td>{kas}</td><td>{seen}</td><td>{versions}{warning}</td><td>{cluster}</td><td class=pods>{pods}</td></tr>",
             id = a.id,
             name = esc(&a.name),
             project = esc(&a.project_path),
@@ -274,10 +299,20 @@ pub async fn page(
             },
             seen = seen.map(|t| ago(t, now)).unwrap_or_else(|| "never (by this kas)".into()),
             versions = esc(&versions.join(", ")),
+            runs_on = runs_on.join(""),
+            warning = warnings
+                .iter()
+                .map(|w| format!("<div class=err>{}</div>", esc(w)))
+                .collect::<String>(),
+            cluster = if clusters.is_empty() {
+                "<span class=muted>-</span>".to_string()
+            } else {
+                esc(&clusters.join(", "))
+            },
         );
     }
     if agents.is_empty() {
-        rows.push_str("<tr><td colspan=8 class=muted>No agents yet: <code>kasctl agent create</code></td></tr>");
+        rows.push_str("<tr><td colspan=9 class=muted>No agents yet: <code>kasctl agent create</code></td></tr>");
     }
     let refresh = if loading { 2 } else { 10 };
     let html = format!(
@@ -292,7 +327,7 @@ th{{background:#f6f8fa}} .on{{color:#1a7f37;font-weight:600}} .off{{color:#cf222
 .muted{{color:#6e7781}} .err{{color:#cf222e}} .ns{{display:inline-block;background:#ddf4ff;border-radius:4px;padding:0 .35rem;margin:0 .2rem .2rem 0}}
 </style></head><body>
 <h1>Agents</h1>
-<table><thead><tr><th>Agent</th><th>Config project</th><th>State</th><th>Replicas</th><th>kas</th><th>Last seen</th><th>Version</th><th>Pods per namespace</th></tr></thead>
+<table><thead><tr><th>Agent</th><th>Config project</th><th>State</th><th>Replicas</th><th>kas</th><th>Last seen</th><th>Version</th><th>Kubernetes</th><th>Pods per namespace</th></tr></thead>
 <tbody>{rows}</tbody></table>
 <p class=muted>{n} agents. Pod counts are cached and refreshed in the background; this page never waits on a cluster.</p>
 </body></html>"#,

@@ -204,6 +204,10 @@ struct FileAgent {
     /// New streams (configuration and tunnels) per agent token and minute, counted
     /// across replicas through Redis when configured (default 40000; 0: no limit).
     connections_per_token_per_minute: Option<u32>,
+    /// Most `ci_access.projects` entries an agent's configuration may have (default 100).
+    max_ci_access_projects: Option<Count>,
+    /// Most `ci_access.groups` entries (default 100).
+    max_ci_access_groups: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -290,6 +294,8 @@ pub struct AgentSettings {
     pub keepalive_timeout: Duration,
     /// New streams per token and minute (0: unlimited).
     pub connections_per_token_per_minute: u32,
+    /// Limits on the `ci_access` entries of agents' configurations.
+    pub ci_access_limits: kas_authz::CiAccessLimits,
 }
 
 impl Default for AgentSettings {
@@ -299,6 +305,7 @@ impl Default for AgentSettings {
             keepalive_interval: Duration::from_secs(15),
             keepalive_timeout: Duration::from_secs(10),
             connections_per_token_per_minute: 40_000,
+            ci_access_limits: kas_authz::CiAccessLimits::default(),
         }
     }
 }
@@ -361,6 +368,18 @@ impl Count {
     }
 }
 
+/// A count setting of at least 1: `default` when absent, the problem recorded when invalid.
+fn count_setting(name: &str, value: &Option<Count>, default: usize, errors: &mut Vec<String>) -> usize {
+    match value.as_ref().map(|c| (c, c.value())) {
+        None => default,
+        Some((_, Some(n))) if n > 0 => n,
+        Some((c, _)) => {
+            errors.push(format!("{name} must be a whole number of at least 1, not {c:?}"));
+            default
+        }
+    }
+}
+
 /// A duration setting: `default` when absent, the problem recorded when invalid.
 fn duration_setting(
     name: &str,
@@ -392,14 +411,7 @@ fn apply_limits(
 ) {
     let Some(f) = file else { return };
     let key = |k: &str| format!("connections.{name}.{k}");
-    match f.max.as_ref().map(|m| (m, m.value())) {
-        None => {}
-        Some((_, Some(max))) if max > 0 => limits.max_connections = max,
-        Some((m, _)) => errors.push(format!(
-            "{} must be a whole number of at least 1, not {m:?}",
-            key("max")
-        )),
-    }
+    limits.max_connections = count_setting(&key("max"), &f.max, limits.max_connections, errors);
     let ms = Duration::from_millis(1);
     limits.first_request_timeout = duration_setting(
         &key("first_request_timeout"),
@@ -488,6 +500,20 @@ fn connection_settings(
         connections_per_token_per_minute: a
             .connections_per_token_per_minute
             .unwrap_or(d.connections_per_token_per_minute),
+        ci_access_limits: kas_authz::CiAccessLimits {
+            max_projects: count_setting(
+                "agent.max_ci_access_projects",
+                &a.max_ci_access_projects,
+                d.ci_access_limits.max_projects,
+                errors,
+            ),
+            max_groups: count_setting(
+                "agent.max_ci_access_groups",
+                &a.max_ci_access_groups,
+                d.ci_access_limits.max_groups,
+                errors,
+            ),
+        },
     };
     (limits, settings)
 }

@@ -24,7 +24,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     let log_guard = match kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format) {
-        Ok(g) => g,
+        Ok((g, _)) => g,
         Err(e) => {
             eprintln!("kas: invalid configuration: {e}");
             std::process::exit(2);

@@ -18,15 +18,24 @@ pub enum LogError {
 
 /// Installs the global subscriber. `level` (a filter like `info` or
 /// `kas_server=debug`) wins over `RUST_LOG`; the default is `info`. Keep the returned
-/// guard alive for the life of the process: dropping it flushes pending lines.
-pub fn init(level: Option<&str>, format: &str) -> Result<batch::Flush, LogError> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(l) => EnvFilter::try_new(l).map_err(|e| LogError::Level {
-            level: l.to_string(),
-            message: e.to_string(),
-        })?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+/// guard alive for the life of the process: dropping it flushes pending lines. The
+/// [`LogLevel`] changes the filter later (agentk applies its configuration's levels).
+pub fn init(level: Option<&str>, format: &str) -> Result<(batch::Flush, LogLevel), LogError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, reload};
+    let mut initial = match level {
+        Some(l) => l.to_string(),
+        None => std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    };
+    let filter = match parse_filter(&initial) {
+        Ok(f) => f,
+        // A bad RUST_LOG falls back to info; a bad flag is the operator's to fix.
+        Err(_) if level.is_none() => {
+            initial = "info".into();
+            parse_filter(&initial)?
+        }
+        Err(e) => return Err(e),
     };
     if !matches!(format, "text" | "json") {
         return Err(LogError::Format(format.to_string()));
@@ -38,16 +47,52 @@ pub fn init(level: Option<&str>, format: &str) -> Result<batch::Flush, LogError>
         Box::new(|_| {}),
     )
     .map_err(LogError::Thread)?;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
     if format == "json" {
-        b.json().init();
+        registry.with(layer.json()).init();
     } else {
-        b.init();
+        registry.with(layer).init();
     }
-    Ok(guard)
+    Ok((guard, LogLevel { handle, initial }))
+}
+
+fn parse_filter(f: &str) -> Result<tracing_subscriber::EnvFilter, LogError> {
+    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| LogError::Level {
+        level: f.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Changes the process's log filter while it runs.
+#[derive(Clone)]
+pub struct LogLevel {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    /// The filter the process started with.
+    initial: String,
+}
+
+impl LogLevel {
+    /// Replaces the filter (e.g. `debug,h2=error`).
+    pub fn set(&self, filter: &str) -> Result<(), LogError> {
+        let f = parse_filter(filter)?;
+        self.handle.reload(f).map_err(|e| LogError::Level {
+            level: filter.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Goes back to the filter the process started with.
+    pub fn reset(&self) -> Result<(), LogError> {
+        let initial = self.initial.clone();
+        self.set(&initial)
+    }
 }
 
 /// The tokio runtime for `--worker-threads`: 0 = one worker per core, 1 = everything

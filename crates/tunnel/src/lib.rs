@@ -29,7 +29,7 @@ mod registry;
 pub use body::{frames_from_body, TunnelBody};
 pub use registry::{
     outbound_channel, retire, AcquireError, ConnectedAgent, ConnectedReplica, Outbound,
-    OutboundStream, ReplicaGuard, ReplicaInfo, Tunnel, TunnelPool, TunnelRegistry,
+    OutboundStream, ReplicaGuard, ReplicaInfo, ReplicaMeta, Tunnel, TunnelPool, TunnelRegistry,
 };
 
 use kas_proto::v1::TunnelError as ProtoTunnelError;

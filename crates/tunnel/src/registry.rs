@@ -69,6 +69,21 @@ pub struct ReplicaInfo {
     pub replica_id: String,
     pub agent_version: String,
     pub peer: String,
+    pub meta: ReplicaMeta,
+}
+
+/// Where a replica runs, as it reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReplicaMeta {
+    #[serde(default)]
+    pub pod_name: String,
+    #[serde(default)]
+    pub pod_namespace: String,
+    #[serde(default)]
+    pub node_name: String,
+    /// The cluster's Kubernetes version.
+    #[serde(default)]
+    pub kubernetes_version: String,
 }
 
 /// Snapshot of one connected replica, for `kasctl agents`.
@@ -84,6 +99,11 @@ pub struct ConnectedReplica {
     /// The kas instance holding the connection (set when there are several).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kas: Option<String>,
+    #[serde(flatten)]
+    pub meta: ReplicaMeta,
+    /// Something an admin should know about this replica (such as version skew).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Snapshot of one connected agent.
@@ -210,14 +230,24 @@ impl TunnelRegistry {
         }
     }
 
-    /// Records the configuration version a replica acknowledged.
-    pub fn set_config_version(&self, agent_id: u64, replica: &Arc<str>, version: u64) {
+    /// Records the configuration version a replica acknowledged, and what it reported
+    /// about itself (when it did).
+    pub fn acknowledged(
+        &self,
+        agent_id: u64,
+        replica: &Arc<str>,
+        version: u64,
+        meta: Option<ReplicaMeta>,
+    ) {
         if let Some(r) = self
             .lock()
             .get_mut(&agent_id)
             .and_then(|e| e.replicas.get_mut(replica))
         {
             r.config_version = version;
+            if let Some(m) = meta {
+                r.info.meta = m;
+            }
         }
     }
 
@@ -346,6 +376,8 @@ impl TunnelRegistry {
                             .filter(|t| &t.replica == k && !t.outbound.is_closed())
                             .count(),
                         kas: None,
+                        meta: r.info.meta.clone(),
+                        warning: None,
                     })
                     .collect();
                 replicas.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));

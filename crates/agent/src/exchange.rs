@@ -96,7 +96,11 @@ impl Upstream {
             req = req.header(http::header::AUTHORIZATION, a);
         }
         let req = req
-            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync())
+            .body(
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
             .map_err(|e| e.to_string())?;
         let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
@@ -147,14 +151,22 @@ impl Upstream {
         } else {
             self.log_level_set.store(true, Ordering::Relaxed);
             let own = if level.is_empty() { "info" } else { level };
-            let grpc = if grpc_level.is_empty() { "error" } else { grpc_level };
+            let grpc = if grpc_level.is_empty() {
+                "error"
+            } else {
+                grpc_level
+            };
             let filter = format!(
                 "{own},h2={grpc},tonic={grpc},hyper={grpc},hyper_util={grpc},tower={grpc},rustls={grpc}"
             );
             handle.set(&filter)
         };
         match result {
-            Ok(()) => tracing::info!(level, grpc_level, "log levels from the configuration applied"),
+            Ok(()) => tracing::info!(
+                level,
+                grpc_level,
+                "log levels from the configuration applied"
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot apply the configuration's log levels"),
         }
     }
@@ -289,6 +301,7 @@ pub async fn serve(
     out: &Out,
 ) -> bool {
     let request_id = head.request_id.clone();
+    tracing::debug!(%request_id, method = %head.method, path = %head.path_and_query, upgrade = head.upgrade, "serving a request");
     // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
     let (tx, body_rx) = mpsc::channel::<Bytes>(4);
     // A head marked end_of_body is the whole request: no body frames follow.

@@ -56,9 +56,7 @@ impl<'de> Deserialize<'de> for AgentConfig {
                 let mut seen = HashSet::new();
                 while let Some(key) = map.next_key::<String>()? {
                     if !seen.insert(key.clone()) {
-                        return Err(serde::de::Error::custom(format!(
-                            "`{key}` appears twice"
-                        )));
+                        return Err(serde::de::Error::custom(format!("`{key}` appears twice")));
                     }
                     match key.as_str() {
                         "ci_access" => {
@@ -88,9 +86,15 @@ impl<'de> Deserialize<'de> for AgentConfig {
 const GITLAB_SECTIONS: [(&str, &str); 8] = [
     ("gitops", "GitLab's GitOps manifest projects"),
     ("user_access", "GitLab user access to the cluster"),
-    ("container_scanning", "GitLab's operational container scanning"),
+    (
+        "container_scanning",
+        "GitLab's operational container scanning",
+    ),
     ("starboard", "GitLab's (former) Starboard scanning"),
-    ("remote_development", "GitLab's remote development workspaces"),
+    (
+        "remote_development",
+        "GitLab's remote development workspaces",
+    ),
     ("flux", "GitLab's Flux integration"),
     ("workspaces", "GitLab's remote development workspaces"),
     ("alerts", "GitLab alerts"),
@@ -268,14 +272,20 @@ fn extra_map<'de, D: serde::Deserializer<'de>>(
         fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
             Ok(BTreeMap::new())
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
             let mut out = BTreeMap::new();
             while let Some((k, v)) = m.next_entry::<String, Vec<String>>()? {
                 out.insert(k, v);
             }
             Ok(out)
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut s: A,
+        ) -> Result<Self::Value, A::Error> {
             let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
             while let Some(e) = s.next_element::<ExtraKeyVal>()? {
                 out.entry(e.key).or_default().extend(e.val);
@@ -514,14 +524,14 @@ fn check_sections(config: &AgentConfig, problems: &mut Vec<Problem>, warnings: &
                 format!("unknown section; did you mean `{meant}`?"),
             ));
         } else {
-            warnings.push(problem(
-                key.as_str(),
-                "unknown section; kas ignores it",
-            ));
+            warnings.push(problem(key.as_str(), "unknown section; kas ignores it"));
         }
     }
     let logging = &config.observability.logging;
-    for (name, level) in [("level", &logging.level), ("grpc_level", &logging.grpc_level)] {
+    for (name, level) in [
+        ("level", &logging.level),
+        ("grpc_level", &logging.grpc_level),
+    ] {
         if let Some(l) = level {
             if !LOG_LEVELS.contains(&l.as_str()) {
                 problems.push(problem(
@@ -753,7 +763,10 @@ ci_access:
         let e = err("service_access:\n  - url: http://x:1/\n    urls: y\n");
         assert!(e.contains("service_access[0]") && e.contains("urls"), "{e}");
         let e = err("observability:\n  logging:\n    levle: debug\n");
-        assert!(e.contains("observability.logging") && e.contains("levle"), "{e}");
+        assert!(
+            e.contains("observability.logging") && e.contains("levle"),
+            "{e}"
+        );
         let e = err("observability:\n  logging:\n    level: verbose\n");
         assert!(e.contains("observability.logging.level"), "{e}");
         let e = err("servce_access: []\n");
@@ -771,7 +784,10 @@ ci_access:
             yaml.push_str(&format!("    - id: acme/p{i}\n"));
         }
         let e = err(&yaml);
-        assert!(e.contains("at most 100 projects") && e.contains("max_ci_access_projects"), "{e}");
+        assert!(
+            e.contains("at most 100 projects") && e.contains("max_ci_access_projects"),
+            "{e}"
+        );
         let raised = CiAccessLimits {
             max_projects: 500,
             max_groups: 500,

@@ -604,11 +604,18 @@ ci_access:
         // GitLab's example: the project entry supersedes the group's.
         let c = cfg("ci_access:\n  projects:\n    - id: group1/web/shop\n      protected_branches_only: false\n  groups:\n    - id: group1\n      protected_branches_only: true\n");
         let a = agent();
-        assert!(matches!(decide(&a, &c, &job("group1/web/shop", None)), Decision::Allow(_)));
+        assert!(matches!(
+            decide(&a, &c, &job("group1/web/shop", None)),
+            Decision::Allow(_)
+        ));
         let other = job("group1/web/blog", None);
         match decide(&a, &c, &other) {
             Decision::Deny(r @ DenyReason::ProtectedBranchesOnly { .. }) => {
-                assert!(r.to_string().contains("only for jobs on protected branches"), "{r}");
+                assert!(
+                    r.to_string()
+                        .contains("only for jobs on protected branches"),
+                    "{r}"
+                );
             }
             d => panic!("{d:?}"),
         }

@@ -173,7 +173,10 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
         yaml: &str,
         limits: &kas_authz::CiAccessLimits,
     ) -> Result<(u64, Vec<kas_authz::ConfigWarning>)> {
-        let r = self.inner.set_agent_config(project, name, yaml, limits).await;
+        let r = self
+            .inner
+            .set_agent_config(project, name, yaml, limits)
+            .await;
         self.invalidate();
         r
     }

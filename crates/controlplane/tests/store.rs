@@ -427,9 +427,14 @@ async fn postgres_replicas_share_data_and_changes() {
         .expect("auth")
         .expect("replica b sees the agent");
     assert_eq!(seen.info.agent.id, agent.id);
-    a.set_agent_config("acme/agents", "prod", "ci_access: {}\n", &Default::default())
-        .await
-        .expect("config");
+    a.set_agent_config(
+        "acme/agents",
+        "prod",
+        "ci_access: {}\n",
+        &Default::default(),
+    )
+    .await
+    .expect("config");
     let change = tokio::time::timeout(std::time::Duration::from_secs(5), changes_b.recv())
         .await
         .expect("a change within 5 s")

@@ -73,6 +73,8 @@ async fn the_agents_page_renders_in_chromium() {
         ">disconnected<",
         "default: ",
         "monitoring: 1",
+        "<th>Kubernetes</th>",
+        "v1.32.0-kas-test-apiserver",
     ] {
         assert!(dom.contains(needle), "missing {needle} in:\n{dom}");
     }

@@ -828,7 +828,15 @@ fn replica_table(v: &Value) {
     }
     table(
         &[
-            "ID", "NAME", "REPLICA", "NAMESPACE", "POD", "NODE", "VERSION", "KUBERNETES", "SINCE",
+            "ID",
+            "NAME",
+            "REPLICA",
+            "NAMESPACE",
+            "POD",
+            "NODE",
+            "VERSION",
+            "KUBERNETES",
+            "SINCE",
             "KAS",
         ],
         rows,

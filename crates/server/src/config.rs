@@ -369,12 +369,19 @@ impl Count {
 }
 
 /// A count setting of at least 1: `default` when absent, the problem recorded when invalid.
-fn count_setting(name: &str, value: &Option<Count>, default: usize, errors: &mut Vec<String>) -> usize {
+fn count_setting(
+    name: &str,
+    value: &Option<Count>,
+    default: usize,
+    errors: &mut Vec<String>,
+) -> usize {
     match value.as_ref().map(|c| (c, c.value())) {
         None => default,
         Some((_, Some(n))) if n > 0 => n,
         Some((c, _)) => {
-            errors.push(format!("{name} must be a whole number of at least 1, not {c:?}"));
+            errors.push(format!(
+                "{name} must be a whole number of at least 1, not {c:?}"
+            ));
             default
         }
     }

@@ -172,11 +172,22 @@ impl Env {
 
     /// Starts an agentk replica with `token_file`; returns its index in `agents`.
     pub fn start_agentk(&mut self, token_file: &Path, extra: &[&str]) -> usize {
-        let p = procs::start_agentk(
+        self.start_agentk_env(token_file, extra, &[])
+    }
+
+    /// Like [`Env::start_agentk`], with extra environment variables.
+    pub fn start_agentk_env(
+        &mut self,
+        token_file: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> usize {
+        let p = procs::start_agentk_env(
             &self.kas_info.agent,
             token_file,
             &self.cluster_kubeconfig,
             extra,
+            envs,
             &self.dir.path().join("logs"),
         );
         self.agents.push(p);

@@ -184,6 +184,18 @@ pub fn start_agentk(
     extra: &[&str],
     log_dir: &Path,
 ) -> Proc {
+    start_agentk_env(kas_agent_url, token_file, kubeconfig, extra, &[], log_dir)
+}
+
+/// Starts agentk with extra environment variables.
+pub fn start_agentk_env(
+    kas_agent_url: &str,
+    token_file: &Path,
+    kubeconfig: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    log_dir: &Path,
+) -> Proc {
     std::fs::create_dir_all(log_dir).expect("log dir");
     let stderr_path = log_dir.join(format!("agentk-{}.log", rand::random::<u32>()));
     let child = Command::new(bin("agentk"))
@@ -195,6 +207,7 @@ pub fn start_agentk(
         .arg(kubeconfig)
         .args(extra)
         .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).expect("log file"))
         .spawn()

@@ -181,7 +181,12 @@ async fn one_client_three_api_groups_and_a_reactive_cache() {
         .list("clusterroles", None)
         .await
         .expect("roles");
-    assert_eq!(roles["items"][0]["metadata"]["name"], "cluster-admin");
+    assert!(
+        roles["items"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["metadata"]["name"] == "cluster-admin")),
+        "{roles}"
+    );
     // As a user the application names.
     agent
         .clone()

@@ -1,0 +1,590 @@
+//! A **test** Kubernetes API server. It is not a cluster: it keeps objects in memory
+//! (namespaces, pods, configmaps, secrets, services, service accounts, PVCs,
+//! deployments, RBAC roles and bindings, PDBs) and serves discovery, list, get, create,
+//! update, merge and server-side-apply patches, delete, watch streaming (with
+//! selectors), pod logs (with `follow`), and `exec`/`attach` over WebSocket. Small
+//! controllers roll deployments out and move pods through their phases
+//! ([`controllers`]). It records the identity and impersonation headers of every
+//! request so tests can assert them.
+//!
+//! Tokens map to users: the agent's token (a ServiceAccount) and any the test adds.
+//! With [`Options::rbac`] it authorizes every request and every impersonation with
+//! RBAC, as kube-apiserver does ([`rbac`]); without it any authenticated request is
+//! allowed. Test-only endpoints live under `/_test/` ([`testing`]).
+
+pub mod controllers;
+mod exec;
+pub mod rbac;
+pub mod resources;
+mod store;
+mod testing;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+pub use rbac::User;
+use resources::Target;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::{Event, Params, Store};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// The identity the server assigns to the agent's token.
+pub const SERVICE_ACCOUNT: &str = "system:serviceaccount:gitlab-agent:agentk";
+
+/// One request as the server saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// The authenticated user, or empty when unauthenticated.
+    pub authenticated_as: String,
+    pub impersonate_user: Option<String>,
+    pub impersonate_uid: Option<String>,
+    pub impersonate_groups: Vec<String>,
+    /// Keys decoded and lowercased, as Kubernetes does.
+    pub impersonate_extra: BTreeMap<String, Vec<String>>,
+    /// The WebSocket subprotocols offered, in order.
+    pub websocket_protocols: Vec<String>,
+    /// The `Authorization` header that arrived (the agent's own credentials).
+    pub authorization: Option<String>,
+    /// The status the server answered (0 while a stream is open).
+    pub code: u16,
+}
+
+/// How the server behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Authorize requests and impersonation with RBAC (as kube-apiserver does).
+    pub rbac: bool,
+}
+
+pub(crate) struct State {
+    tokens: Mutex<HashMap<String, User>>,
+    rbac: bool,
+    store: Mutex<Store>,
+    events: broadcast::Sender<Event>,
+    recorded: Mutex<Vec<Recorded>>,
+    active_streams: watch::Sender<usize>,
+    bytes_served: std::sync::atomic::AtomicU64,
+}
+
+impl State {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running test API server; dropping it stops it.
+pub struct TestApiServer {
+    pub addr: SocketAddr,
+    /// The agent's token (a ServiceAccount, [`SERVICE_ACCOUNT`]).
+    pub token: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct StreamGuard(Arc<State>);
+
+impl StreamGuard {
+    fn new(s: &Arc<State>) -> Self {
+        s.active_streams.send_modify(|n| *n += 1);
+        StreamGuard(s.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0
+            .active_streams
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+fn new_token() -> String {
+    format!(
+        "test-token-{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+impl TestApiServer {
+    /// Starts on `127.0.0.1:0` with a random agent token, without RBAC.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts on `127.0.0.1:0` with a random agent token.
+    pub async fn start_with(opts: Options) -> std::io::Result<Self> {
+        let token = format!("test-sa-token-{:016x}", rand::random::<u64>());
+        Self::start_on_with(TcpListener::bind("127.0.0.1:0").await?, token, opts).await
+    }
+
+    /// Starts on a bound listener with the given agent token, without RBAC.
+    pub async fn start_on(listener: TcpListener, token: String) -> std::io::Result<Self> {
+        Self::start_on_with(listener, token, Options::default()).await
+    }
+
+    /// Starts on a bound listener with the given agent token.
+    pub async fn start_on_with(
+        listener: TcpListener,
+        token: String,
+        opts: Options,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (events, _) = broadcast::channel(1024);
+        let tokens = HashMap::from([(
+            token.clone(),
+            User::service_account("gitlab-agent", "agentk"),
+        )]);
+        let state = Arc::new(State {
+            tokens: Mutex::new(tokens),
+            rbac: opts.rbac,
+            store: Mutex::new(Store::seeded()),
+            events,
+            recorded: Mutex::new(Vec::new()),
+            active_streams: watch::channel(0).0,
+            bytes_served: Default::default(),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(s, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(TestApiServer {
+            addr,
+            token,
+            state,
+            task,
+        })
+    }
+
+    /// Base URL (`http://127.0.0.1:port`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for the agent: this server and its token.
+    pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_for(&self.token)
+    }
+
+    /// A kubeconfig for this server with `token`.
+    pub fn kubeconfig_for(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test-apiserver\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test-apiserver\n    user: agentk\ncurrent-context: test\nusers:\n- name: agentk\n  user:\n    token: {token}\n",
+            self.url(),
+        )
+    }
+
+    /// A new token that authenticates as `user`.
+    pub fn add_token(&self, user: User) -> String {
+        let t = new_token();
+        self.state
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(t.clone(), user);
+        t
+    }
+
+    /// A kubeconfig for a cluster administrator (`system:masters`).
+    pub fn admin_kubeconfig(&self) -> String {
+        let t = self.add_token(User::admin());
+        self.kubeconfig_for(&t)
+    }
+
+    /// Every request recorded so far.
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.state
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Requests recorded for paths starting with `prefix`.
+    pub fn recorded_for(&self, prefix: &str) -> Vec<Recorded> {
+        self.recorded()
+            .into_iter()
+            .filter(|r| r.path.starts_with(prefix))
+            .collect()
+    }
+
+    /// Creates a running pod, notifying watchers.
+    pub fn create_pod(&self, ns: &str, name: &str) {
+        let mut st = self.state.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let mut o = store::running_pod(name, ns);
+        o["metadata"]["resourceVersion"] = json!(rv.to_string());
+        o["metadata"]["uid"] = json!(format!("pod-{rv}"));
+        o["metadata"]["creationTimestamp"] = json!(crate::time::rfc3339(crate::time::now_secs()));
+        st.objects
+            .entry("/pods".into())
+            .or_default()
+            .insert((ns.into(), name.into()), o.clone());
+        drop(st);
+        let _ = self.state.events.send(Event {
+            key: "/pods".into(),
+            namespace: ns.into(),
+            change: "ADDED",
+            object: o,
+        });
+    }
+
+    /// An object as stored (`group` empty for the core group), if it exists.
+    pub fn object(&self, group: &str, resource: &str, ns: &str, name: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .get(&format!("{group}/{resource}"), ns, name)
+            .cloned()
+    }
+
+    /// Bytes handed to the network by `/_test/bytes` so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.state
+            .bytes_served
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Watches the number of streaming responses (watches, follows, `/_test/stream`)
+    /// currently open.
+    pub fn active_streams(&self) -> watch::Receiver<usize> {
+        self.state.active_streams.subscribe()
+    }
+}
+
+fn full(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type
+            .parse()
+            .unwrap_or(header::HeaderValue::from_static("application/json")),
+    );
+    r
+}
+
+fn json_resp(code: StatusCode, v: &Value) -> Response<Body> {
+    full(code, "application/json", v.to_string())
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    json_resp(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code.as_u16()}),
+    )
+}
+
+fn query_params(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+/// The impersonation a request asks for (extra keys decoded and lowercased).
+fn requested(req: &Request<Incoming>) -> rbac::Requested {
+    let h = req.headers();
+    let all = |name: &str| -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in h {
+        if let Some(k) = name.as_str().strip_prefix("impersonate-extra-") {
+            let key = percent_encoding::percent_decode_str(&k.to_ascii_lowercase())
+                .decode_utf8_lossy()
+                .into_owned();
+            extra
+                .entry(key)
+                .or_default()
+                .push(value.to_str().unwrap_or_default().to_string());
+        }
+    }
+    rbac::Requested {
+        user: all("impersonate-user").into_iter().next(),
+        uid: all("impersonate-uid").into_iter().next(),
+        groups: all("impersonate-group"),
+        extra,
+    }
+}
+
+fn record(state: &State, req: &Request<Incoming>, user: Option<&User>, imp: &rbac::Requested) {
+    let all = |name: &str| -> Vec<String> {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect()
+    };
+    let r = Recorded {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: req.uri().query().unwrap_or_default().to_string(),
+        authenticated_as: user.map(|u| u.name.clone()).unwrap_or_default(),
+        impersonate_user: imp.user.clone(),
+        impersonate_uid: imp.uid.clone(),
+        impersonate_groups: imp.groups.clone(),
+        impersonate_extra: imp.extra.clone(),
+        websocket_protocols: all("sec-websocket-protocol")
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        authorization: all("authorization").into_iter().next(),
+        code: 0,
+    };
+    state
+        .recorded
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(r);
+}
+
+/// The verb of a request on `target`, as RBAC names it.
+fn verb(method: &Method, target: &Target, p: &Params) -> &'static str {
+    let object = !matches!(target, Target::Collection { .. });
+    match *method {
+        Method::GET if matches!(p.get("watch"), Some("true" | "1")) => "watch",
+        Method::GET
+            if matches!(
+                target,
+                Target::Sub {
+                    sub: "exec" | "attach" | "portforward",
+                    ..
+                }
+            ) =>
+        {
+            "create"
+        }
+        Method::GET if object => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let user = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| {
+            state
+                .tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(t.trim())
+                .cloned()
+        });
+    let imp = requested(&req);
+    record(&state, &req, user.as_ref(), &imp);
+    let Some(user) = user else {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    };
+    // The user the request runs as: the impersonated one, when allowed.
+    let acting = if state.rbac && !imp.is_empty() {
+        let checked = rbac::impersonate(&state.lock(), &user, &imp);
+        match checked {
+            Ok(u) => u,
+            Err(message) => return status(StatusCode::FORBIDDEN, "Forbidden", &message),
+        }
+    } else {
+        user
+    };
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let params = Params(query_params(req.uri().query().unwrap_or_default()));
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Any request may ask to be slow (a cluster under load), for caching tests.
+    if let Some(ms) = params.get("_delay_ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
+    let method = req.method().clone();
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["version"]) => json_resp(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-kas-test-apiserver", "platform": "linux/amd64"}),
+        ),
+        (&Method::GET, ["api"]) => json_resp(StatusCode::OK, &resources::core_versions()),
+        (&Method::GET, ["apis"]) => json_resp(StatusCode::OK, &resources::groups()),
+        (&Method::GET, ["api", "v1"]) => discovery(resources::resource_list("")),
+        (&Method::GET, ["apis", g, "v1"]) => discovery(resources::resource_list(g)),
+        (&Method::GET, ["openapi", "v3"]) => json_resp(StatusCode::OK, &resources::openapi_index()),
+        (&Method::GET, ["openapi", "v3", "api", "v1"]) => discovery(resources::openapi("")),
+        (&Method::GET, ["openapi", "v3", "apis", g, "v1"]) => discovery(resources::openapi(g)),
+        (_, ["_test", what]) => {
+            let what = what.to_string();
+            let p = params.0.clone();
+            let param = move |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            testing::handle(&state, req, &what, &param).await
+        }
+        _ => match resources::target(&segs) {
+            Some(t) => resource(&state, req, t, &acting, &params).await,
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        },
+    }
+}
+
+fn discovery(doc: Option<Value>) -> Response<Body> {
+    match doc {
+        Some(d) => json_resp(StatusCode::OK, &d),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
+    }
+}
+
+/// A request on a resource: authorized (with RBAC), then served.
+async fn resource(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    target: Target<'_>,
+    user: &User,
+    p: &Params,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let (rt, ns, name, sub) = match &target {
+        Target::Collection { rt, ns } => (*rt, ns.unwrap_or(""), "", ""),
+        Target::Object { rt, ns, name } => (*rt, *ns, *name, ""),
+        Target::Sub { rt, ns, name, sub } => (*rt, *ns, *name, *sub),
+    };
+    if state.rbac {
+        let a = rbac::Attributes {
+            verb: verb(&method, &target, p),
+            group: rt.group,
+            resource: rt.resource,
+            subresource: sub,
+            namespace: ns,
+            name,
+        };
+        if !rbac::authorize(&state.lock(), user, &a) {
+            return status(StatusCode::FORBIDDEN, "Forbidden", &a.forbidden(user));
+        }
+    }
+    match target {
+        Target::Sub {
+            sub: "exec" | "attach",
+            ..
+        } => return exec::exec(state, req, &p.0),
+        Target::Sub { sub: "log", .. } => {
+            return exec::logs(state, ns, name, p.get("follow") == Some("true"))
+        }
+        _ => {}
+    }
+    let headers = req.headers().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "cannot read body"),
+    };
+    match target {
+        Target::Collection { rt, ns } => {
+            store::collection(state, &method, &headers, body, rt, ns, p).await
+        }
+        Target::Object { rt, ns, name } => {
+            store::object(state, &method, &headers, body, rt, ns, name, false, p).await
+        }
+        Target::Sub {
+            rt,
+            ns,
+            name,
+            sub: "status",
+        } => store::object(state, &method, &headers, body, rt, ns, name, true, p).await,
+        Target::Sub {
+            ns,
+            name,
+            sub: "token",
+            ..
+        } if method == Method::POST => token_request(state, ns, name),
+        _ => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "this test server does not serve that subresource",
+        ),
+    }
+}
+
+/// `POST .../serviceaccounts/<name>/token`: a token for the service account.
+fn token_request(state: &Arc<State>, ns: &str, name: &str) -> Response<Body> {
+    if state.lock().get("/serviceaccounts", ns, name).is_none() {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("serviceaccounts \"{name}\" not found"),
+        );
+    }
+    let t = new_token();
+    state
+        .tokens
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(t.clone(), User::service_account(ns, name));
+    let expires = crate::time::rfc3339(crate::time::now_secs() + 3600);
+    json_resp(
+        StatusCode::CREATED,
+        &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "metadata": {"name": name, "namespace": ns},
+            "spec": {"audiences": [], "expirationSeconds": 3600}, "status": {"token": t, "expirationTimestamp": expires}}),
+    )
+}

@@ -97,6 +97,8 @@ async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
     let read = |p: &Path| objects(&std::fs::read_to_string(p).expect("manifest"));
     let expected: [&[&str]; 5] = [
         &[
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Deployment",
             "Namespace",
@@ -114,8 +116,10 @@ async fn manifests_and_charts_validate_and_pass_kubectl_dry_run() {
             "Service",
             "Service",
         ],
-        // Two replicas by default: a disruption budget.
+        // Two replicas by default: a disruption budget; the impersonation role.
         &[
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Deployment",
             "PodDisruptionBudget",

@@ -56,8 +56,23 @@ impl Env {
     /// Like [`Env::start_with`], kas run through `wrapper` (e.g. `prlimit
     /// --nofile=256:256 --`).
     pub async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Env {
+        Self::start_custom(wrapper, extra, crate::apiserver::Options::default()).await
+    }
+
+    /// Like [`Env::start_with`], with a test API server that authorizes with RBAC.
+    pub async fn start_rbac(extra: &[&str]) -> Env {
+        let api = crate::apiserver::Options {
+            rbac: true,
+            tls: true,
+        };
+        Self::start_custom(&[], extra, api).await
+    }
+
+    async fn start_custom(wrapper: &[&str], extra: &[&str], api: crate::apiserver::Options) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
-        let api = TestApiServer::start().await.expect("test API server");
+        let api = TestApiServer::start_with(api)
+            .await
+            .expect("test API server");
         let cluster_kubeconfig = dir.path().join("cluster.yaml");
         std::fs::write(&cluster_kubeconfig, api.kubeconfig()).expect("write kubeconfig");
         let mut kas_args: Vec<String> = procs::LOCAL_LISTENERS

@@ -17,4 +17,4 @@ pub mod sockets;
 pub mod story;
 mod time;
 
-pub use apiserver::{Recorded, TestApiServer};
+pub use apiserver::{Recorded, TestApiServer, User};

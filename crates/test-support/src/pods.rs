@@ -310,8 +310,8 @@ impl Pod {
                 env.iter().fold(v.to_string(), |v, (k, val)| {
                     v.replace(&format!("$({k})"), val)
                 })
-            } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
-                pod_ip.to_string()
+            } else if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                self.field(field, pod_ip)
             } else if let Some(r) = e["valueFrom"]["secretKeyRef"].as_object() {
                 let secret = self.source("Secret", r["name"].as_str().expect("secret name"));
                 let key = r["key"].as_str().expect("secret key");
@@ -325,6 +325,24 @@ impl Pod {
             env.push((name, self.rewrite(&value)));
         }
         env
+    }
+
+    /// A downward API field of the pod (its name is the Deployment's with `-0`, its
+    /// node `test-node`).
+    fn field(&self, path: &str, pod_ip: &str) -> String {
+        let deployment = self
+            .objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .expect("a Deployment");
+        let meta = &deployment["metadata"];
+        match path {
+            "status.podIP" => pod_ip.to_string(),
+            "metadata.name" => format!("{}-0", meta["name"].as_str().unwrap_or("pod")),
+            "metadata.namespace" => meta["namespace"].as_str().unwrap_or("default").to_string(),
+            "spec.nodeName" => "test-node".to_string(),
+            other => panic!("unsupported downward API field {other}"),
+        }
     }
 
     /// A container's command: `bins` maps the image's commands to local programs.

@@ -68,6 +68,9 @@ pub struct Recorded {
 pub struct Options {
     /// Authorize requests and impersonation with RBAC (as kube-apiserver does).
     pub rbac: bool,
+    /// Serve HTTPS (with a CA of its own, in its kubeconfigs): kubectl sends bearer
+    /// tokens only over TLS.
+    pub tls: bool,
 }
 
 pub(crate) struct State {
@@ -91,6 +94,8 @@ pub struct TestApiServer {
     pub addr: SocketAddr,
     /// The agent's token (a ServiceAccount, [`SERVICE_ACCOUNT`]).
     pub token: String,
+    /// The CA of its certificate, when it serves HTTPS.
+    pub ca_pem: Option<String>,
     state: Arc<State>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -116,6 +121,22 @@ impl Drop for StreamGuard {
             .active_streams
             .send_modify(|n| *n = n.saturating_sub(1));
     }
+}
+
+fn tls_acceptor(c: &crate::certs::LocalhostCert) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut c.cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut c.key.as_bytes())?
+        .ok_or_else(|| std::io::Error::other("no key"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(std::io::Error::other)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 fn new_token() -> String {
@@ -164,6 +185,11 @@ impl TestApiServer {
             active_streams: watch::channel(0).0,
             bytes_served: Default::default(),
         });
+        let cert = opts.tls.then(crate::certs::LocalhostCert::generate);
+        let acceptor = match &cert {
+            Some(c) => Some(tls_acceptor(c)?),
+            None => None,
+        };
         let s = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -173,28 +199,48 @@ impl TestApiServer {
                 };
                 let _ = stream.set_nodelay(true);
                 let s = s.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
                         async move { Ok::<_, Infallible>(handle(s, req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                    }
                 });
             }
         });
         Ok(TestApiServer {
             addr,
             token,
+            ca_pem: cert.map(|c| c.ca),
             state,
             task,
         })
     }
 
-    /// Base URL (`http://127.0.0.1:port`).
+    /// Base URL (`http://127.0.0.1:port`, or https).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// A kubeconfig for the agent: this server and its token.
@@ -204,8 +250,19 @@ impl TestApiServer {
 
     /// A kubeconfig for this server with `token`.
     pub fn kubeconfig_for(&self, token: &str) -> String {
+        use base64::Engine;
+        let ca = self
+            .ca_pem
+            .as_ref()
+            .map(|c| {
+                format!(
+                    "    certificate-authority-data: {}\n",
+                    base64::engine::general_purpose::STANDARD.encode(c)
+                )
+            })
+            .unwrap_or_default();
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test-apiserver\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test-apiserver\n    user: agentk\ncurrent-context: test\nusers:\n- name: agentk\n  user:\n    token: {token}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test-apiserver\n  cluster:\n    server: {}\n{ca}contexts:\n- name: test\n  context:\n    cluster: test-apiserver\n    user: agentk\ncurrent-context: test\nusers:\n- name: agentk\n  user:\n    token: {token}\n",
             self.url(),
         )
     }
@@ -535,6 +592,17 @@ async fn resource(
         _ => {}
     }
     let headers = req.headers().clone();
+    let protobuf = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.contains("protobuf"));
+    if protobuf {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            "this test server reads JSON and YAML bodies only, not protobuf",
+        );
+    }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "cannot read body"),

@@ -281,3 +281,164 @@ pub fn bootstrap_roles() -> Vec<Value> {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with(objects: &[(&str, Value)]) -> Store {
+        let mut s = Store::seeded();
+        for (key, o) in objects {
+            let ns = o["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+            s.objects
+                .entry(key.to_string())
+                .or_default()
+                .insert((ns, name), o.clone());
+        }
+        s
+    }
+
+    fn crb(name: &str, role: &str, subject: Value) -> (&'static str, Value) {
+        (
+            "rbac.authorization.k8s.io/clusterrolebindings",
+            json!({"metadata": {"name": name}, "roleRef": {"kind": "ClusterRole", "name": role}, "subjects": [subject]}),
+        )
+    }
+
+    fn attrs<'a>(
+        verb: &'a str,
+        resource: &'a str,
+        sub: &'a str,
+        ns: &'a str,
+        name: &'a str,
+    ) -> Attributes<'a> {
+        Attributes {
+            verb,
+            group: "",
+            resource,
+            subresource: sub,
+            namespace: ns,
+            name,
+        }
+    }
+
+    #[test]
+    fn bindings_roles_and_rules() {
+        let agent = User::service_account("gitlab-agent", "agentk");
+        let s = store_with(&[
+            crb(
+                "agent-view",
+                "view",
+                json!({"kind": "ServiceAccount", "name": "agentk", "namespace": "gitlab-agent"}),
+            ),
+            (
+                "rbac.authorization.k8s.io/roles",
+                json!({"metadata": {"name": "exec", "namespace": "shop"}, "rules": [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"], "resourceNames": ["cart-0"]}]}),
+            ),
+            (
+                "rbac.authorization.k8s.io/rolebindings",
+                json!({"metadata": {"name": "exec", "namespace": "shop"}, "roleRef": {"kind": "Role", "name": "exec"}, "subjects": [{"kind": "Group", "name": "system:serviceaccounts"}]}),
+            ),
+        ]);
+        assert!(authorize(
+            &s,
+            &agent,
+            &attrs("list", "pods", "", "default", "")
+        ));
+        assert!(!authorize(
+            &s,
+            &agent,
+            &attrs("delete", "pods", "", "default", "web-0")
+        ));
+        assert!(!authorize(
+            &s,
+            &agent,
+            &attrs("get", "secrets", "", "default", "x")
+        ));
+        assert!(authorize(
+            &s,
+            &agent,
+            &attrs("create", "pods", "exec", "shop", "cart-0")
+        ));
+        assert!(!authorize(
+            &s,
+            &agent,
+            &attrs("create", "pods", "exec", "shop", "other")
+        ));
+        assert!(!authorize(
+            &s,
+            &agent,
+            &attrs("create", "pods", "exec", "default", "cart-0")
+        ));
+        assert!(authorize(
+            &s,
+            &User::admin(),
+            &attrs("delete", "secrets", "", "x", "y")
+        ));
+        let denied = attrs("delete", "pods", "", "default", "web-0").forbidden(&agent);
+        assert_eq!(
+            denied,
+            "pods \"web-0\" is forbidden: User \"system:serviceaccount:gitlab-agent:agentk\" cannot delete resource \"pods\" in API group \"\" in the namespace \"default\""
+        );
+    }
+
+    #[test]
+    fn impersonation_needs_each_permission() {
+        let agent = User::service_account("gitlab-agent", "agentk");
+        let rules = json!([
+            {"apiGroups": [""], "resources": ["users", "groups"], "verbs": ["impersonate"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["userextras/agent.gitlab.com/id"], "verbs": ["impersonate"]},
+        ]);
+        let s = store_with(&[
+            (
+                "rbac.authorization.k8s.io/clusterroles",
+                json!({"metadata": {"name": "imp"}, "rules": rules}),
+            ),
+            crb(
+                "imp",
+                "imp",
+                json!({"kind": "ServiceAccount", "name": "agentk", "namespace": "gitlab-agent"}),
+            ),
+        ]);
+        let mut r = Requested {
+            user: Some("gitlab:ci_job:1".into()),
+            groups: vec!["gitlab:ci_job".into()],
+            ..Default::default()
+        };
+        r.extra
+            .insert("agent.gitlab.com/id".into(), vec!["7".into()]);
+        let u = impersonate(&s, &agent, &r).expect("allowed");
+        assert_eq!(u.name, "gitlab:ci_job:1");
+        assert_eq!(u.groups, ["gitlab:ci_job", "system:authenticated"]);
+        r.extra
+            .insert("agent.gitlab.com/username".into(), vec!["alice".into()]);
+        let e = impersonate(&s, &agent, &r).expect_err("extra not allowed");
+        assert!(e.contains("cannot impersonate resource \"userextras/agent.gitlab.com/username\" in API group \"authentication.k8s.io\""), "{e}");
+        r.extra.clear();
+        r.uid = Some("42".into());
+        assert!(impersonate(&s, &agent, &r)
+            .expect_err("uid")
+            .contains("\"uids\""));
+        let sa = Requested {
+            user: Some("system:serviceaccount:kube-system:root".into()),
+            ..Default::default()
+        };
+        assert!(impersonate(&s, &agent, &sa)
+            .expect_err("service accounts are their own resource")
+            .contains("\"serviceaccounts\""));
+        let nobody = User::service_account("other", "x");
+        assert!(impersonate(
+            &s,
+            &nobody,
+            &Requested {
+                user: Some("u".into()),
+                ..Default::default()
+            }
+        )
+        .is_err());
+    }
+}

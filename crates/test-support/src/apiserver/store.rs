@@ -392,6 +392,10 @@ pub async fn object(
                     "JSON patches are not supported by this test server; use a merge patch",
                 );
             }
+            let mut input = input;
+            if ct.starts_with("application/strategic-merge-patch") {
+                strip_directives(&mut input);
+            }
             let how = match (*method == Method::PUT, apply) {
                 (true, _) => Write::Replace,
                 (false, true) => Write::Apply,
@@ -556,6 +560,19 @@ pub fn delete(
         }
     }
     json_resp(StatusCode::OK, &removed)
+}
+
+/// Removes strategic merge patch directives (`$patch`, `$setElementOrder/...`): a
+/// strategic merge patch is applied as a plain merge patch here.
+fn strip_directives(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|k, _| !k.starts_with('$'));
+            m.values_mut().for_each(strip_directives);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_directives),
+        _ => {}
+    }
 }
 
 pub fn merge_patch(target: &mut Value, patch: &Value) {

@@ -64,7 +64,7 @@ fn apply(env: &Env, name: &str, yaml: &str) {
 
 /// kas, the agent registered with [`CONFIG`], and a job of each project.
 async fn setup() -> (Env, [Job; 3], String) {
-    let mut env = Env::start_rbac(&[]).await;
+    let env = Env::start_rbac(&[]).await;
     for p in ["acme/ci", "acme/static", "acme/plain"] {
         env.kasctl(&["project", "create", p]);
     }

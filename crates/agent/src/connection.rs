@@ -5,6 +5,7 @@
 // tonic::Status is large by design; it is what gRPC calls return.
 #![allow(clippy::result_large_err)]
 
+use crate::dial::{Dialer, Proxy, ProxyConfig};
 use crate::exchange::{self, Upstream};
 use kas_proto::v1::agent_client::AgentClient;
 use kas_proto::v1::{
@@ -18,7 +19,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::metadata::{Ascii, MetadataKey};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 /// Settings of the connection to kas.
@@ -33,6 +35,30 @@ pub struct ConnectOptions {
     pub min_idle_tunnels: usize,
     pub max_tunnels: usize,
     pub replica_id: String,
+    /// Extra headers (gRPC metadata) sent with every stream (`--kas-header`).
+    pub kas_headers: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
+    /// The name kas's certificate must carry, when not the address's host.
+    pub tls_server_name: Option<String>,
+    /// Accept any certificate from kas (`--kas-insecure-skip-tls-verify`).
+    pub insecure_skip_tls_verify: bool,
+    /// `HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`.
+    pub proxy: ProxyConfig,
+}
+
+impl ConnectOptions {
+    /// TLS settings towards kas at `host`.
+    fn tls(&self, host: &str) -> Result<crate::dial::Tls, SessionError> {
+        let config =
+            crate::dial::tls_config(self.ca_cert_pem.as_deref(), self.insecure_skip_tls_verify)
+                .map_err(SessionError::Dial)?;
+        let name = self.tls_server_name.as_deref().unwrap_or(host);
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|_| SessionError::Address(format!("TLS server name `{name}`")))?;
+        Ok(crate::dial::Tls {
+            config,
+            server_name,
+        })
+    }
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -41,6 +67,17 @@ impl std::fmt::Debug for ConnectOptions {
             .field("kas_addresses", &self.kas_addresses)
             .field("token", &"****")
             .field("min_idle_tunnels", &self.min_idle_tunnels)
+            .field(
+                "kas_headers",
+                &self
+                    .kas_headers
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("tls_server_name", &self.tls_server_name)
+            .field("insecure_skip_tls_verify", &self.insecure_skip_tls_verify)
+            .field("proxy", &self.proxy)
             .field("max_tunnels", &self.max_tunnels)
             .field("replica_id", &self.replica_id)
             .finish()
@@ -56,8 +93,10 @@ pub type ConfigWatch = watch::Receiver<Option<AgentConfiguration>>;
 pub enum SessionError {
     #[error("invalid kas address `{0}`: use grpc://host:port or grpcs://host:port")]
     Address(String),
-    #[error("cannot connect to kas: {0}")]
+    #[error("cannot connect to kas: {}", chain(.0))]
     Connect(#[source] tonic::transport::Error),
+    #[error("cannot reach kas: {0}")]
+    Dial(#[source] crate::dial::DialError),
     #[error("cannot resolve kas address `{0}`: {1}")]
     Resolve(String, #[source] std::io::Error),
     #[error("kas rejected the agent: {}", .0.message())]
@@ -66,6 +105,21 @@ pub enum SessionError {
     Lost(Status),
     #[error("kas closed the configuration stream")]
     Closed,
+}
+
+/// An error with its causes (tonic's transport error says only "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// Jittered exponential backoff.
@@ -95,19 +149,35 @@ impl Backoff {
     }
 }
 
-/// One kas to dial: a configured address resolved to one socket address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One kas to dial: a configured address (resolved to one socket address, unless a
+/// proxy resolves it).
+#[derive(Clone)]
 struct Target {
     tls: bool,
-    /// The host as configured (TLS server name).
-    host: String,
-    addr: std::net::SocketAddr,
+    dialer: Dialer,
+}
+
+impl PartialEq for Target {
+    fn eq(&self, o: &Self) -> bool {
+        self.tls == o.tls
+            && self.dialer.host == o.dialer.host
+            && self.dialer.port == o.dialer.port
+            && self.dialer.addr == o.dialer.addr
+    }
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = if self.tls { "grpcs" } else { "grpc" };
-        write!(f, "{scheme}://{} ({})", self.host, self.addr)
+        let d = &self.dialer;
+        match &d.proxy {
+            Some(p) => write!(
+                f,
+                "{scheme}://{}:{} (through proxy {})",
+                d.host, d.port, p.address
+            ),
+            None => write!(f, "{scheme}://{}:{} ({})", d.host, d.port, d.addr),
+        }
     }
 }
 
@@ -121,25 +191,52 @@ fn split_address(addr: &str) -> Result<(bool, &str), SessionError> {
     }
 }
 
-/// Every kas the configured addresses name, resolved now (names may change).
-async fn resolve(addresses: &[String]) -> Result<Vec<Target>, SessionError> {
+/// Host and port of `host:port` (IPv6 hosts in brackets).
+fn split_host_port(rest: &str) -> Option<(String, u16)> {
+    let (host, port) = rest.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then_some(())?;
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+/// Every kas the configured addresses name, resolved now (names may change); an
+/// address reached through a proxy is resolved by the proxy.
+async fn resolve(opts: &ConnectOptions) -> Result<Vec<Target>, SessionError> {
     let mut out = Vec::new();
     let mut last_err = None;
-    for a in addresses {
+    for a in &opts.kas_addresses {
         let (tls, rest) = split_address(a)?;
         let rest = rest.trim_end_matches('/');
-        let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
+        let (host, port) = split_host_port(rest).ok_or_else(|| SessionError::Address(a.clone()))?;
+        let tls_settings = match tls {
+            true => Some(opts.tls(&host)?),
+            false => None,
+        };
+        let target = |addr, proxy: Option<Proxy>| Target {
+            tls,
+            dialer: Dialer {
+                host: host.clone(),
+                port,
+                addr,
+                proxy,
+                tls: tls_settings.clone(),
+                timeout: Duration::from_secs(10),
+            },
+        };
+        if let Some(p) = opts.proxy.for_target(&host, port, tls) {
+            let t = target(
+                std::net::SocketAddr::from(([0, 0, 0, 0], port)),
+                Some(p.clone()),
+            );
+            if !out.contains(&t) {
+                out.push(t);
+            }
+            continue;
+        }
         match tokio::net::lookup_host(rest).await {
             Ok(addrs) => {
                 for addr in addrs {
-                    let t = Target {
-                        tls,
-                        host: host
-                            .trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .to_string(),
-                        addr,
-                    };
+                    let t = target(addr, None);
                     if !out.contains(&t) {
                         out.push(t);
                     }
@@ -154,26 +251,27 @@ async fn resolve(addresses: &[String]) -> Result<Vec<Target>, SessionError> {
     }
 }
 
-fn endpoint(opts: &ConnectOptions, t: &Target) -> Result<Endpoint, SessionError> {
-    let scheme = if t.tls { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{}", t.addr))
+/// Connects to `t` (proxy and TLS are the dialer's), with HTTP/2 settings for kas.
+async fn connect(t: &Target) -> Result<Channel, SessionError> {
+    let d = &t.dialer;
+    // The URI only names the authority: the dialer decides where bytes go.
+    let host = if d.host.contains(':') {
+        format!("[{}]", d.host)
+    } else {
+        d.host.clone()
+    };
+    Endpoint::from_shared(format!("http://{host}:{}", d.port))
         .map_err(|_| SessionError::Address(t.to_string()))?
         .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
         // A dead or frozen kas is noticed within 20 s, and the agent moves to another.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(64 * 1024 * 1024);
-    if t.tls {
-        let mut cfg = ClientTlsConfig::new().domain_name(t.host.clone());
-        if let Some(ca) = &opts.ca_cert_pem {
-            cfg = cfg.ca_certificate(Certificate::from_pem(ca));
-        }
-        ep = ep.tls_config(cfg).map_err(SessionError::Connect)?;
-    }
-    Ok(ep)
+        .initial_connection_window_size(64 * 1024 * 1024)
+        .connect_with_connector(d.clone())
+        .await
+        .map_err(SessionError::Connect)
 }
 
 fn with_metadata<T>(opts: &ConnectOptions, msg: T) -> Result<Request<T>, Status> {
@@ -194,6 +292,9 @@ fn with_metadata<T>(opts: &ConnectOptions, msg: T) -> Result<Request<T>, Status>
         AGENT_VERSION_METADATA,
         MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
     );
+    for (k, v) in &opts.kas_headers {
+        md.append(k.clone(), v.clone());
+    }
     Ok(r)
 }
 
@@ -212,7 +313,7 @@ pub async fn run(
     let mut tried = 0usize;
     loop {
         let started = Instant::now();
-        let targets = match resolve(&opts.kas_addresses).await {
+        let targets = match resolve(&opts).await {
             Ok(t) if !t.is_empty() => t,
             Ok(_) => {
                 tracing::error!(addresses = ?opts.kas_addresses, "no kas address resolved");
@@ -285,10 +386,7 @@ async fn session(
     upstream: Arc<Upstream>,
     config_tx: &watch::Sender<Option<AgentConfiguration>>,
 ) -> Result<(), SessionError> {
-    let channel = endpoint(opts, target)?
-        .connect()
-        .await
-        .map_err(SessionError::Connect)?;
+    let channel = connect(target).await?;
     let mut client = AgentClient::new(channel.clone())
         .max_decoding_message_size(kas_proto::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(kas_proto::MAX_MESSAGE_SIZE);

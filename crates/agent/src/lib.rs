@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod connection;
+pub mod dial;
 pub mod exchange;
 pub mod stats;
 

@@ -26,9 +26,22 @@ struct Cli {
     /// Context of the kubeconfig to use (default: its current context).
     #[arg(long)]
     context: Option<String>,
-    /// PEM CA certificate to trust for a grpcs:// kas with a self-signed certificate.
+    /// PEM CA certificate to trust for a grpcs:// kas with a self-signed certificate
+    /// (the system's CAs are trusted too).
     #[arg(long, env = "AGENTK_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// A header sent to kas with every stream, `NAME:VALUE` (repeat it), e.g. for an
+    /// authenticating proxy or gateway in front of kas.
+    #[arg(long = "kas-header", value_name = "NAME:VALUE")]
+    kas_headers: Vec<String>,
+    /// The name kas's TLS certificate must carry, when the address names kas otherwise
+    /// (an IP, an internal name).
+    #[arg(long, env = "AGENTK_KAS_TLS_SERVER_NAME")]
+    kas_tls_server_name: Option<String>,
+    /// Do not verify kas's TLS certificate. Anyone between agentk and kas can then read
+    /// and change the traffic, the agent token included: for tests only.
+    #[arg(long)]
+    kas_insecure_skip_tls_verify: bool,
     /// Idle tunnels kept open to kas.
     #[arg(long, default_value_t = 2)]
     min_idle_tunnels: usize,
@@ -56,6 +69,45 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Headers agentk sets itself, or that HTTP/2 and gRPC reserve.
+const RESERVED_HEADERS: [&str; 9] = [
+    "authorization",
+    "content-type",
+    "te",
+    "user-agent",
+    "host",
+    "connection",
+    "x-agent-replica-id",
+    "x-agent-version",
+    "grpc-timeout",
+];
+
+/// `NAME:VALUE` of `--kas-header` as gRPC metadata.
+fn parse_kas_header(
+    h: &str,
+) -> Result<
+    (
+        tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
+        tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ),
+    Fatal,
+> {
+    let bad = |why: &str| Fatal(format!("--kas-header `{h}`: {why}"));
+    let (name, value) = h.split_once(':').ok_or_else(|| bad("use NAME:VALUE"))?;
+    let name = name.trim().to_ascii_lowercase();
+    if RESERVED_HEADERS.contains(&name.as_str())
+        || name.starts_with("grpc-")
+        || name.starts_with(':')
+    {
+        return Err(bad("agentk sets this header itself"));
+    }
+    let key = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
+        .map_err(|_| bad("not a valid header name"))?;
+    let value = tonic::metadata::MetadataValue::try_from(value.trim())
+        .map_err(|_| bad("not a valid header value"))?;
+    Ok((key, value))
 }
 
 /// A setting the operator must fix: reported on stderr, exit status 2. It travels back
@@ -130,7 +182,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_meta(meta)
             .with_log_level(log_level),
     );
+    let kas_headers = cli
+        .kas_headers
+        .iter()
+        .map(|h| parse_kas_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    if cli.kas_insecure_skip_tls_verify {
+        tracing::error!("--kas-insecure-skip-tls-verify: kas's TLS certificate is NOT verified; anyone on the path can read the agent token and the cluster traffic. Use --ca-cert instead.");
+    }
+    let proxy = kas_agent::dial::ProxyConfig::from_env().map_err(|e| Fatal(e.to_string()))?;
+    if proxy.https.is_some() || proxy.http.is_some() {
+        tracing::info!(proxy = ?proxy, "reaching kas through a proxy where NO_PROXY does not exclude it");
+    }
     let opts = ConnectOptions {
+        kas_headers,
+        tls_server_name: cli.kas_tls_server_name,
+        insecure_skip_tls_verify: cli.kas_insecure_skip_tls_verify,
+        proxy,
         kas_addresses: cli.kas_address,
         token,
         ca_cert_pem,

@@ -408,6 +408,10 @@ async fn main() -> Result<()> {
                 min_idle_tunnels: args.idle_tunnels,
                 max_tunnels: 512,
                 replica_id: format!("bench-{i}"),
+                kas_headers: Vec::new(),
+                tls_server_name: None,
+                insecure_skip_tls_verify: false,
+                proxy: Default::default(),
             };
             let (ctx, _crx) = tokio::sync::watch::channel(None);
             tokio::spawn(kas_agent::run(opts, upstream.clone(), ctx, stop_rx.clone()));

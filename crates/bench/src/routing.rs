@@ -87,6 +87,10 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
                 min_idle_tunnels: 2,
                 max_tunnels: 16,
                 replica_id: name.clone(),
+                kas_headers: Vec::new(),
+                tls_server_name: None,
+                insecure_skip_tls_verify: false,
+                proxy: Default::default(),
             };
             let (ctx, _crx) = tokio::sync::watch::channel(None);
             let t0 = Instant::now();

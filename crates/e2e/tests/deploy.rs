@@ -483,6 +483,17 @@ async fn run_charts(mut kas_values: Vec<(String, String)>, shared: bool) {
         ("token", token),
         ("observability.port", &agentk_port),
         ("logFormat", "text"),
+        // Reach kas directly, as NO_PROXY says (the proxy named would not answer), and
+        // send a header kas ignores.
+        ("extraEnv[0].name", "HTTPS_PROXY"),
+        ("extraEnv[0].value", "http://127.0.0.1:9"),
+        ("extraEnv[1].name", "HTTP_PROXY"),
+        ("extraEnv[1].value", "http://127.0.0.1:9"),
+        ("extraEnv[2].name", "NO_PROXY"),
+        ("extraEnv[2].value", "localhost"),
+        ("kasHeaders[0]", "X-Gateway-Token: abc123"),
+        ("hostAliases[0].ip", "127.0.0.1"),
+        ("hostAliases[0].hostnames[0]", "kas.example.com"),
     ]);
     if shared {
         agentk_values.extend(sets(&[("caCert", &agent_ca)]));

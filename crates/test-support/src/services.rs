@@ -298,3 +298,81 @@ impl Drop for Postgres {
         }
     }
 }
+
+/// tinyproxy (Debian package `tinyproxy`), a forward HTTP proxy on a free port that
+/// allows CONNECT to the given ports only, optionally with basic credentials; its log
+/// is kept for assertions. Killed on drop.
+pub struct Tinyproxy {
+    pub port: u16,
+    _dir: TempDir,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Tinyproxy {
+    pub fn start(credentials: Option<(&str, &str)>, connect_ports: &[u16]) -> Tinyproxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for _ in 0..3 {
+            let port = free_port();
+            let mut conf = format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 600\nAllow 127.0.0.1\nLogLevel Info\nMaxClients 100\n"
+            );
+            if let Some((u, p)) = credentials {
+                conf.push_str(&format!("BasicAuth {u} {p}\n"));
+            }
+            for p in connect_ports {
+                conf.push_str(&format!("ConnectPort {p}\n"));
+            }
+            let conf_path = dir.path().join("tinyproxy.conf");
+            std::fs::write(&conf_path, conf).expect("write config");
+            let log = dir.path().join("tinyproxy.log");
+            let mut child = Command::new("tinyproxy")
+                .arg("-d")
+                .arg("-c")
+                .arg(&conf_path)
+                .stdout(std::fs::File::create(&log).expect("log"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("tinyproxy is not installed (Debian package tinyproxy)");
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(10) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("Accepting connections") {
+                    return Tinyproxy {
+                        port,
+                        _dir: dir,
+                        log,
+                        child,
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port was taken: try another
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("tinyproxy did not start");
+    }
+
+    /// `http://[user:password@]127.0.0.1:<port>`.
+    pub fn url(&self, credentials: Option<(&str, &str)>) -> String {
+        match credentials {
+            Some((u, p)) => format!("http://{u}:{p}@127.0.0.1:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

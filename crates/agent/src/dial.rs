@@ -258,10 +258,11 @@ pub fn tls_config(
     Ok(Arc::new(cfg))
 }
 
-/// Accepts any certificate (`--kas-insecure-skip-tls-verify`); signatures are still
-/// checked so the handshake itself is sound.
+/// Accepts any certificate (`--kas-insecure-skip-tls-verify`, or a kubeconfig's
+/// `insecure-skip-tls-verify`); signatures are still checked so the handshake itself
+/// is sound.
 #[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct NoVerification(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl rustls::client::danger::ServerCertVerifier for NoVerification {
     fn verify_server_cert(

@@ -49,23 +49,7 @@ async fn replicas_with_one_token_are_one_agent_with_several_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_connect_over_tls_with_a_self_signed_kas() {
     // A CA and a serving certificate for the agent listener.
-    let certs = tempfile::tempdir().expect("tmp");
-    let tls = kas_test_support::certs::LocalhostCert::generate();
-    let p = |n: &str| certs.path().join(n);
-    std::fs::write(p("ca.pem"), &tls.ca).expect("write");
-    std::fs::write(p("agent.crt"), &tls.cert).expect("write");
-    std::fs::write(p("agent.key"), &tls.key).expect("write");
-    std::fs::write(
-        p("kas.yaml"),
-        format!(
-            "agent:\n  tls:\n    certificate_file: {}\n    key_file: {}\n",
-            p("agent.crt").display(),
-            p("agent.key").display()
-        ),
-    )
-    .expect("write");
-
-    let mut env = Env::start_with(&["--config", p("kas.yaml").to_str().expect("path")]).await;
+    let (mut env, ca) = Env::start_agent_tls().await;
     assert!(
         env.kas_info.agent.starts_with("grpcs://"),
         "{}",
@@ -95,7 +79,7 @@ async fn agents_connect_over_tls_with_a_self_signed_kas() {
     assert!(env.connected(agent).is_none());
     env.agents[i].kill();
 
-    env.start_agentk(&token, &["--ca-cert", p("ca.pem").to_str().expect("path")]);
+    env.start_agentk(&token, &["--ca-cert", ca.to_str().expect("path")]);
     env.wait_connected(agent, 1);
     let job = env.start_job("acme/shop", None, "alice");
     let c = http::client(&env.proxy_ca(), false);

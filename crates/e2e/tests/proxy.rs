@@ -2,7 +2,6 @@
 //! (tinyproxy, started by the test) with CONNECT and basic credentials from
 //! `HTTPS_PROXY`, `NO_PROXY` exempts hosts, and kubectl works end to end through it.
 
-use kas_test_support::certs::LocalhostCert;
 use kas_test_support::fixture::{wait_for, Env};
 use kas_test_support::procs;
 use kas_test_support::services::Tinyproxy;
@@ -12,22 +11,7 @@ const CREDS: (&str, &str) = ("kasuser", "s3cret-pass");
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agentk_reaches_kas_through_an_authenticating_proxy() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let tls = LocalhostCert::generate();
-    let p = |n: &str| dir.path().join(n);
-    std::fs::write(p("ca.pem"), &tls.ca).expect("write");
-    std::fs::write(p("agent.crt"), &tls.cert).expect("write");
-    std::fs::write(p("agent.key"), &tls.key).expect("write");
-    std::fs::write(
-        p("kas.yaml"),
-        format!(
-            "agent:\n  tls: {{certificate_file: {}, key_file: {}}}\n",
-            p("agent.crt").display(),
-            p("agent.key").display()
-        ),
-    )
-    .expect("write");
-    let mut env = Env::start_with(&["--config", p("kas.yaml").to_str().expect("path")]).await;
+    let (mut env, ca) = Env::start_agent_tls().await;
     env.kasctl(&["project", "create", "acme/web/shop"]);
     let (agent, token) = env.create_agent(
         "acme/platform/agents",
@@ -44,7 +28,6 @@ async fn agentk_reaches_kas_through_an_authenticating_proxy() {
     let proxy = Tinyproxy::start(Some(CREDS), &[port]);
     // A name, not an address: the proxy resolves it.
     let address = format!("grpcs://localhost:{port}");
-    let ca = p("ca.pem");
     let args = ["--ca-cert", ca.to_str().expect("path")];
     let start = |env: &mut Env, envs: &[(&str, &str)]| {
         let a = procs::start_agentk_env(

@@ -59,6 +59,29 @@ impl Env {
         Self::start_custom(wrapper, extra, crate::apiserver::Options::default()).await
     }
 
+    /// kas serving TLS on its agent listener with a certificate for `localhost` from a
+    /// private CA; returns the environment and the CA's PEM file (for `--ca-cert`).
+    pub async fn start_agent_tls() -> (Env, PathBuf) {
+        let certs = tempfile::tempdir().expect("temp dir");
+        let tls = crate::certs::LocalhostCert::generate();
+        let p = |n: &str| certs.path().join(n);
+        std::fs::write(p("agent.crt"), &tls.cert).expect("write");
+        std::fs::write(p("agent.key"), &tls.key).expect("write");
+        std::fs::write(
+            p("kas.yaml"),
+            format!(
+                "agent:\n  tls:\n    certificate_file: {}\n    key_file: {}\n",
+                p("agent.crt").display(),
+                p("agent.key").display()
+            ),
+        )
+        .expect("write");
+        let env = Self::start_with(&["--config", p("kas.yaml").to_str().expect("path")]).await;
+        let ca = env.path("agent-ca.pem");
+        std::fs::write(&ca, &tls.ca).expect("write");
+        (env, ca)
+    }
+
     /// Like [`Env::start_with`], with a test API server that authorizes with RBAC.
     pub async fn start_rbac(extra: &[&str]) -> Env {
         let api = crate::apiserver::Options {

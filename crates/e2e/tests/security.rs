@@ -50,12 +50,12 @@ async fn websocket_bearer_tokens_authenticate_and_never_reach_the_cluster() {
         "Sec-WebSocket-Protocol: v5.channel.k8s.io, base64url.bearer.authorization.k8s.io.{bearer}\r\n"
     );
     // The token in the subprotocol is the only credential: accepted.
-    let path = "/api/v1/namespaces/ws/pods/p1/exec?command=true&stdout=true";
+    let path = "/api/v1/namespaces/default/pods/web-0/exec?command=true&stdout=true";
     let head = ws_exec(&env, path, &protocols).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.contains("v5.channel.k8s.io"), "{head}");
     // With an Authorization header as well: the header decides, the entry still goes.
-    let path2 = "/api/v1/namespaces/ws/pods/p2/exec?command=true&stdout=true";
+    let path2 = "/api/v1/namespaces/default/pods/web-1/exec?command=true&stdout=true";
     let with_header = format!(
         "{protocols}Authorization: Bearer ci:{agent}:{}\r\n",
         job.token
@@ -63,8 +63,8 @@ async fn websocket_bearer_tokens_authenticate_and_never_reach_the_cluster() {
     let head = ws_exec(&env, path2, &with_header).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     for p in [
-        "/api/v1/namespaces/ws/pods/p1/exec",
-        "/api/v1/namespaces/ws/pods/p2/exec",
+        "/api/v1/namespaces/default/pods/web-0/exec",
+        "/api/v1/namespaces/default/pods/web-1/exec",
     ] {
         let seen = env.api.recorded_for(p);
         assert_eq!(seen.len(), 1, "{p}");

@@ -2,7 +2,8 @@
 //! (namespaces, pods, configmaps, secrets, services, service accounts, PVCs,
 //! deployments, RBAC roles and bindings, PDBs) and serves discovery, list, get, create,
 //! update, merge and server-side-apply patches, delete, watch streaming (with
-//! selectors), pod logs (with `follow`), and `exec`/`attach` over WebSocket. Small
+//! selectors), pod logs (with `follow`), `exec`, `attach` and `portforward` over
+//! WebSocket and SPDY (with a small file system per pod for `kubectl cp`). Small
 //! controllers roll deployments out and move pods through their phases
 //! ([`controllers`]). It records the identity and impersonation headers of every
 //! request so tests can assert them.
@@ -14,8 +15,11 @@
 
 pub mod controllers;
 mod exec;
+mod portforward;
+mod process;
 pub mod rbac;
 pub mod resources;
+pub mod spdy;
 mod store;
 mod testing;
 
@@ -57,6 +61,8 @@ pub struct Recorded {
     pub impersonate_extra: BTreeMap<String, Vec<String>>,
     /// The WebSocket subprotocols offered, in order.
     pub websocket_protocols: Vec<String>,
+    /// The `Upgrade` header (`websocket`, `SPDY/3.1`), when the client asked for one.
+    pub upgrade: Option<String>,
     /// The `Authorization` header that arrived (the agent's own credentials).
     pub authorization: Option<String>,
     /// The status the server answered (0 while a stream is open).
@@ -80,6 +86,7 @@ pub(crate) struct State {
     events: broadcast::Sender<Event>,
     recorded: Mutex<Vec<Recorded>>,
     active_streams: watch::Sender<usize>,
+    files: process::Files,
     bytes_served: std::sync::atomic::AtomicU64,
 }
 
@@ -183,6 +190,7 @@ impl TestApiServer {
             events,
             recorded: Mutex::new(Vec::new()),
             active_streams: watch::channel(0).0,
+            files: Default::default(),
             bytes_served: Default::default(),
         });
         let cert = opts.tls.then(crate::certs::LocalhostCert::generate);
@@ -441,6 +449,7 @@ fn record(state: &State, req: &Request<Incoming>, user: Option<&User>, imp: &rba
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
             .collect(),
+        upgrade: all("upgrade").into_iter().next(),
         authorization: all("authorization").into_iter().next(),
         code: 0,
     };
@@ -583,9 +592,12 @@ async fn resource(
     }
     match target {
         Target::Sub {
-            sub: "exec" | "attach",
+            sub: sub @ ("exec" | "attach"),
             ..
-        } => return exec::exec(state, req, &p.0),
+        } => return exec::exec(state, req, (ns, name), sub == "attach", &p.0),
+        Target::Sub {
+            sub: "portforward", ..
+        } => return portforward::portforward(state, req, (ns, name)),
         Target::Sub { sub: "log", .. } => {
             return exec::logs(state, ns, name, p.get("follow") == Some("true"))
         }

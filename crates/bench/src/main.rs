@@ -395,13 +395,13 @@ async fn main() -> Result<()> {
                 serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
             tokens.push(v["token"].as_str().context("token")?.to_string());
         }
-        let access = kas_agent::ClusterAccess::from_kubeconfig(&kubeconfig, None)?;
-        let upstream = Arc::new(kas_agent::Upstream::new(access)?);
+        let access = agentk::ClusterAccess::from_kubeconfig(&kubeconfig, None)?;
+        let upstream = Arc::new(agentk::Upstream::new(access)?);
         let kas_pid = env.kas.pid();
         let before = proc_status_kib(kas_pid, "VmRSS:");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         for (i, t) in tokens.into_iter().enumerate() {
-            let opts = kas_agent::ConnectOptions {
+            let opts = agentk::ConnectOptions {
                 kas_addresses: vec![env.kas_info.agent.clone()],
                 token: t,
                 ca_cert_pem: None,
@@ -414,7 +414,7 @@ async fn main() -> Result<()> {
                 proxy: Default::default(),
             };
             let (ctx, _crx) = tokio::sync::watch::channel(None);
-            tokio::spawn(kas_agent::run(opts, upstream.clone(), ctx, stop_rx.clone()));
+            tokio::spawn(agentk::run(opts, upstream.clone(), ctx, stop_rx.clone()));
         }
         let start = Instant::now();
         let check = env.kas_info.clone();

@@ -58,8 +58,8 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
     );
 
     // (e) a request waits; an agent dials; how long until the response arrives.
-    let access = kas_agent::ClusterAccess::from_kubeconfig(&r.cluster_kubeconfig, None)?;
-    let upstream = Arc::new(kas_agent::Upstream::new(access)?);
+    let access = agentk::ClusterAccess::from_kubeconfig(&r.cluster_kubeconfig, None)?;
+    let upstream = Arc::new(agentk::Upstream::new(access)?);
     println!("(e) agent dial -> first routed response of a waiting request, 20 runs each");
     for (label, via, target_ms) in [("local", 1usize, 10), ("cross", 0usize, 20)] {
         let mut times = Vec::new();
@@ -80,7 +80,7 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
                 })
             });
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let opts = kas_agent::ConnectOptions {
+            let opts = agentk::ConnectOptions {
                 kas_addresses: vec![r.info[1].agent.clone()],
                 token: std::fs::read_to_string(&token_file)?.trim().to_string(),
                 ca_cert_pem: None,
@@ -94,7 +94,7 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
             };
             let (ctx, _crx) = tokio::sync::watch::channel(None);
             let t0 = Instant::now();
-            tokio::spawn(kas_agent::run(opts, upstream.clone(), ctx, stop_rx));
+            tokio::spawn(agentk::run(opts, upstream.clone(), ctx, stop_rx));
             let (code, body) = pending.await?;
             times.push(t0.elapsed());
             if code != 200 {

@@ -17,7 +17,7 @@ pub enum LogError {
 }
 
 /// Installs the global subscriber. `level` (a filter like `info` or
-/// `kas_server=debug`) wins over `RUST_LOG`; the default is `info`. Keep the returned
+/// `kas=debug`) wins over `RUST_LOG`; the default is `info`. Keep the returned
 /// guard alive for the life of the process: dropping it flushes pending lines. The
 /// [`LogLevel`] changes the filter later (agentk applies its configuration's levels).
 pub fn init(level: Option<&str>, format: &str) -> Result<(batch::Flush, LogLevel), LogError> {

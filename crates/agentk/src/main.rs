@@ -1,5 +1,5 @@
 use clap::Parser;
-use kas_agent::{ClusterAccess, ConnectOptions, Upstream};
+use agentk::{ClusterAccess, ConnectOptions, Upstream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -48,7 +48,7 @@ struct Cli {
     /// Upper bound of tunnels (concurrent requests) per replica.
     #[arg(long, default_value_t = 512)]
     max_tunnels: usize,
-    /// Log filter (e.g. info, kas_agent=debug); RUST_LOG also works.
+    /// Log filter (e.g. info, agentk=debug); RUST_LOG also works.
     #[arg(long, env = "AGENTK_LOG_LEVEL")]
     log_level: Option<String>,
     /// Runtime threads: 1 (default) runs everything on one thread; 0 uses one per core.
@@ -190,7 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.kas_insecure_skip_tls_verify {
         tracing::error!("--kas-insecure-skip-tls-verify: kas's TLS certificate is NOT verified; anyone on the path can read the agent token and the cluster traffic. Use --ca-cert instead.");
     }
-    let proxy = kas_agent::dial::ProxyConfig::from_env().map_err(|e| Fatal(e.to_string()))?;
+    let proxy = agentk::dial::ProxyConfig::from_env().map_err(|e| Fatal(e.to_string()))?;
     if proxy.https.is_some() || proxy.http.is_some() {
         tracing::info!(proxy = ?proxy, "reaching kas through a proxy where NO_PROXY does not exclude it");
     }
@@ -213,7 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| Fatal(format!("cannot bind --listen-observability {addr}: {e}")))?;
             let bound = l.local_addr()?;
             tracing::info!(address = %bound, "listening observability http://{bound}");
-            Some(AbortOnDrop(tokio::spawn(kas_agent::stats::serve(
+            Some(AbortOnDrop(tokio::spawn(agentk::stats::serve(
                 l,
                 upstream.stats.clone(),
             ))))
@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let (config_tx, _config_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let runner = tokio::spawn(kas_agent::run(opts, upstream, config_tx, stop_rx));
+    let runner = tokio::spawn(agentk::run(opts, upstream, config_tx, stop_rx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

@@ -2,8 +2,8 @@
 //! reaches kas on every stream, the certificate must name the host (or
 //! `--kas-tls-server-name`), and `--kas-insecure-skip-tls-verify` accepts any.
 
-use kas_agent::cluster::{Auth, ClusterAccess};
-use kas_agent::{ConnectOptions, Upstream};
+use agentk::cluster::{Auth, ClusterAccess};
+use agentk::{ConnectOptions, Upstream};
 use kas_proto::v1::agent_server::{Agent, AgentServer};
 use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck, ServerFrame};
 use kas_test_support::certs::LocalhostCert;
@@ -78,7 +78,7 @@ async fn connect(opts: ConnectOptions, kas: &FakeKas) -> usize {
     let upstream = Arc::new(Upstream::new(access).expect("upstream"));
     let (config_tx, _) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let run = tokio::spawn(kas_agent::run(opts, upstream, config_tx, stop_rx));
+    let run = tokio::spawn(agentk::run(opts, upstream, config_tx, stop_rx));
     let start = tokio::time::Instant::now();
     while start.elapsed() < Duration::from_secs(2) && kas.seen.lock().expect("lock").is_empty() {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -57,7 +57,7 @@ pub struct Cli {
     /// URL CI jobs use to reach the Kubernetes API proxy (goes into job kubeconfigs).
     #[arg(long, env = "KAS_K8S_PROXY_URL")]
     pub k8s_proxy_url: Option<String>,
-    /// Log filter (e.g. info, kas_server=debug); RUST_LOG also works.
+    /// Log filter (e.g. info, kas=debug); RUST_LOG also works.
     #[arg(long, env = "KAS_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Log format: text or json.

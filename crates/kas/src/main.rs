@@ -1,6 +1,6 @@
 use clap::Parser;
-use kas_server::config::{Cli, Config};
-use kas_server::Kas;
+use kas::config::{Cli, Config};
+use kas::Kas;
 
 // Thousands of long-lived agent connections, each with small buffers: jemalloc keeps the
 // memory per idle agent about a tenth lower than glibc's allocator (docs/benchmarks.md).

@@ -1,5 +1,5 @@
-use clap::Parser;
 use agentk::{ClusterAccess, ConnectOptions, Upstream};
+use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;

@@ -18,21 +18,25 @@
 //! It does not talk to clusters directly, hold cluster credentials, or parse
 //! Kubernetes objects beyond JSON.
 
-mod cache;
+pub use kas_cache::CacheOptions;
 
-pub use cache::{CacheOptions, Cached, ReactiveCache};
+/// What [`ReactiveCache::get`] answers (its error says only a code and kind).
+pub type Cached<V> = kas_cache::Cached<V, Error>;
+
+/// Keeps cluster calls out of web requests; see [`kas_cache`].
+pub type ReactiveCache<K, V> = kas_cache::ReactiveCache<K, V, Error>;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The audience kas expects in application tokens.
-const AUDIENCE: &str = "kas-application";
+pub use kas_api::application::AgentState;
+use kas_api::application::{AUDIENCE, PREFIX};
 /// Lifetime of the tokens this client signs.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 
@@ -144,19 +148,6 @@ impl Signer {
     }
 }
 
-/// An agent as kas reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-pub struct AgentState {
-    pub id: u64,
-    pub name: String,
-    pub config_project: String,
-    pub connected: bool,
-    pub replicas: usize,
-    pub kas: Vec<String>,
-    pub connected_since: Option<u64>,
-    pub agent_versions: Vec<String>,
-}
-
 /// The client. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct KasClient {
@@ -224,7 +215,7 @@ impl KasClient {
                 0,
                 "kas",
                 Method::GET,
-                "/application/v1/agents",
+                &format!("{PREFIX}/agents"),
                 &[],
                 Bytes::new(),
             )
@@ -403,7 +394,7 @@ impl AgentClient {
         path: &str,
         body: Bytes,
     ) -> Result<Streamed> {
-        let full = format!("/application/v1/agents/{}{path}", self.agent_id);
+        let full = format!("{PREFIX}/agents/{}{path}", self.agent_id);
         self.kas
             .call(self.agent_id, target, method, &full, &self.headers, body)
             .await

@@ -222,6 +222,10 @@ impl<C: ControlPlane> ControlPlane for Cached<C> {
     async fn all_agent_infos(&self) -> Result<Vec<Arc<AgentInfo>>> {
         self.inner.all_agent_infos().await
     }
+    async fn job_context(&self, project: &str, environment: Option<&str>) -> Result<JobContext> {
+        self.inner.job_context(project, environment).await
+    }
+
     async fn authenticate_job(&self, token: &str) -> Result<Option<Arc<JobContext>>> {
         let key = crate::hash_token(token);
         self.cached(key, |m| &mut m.jobs, || self.inner.authenticate_job(token))

@@ -127,6 +127,14 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn all_agent_infos(&self) -> Result<Vec<Arc<AgentInfo>>>;
     /// The running job a job token belongs to; `None` for unknown or finished jobs.
     async fn authenticate_job(&self, token: &str) -> Result<Option<Arc<kas_authz::JobContext>>>;
+    /// What a job of `project` (in `environment`) would look like to authorization:
+    /// the project, its group chain and the environment, as for a running job; the
+    /// job's own fields (ids, user, protected) are the caller's to fill in.
+    async fn job_context(
+        &self,
+        project: &str,
+        environment: Option<&str>,
+    ) -> Result<kas_authz::JobContext>;
 
     /// Changes made from now on.
     fn subscribe(&self) -> broadcast::Receiver<Change>;

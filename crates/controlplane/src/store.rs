@@ -758,6 +758,47 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
         .await
     }
 
+    async fn job_context(&self, project: &str, environment: Option<&str>) -> Result<JobContext> {
+        let (project, environment) = (project.to_string(), environment.map(str::to_string));
+        self.run(move |tx| {
+            let p = project_by_path(tx, &project)?;
+            let environment = match environment {
+                None => None,
+                Some(name) => {
+                    let r = tx
+                        .query_opt(
+                            "SELECT slug, tier FROM environments WHERE project_id = $1 AND name = $2",
+                            &[to_i64("project", p.id)?.into(), (&name).into()],
+                        )?
+                        .ok_or_else(|| {
+                            Error::NotFound(format!(
+                                "environment `{name}` not found in `{}`",
+                                p.path
+                            ))
+                        })?;
+                    Some(Environment {
+                        name,
+                        slug: r.text(0)?,
+                        tier: r.text(1)?,
+                    })
+                }
+            };
+            Ok(JobContext {
+                job_id: 0,
+                pipeline_id: 0,
+                groups: group_chain(tx, Some(p.group_id))?,
+                project: Named {
+                    id: p.id,
+                    path: p.path,
+                },
+                environment,
+                username: String::new(),
+                protected_ref: false,
+            })
+        })
+        .await
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.db.subscribe()
     }

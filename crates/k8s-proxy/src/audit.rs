@@ -5,46 +5,12 @@
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use serde::Serialize;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// The impersonated identity, as the cluster saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditIdentity {
-    pub username: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<String>,
-    pub groups: Vec<String>,
-    pub extra: std::collections::BTreeMap<String, Vec<String>>,
-}
-
-/// One audit record.
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditRecord {
-    /// Unix seconds (with fraction) when the request arrived.
-    pub time: f64,
-    pub request_id: String,
-    pub job_id: u64,
-    pub pipeline_id: u64,
-    pub project: String,
-    pub environment: Option<String>,
-    pub user: String,
-    pub agent_id: u64,
-    pub access_as: String,
-    /// `None` for `access_as: agent`.
-    pub impersonated: Option<AuditIdentity>,
-    pub verb: String,
-    pub path: String,
-    pub code: u16,
-    /// Response body bytes sent to the client (0 for upgraded connections).
-    pub bytes: u64,
-    pub duration_ms: f64,
-    /// False when the client went away (or the stream broke) before the body ended.
-    pub completed: bool,
-}
+pub use kas_api::audit::{AuditIdentity, RequestRecord as AuditRecord};
 
 /// Receives audit records.
 pub trait AuditSink: Send + Sync {

@@ -1,7 +1,7 @@
 //! The kubeconfig a CI job gets: one context per agent it may use.
 
 use base64::Engine;
-use kas_authz::{decide, Decision, JobContext};
+use kas_authz::{decide, Allowed, Decision, JobContext};
 use kas_controlplane::AgentInfo;
 use serde::Serialize;
 use std::sync::Arc;
@@ -62,37 +62,49 @@ struct Context {
     namespace: Option<String>,
 }
 
+/// The agents whose `ci_access` admits `job`, with what each decided.
+pub fn authorized_agents(
+    job: &JobContext,
+    agents: &[Arc<AgentInfo>],
+) -> Vec<(Arc<AgentInfo>, Allowed)> {
+    agents
+        .iter()
+        .filter_map(|a| match decide(&a.agent, &a.config, job) {
+            Decision::Allow(allowed) => Some((a.clone(), allowed)),
+            Decision::Deny(_) => None,
+        })
+        .collect()
+}
+
 /// Renders the kubeconfig of a job: cluster `kas` at `server_url` (with the CA when
 /// TLS is on), one user `agent:<id>` with token `ci:<id>:<job token>` and one context
-/// `<config project path>:<agent name>` per agent whose `ci_access` admits the job.
-/// No context is selected: the job picks one with `kubectl config use-context`.
+/// `<config project path>:<agent name>` per agent in `authorized`
+/// ([`authorized_agents`]). No context is selected: the job picks one with `kubectl
+/// config use-context`.
 pub fn job_kubeconfig(
-    job: &JobContext,
     job_token: &str,
-    agents: &[Arc<AgentInfo>],
+    authorized: &[(Arc<AgentInfo>, Allowed)],
     server_url: &str,
     ca_pem: Option<&str>,
 ) -> Result<String, KubeconfigError> {
     let mut users = Vec::new();
     let mut contexts = Vec::new();
-    for a in agents {
-        if let Decision::Allow(allowed) = decide(&a.agent, &a.config, job) {
-            let user = format!("agent:{}", a.agent.id);
-            users.push(NamedUser {
-                name: user.clone(),
-                user: User {
-                    token: format!("ci:{}:{}", a.agent.id, job_token),
-                },
-            });
-            contexts.push(NamedContext {
-                name: format!("{}:{}", a.agent.config_project.path, a.agent.name),
-                context: Context {
-                    cluster: "kas".into(),
-                    user,
-                    namespace: allowed.default_namespace,
-                },
-            });
-        }
+    for (a, allowed) in authorized {
+        let user = format!("agent:{}", a.agent.id);
+        users.push(NamedUser {
+            name: user.clone(),
+            user: User {
+                token: format!("ci:{}:{}", a.agent.id, job_token),
+            },
+        });
+        contexts.push(NamedContext {
+            name: context_name(a),
+            context: Context {
+                cluster: "kas".into(),
+                user,
+                namespace: allowed.default_namespace.clone(),
+            },
+        });
     }
     let cfg = Config {
         api_version: "v1",
@@ -109,4 +121,9 @@ pub fn job_kubeconfig(
         preferences: Default::default(),
     };
     serde_yaml_ng::to_string(&cfg).map_err(KubeconfigError)
+}
+
+/// The kubeconfig context of an agent: `<config project path>:<agent name>`.
+pub fn context_name(a: &AgentInfo) -> String {
+    format!("{}:{}", a.agent.config_project.path, a.agent.name)
 }

@@ -11,7 +11,7 @@ mod proxy;
 mod status;
 mod token;
 
-pub use kubeconfig::{job_kubeconfig, KubeconfigError};
+pub use kubeconfig::{authorized_agents, context_name, job_kubeconfig, KubeconfigError};
 pub use proxy::{
     exchange, failure_code, upstream_head, upstream_path, ExchangeFailure, K8sProxy, Observed,
     ProxyBody, ProxyObserver, ProxyOptions,

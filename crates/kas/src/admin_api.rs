@@ -11,11 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
-use kas_controlplane::{ControlPlane, Error as CpError, JobStatus, StartJob};
+use kas_api::admin::{self, paths};
+use kas_api::audit::{AdminKind, AdminRecord, AuditEntry, AuditQuery};
+use kas_api::{Agent, AgentToken, EnvironmentRecord, ErrorBody, Group, Job, JobStatus, Project};
+use kas_controlplane::{ControlPlane, Error as CpError, StartJob};
 use kas_router::Router as KasRouter;
-use kas_tunnel::{ConnectedAgent, ConnectedReplica};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -57,7 +58,11 @@ impl From<CpError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let body = ErrorBody {
+            error: self.1,
+            code: None,
+        };
+        (self.0, Json(body)).into_response()
     }
 }
 
@@ -136,30 +141,30 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
 /// The admin API router.
 pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
-        .route("/groups", get(list_groups).post(create_group))
-        .route("/projects", get(list_projects).post(create_project))
+        .route(paths::GROUPS, get(list_groups).post(create_group))
+        .route(paths::PROJECTS, get(list_projects).post(create_project))
         .route(
-            "/agents",
+            paths::AGENTS,
             get(list_agents).post(create_agent).delete(delete_agent),
         )
         .route(
-            "/agents/tokens",
+            paths::AGENT_TOKENS,
             get(list_agent_tokens).post(create_agent_token),
         )
-        .route("/agents/tokens/revoke", post(revoke_agent_token))
+        .route(paths::REVOKE_AGENT_TOKEN, post(revoke_agent_token))
         .route(
-            "/agents/config",
+            paths::AGENT_CONFIG,
             get(get_agent_config).put(set_agent_config),
         )
         .route(
-            "/environments",
+            paths::ENVIRONMENTS,
             get(list_environments).post(create_environment),
         )
-        .route("/jobs", get(list_jobs).post(start_job))
+        .route(paths::JOBS, get(list_jobs).post(start_job))
         .route("/jobs/:id/finish", post(finish_job))
-        .route("/connected-agents", get(connected_agents))
-        .route("/access/explain", get(explain))
-        .route("/audit", get(audit))
+        .route(paths::CONNECTED_AGENTS, get(connected_agents))
+        .route(paths::EXPLAIN, get(explain))
+        .route(paths::AUDIT, get(audit))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit_admin,
@@ -167,7 +172,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
     Router::new()
-        .nest("/api/v1", api)
+        .nest(admin::PREFIX, api)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
 }
 
@@ -209,89 +214,60 @@ async fn audit_admin(
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let resp = next.run(req).await;
-    let done = resp.extensions().get::<Audited>().cloned();
+    let done = resp
+        .extensions()
+        .get::<Audited>()
+        .cloned()
+        .unwrap_or_default();
     let code = resp.status().as_u16();
-    let mut r = serde_json::Map::new();
-    r.insert("time".into(), json!(crate::audit::now_unix()));
-    r.insert("kind".into(), json!("admin"));
-    r.insert("actor".into(), json!(actor.as_ref().map(|a| &a.token_id)));
-    r.insert("peer".into(), json!(actor.and_then(|a| a.peer)));
-    r.insert("method".into(), json!(method));
-    r.insert("path".into(), json!(path));
-    r.insert("code".into(), json!(code));
-    r.insert(
-        "outcome".into(),
-        json!(if code < 400 { "ok" } else { "failed" }),
-    );
-    if let Some(a) = done {
-        r.insert("action".into(), json!(a.action));
-        r.insert("target".into(), json!(a.target));
-        if let Some(id) = a.agent_id {
-            r.insert("agent_id".into(), json!(id));
-        }
-        if let Some(id) = a.job_id {
-            r.insert("job_id".into(), json!(id));
-        }
-        if let Some(p) = a.project {
-            r.insert("project".into(), json!(p));
-        }
-        if !a.details.is_empty() {
-            r.insert("details".into(), serde_json::Value::Object(a.details));
-        }
-    }
-    state.audit.record_value(&serde_json::Value::Object(r));
+    let r = AdminRecord {
+        time: crate::audit::now_unix(),
+        kind: AdminKind::Admin,
+        actor: actor.as_ref().map(|a| a.token_id.clone()),
+        peer: actor.and_then(|a| a.peer),
+        method,
+        path,
+        code,
+        outcome: if code < 400 { "ok" } else { "failed" }.into(),
+        action: (!done.action.is_empty()).then(|| done.action.to_string()),
+        target: (!done.action.is_empty()).then_some(done.target),
+        agent_id: done.agent_id,
+        job_id: done.job_id,
+        project: done.project,
+        details: (!done.details.is_empty()).then_some(done.details),
+    };
+    state.audit.record_admin(&r);
     resp
-}
-
-#[derive(Deserialize)]
-struct PathReq {
-    path: String,
-    id: Option<u64>,
 }
 
 async fn create_group(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<PathReq>,
-) -> AuditedJson<kas_controlplane::Group> {
+    Json(r): Json<admin::CreatePath>,
+) -> AuditedJson<Group> {
     let g = s.cp.create_group(&r.path, r.id).await?;
     audited(Audited::new("group.create", &g.path).detail("id", g.id), g)
 }
 
-async fn list_groups(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Group>> {
+async fn list_groups(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Group>> {
     Ok(Json(s.cp.list_groups().await?))
 }
 
 async fn create_project(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<PathReq>,
-) -> AuditedJson<kas_controlplane::Project> {
+    Json(r): Json<admin::CreatePath>,
+) -> AuditedJson<Project> {
     let p = s.cp.create_project(&r.path, r.id).await?;
     let mut a = Audited::new("project.create", &p.path).detail("id", p.id);
     a.project = Some(p.path.clone());
     audited(a, p)
 }
 
-async fn list_projects(
-    State(s): State<Arc<AdminState>>,
-) -> ApiResult<Vec<kas_controlplane::Project>> {
+async fn list_projects(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Project>> {
     Ok(Json(s.cp.list_projects().await?))
 }
 
-#[derive(Deserialize)]
-struct AgentReq {
-    project: String,
-    name: String,
-}
-
-#[derive(Serialize)]
-struct CreatedAgent {
-    #[serde(flatten)]
-    agent: kas_controlplane::Agent,
-    token: String,
-}
-
-fn agent_audit(action: &'static str, agent: &kas_controlplane::Agent) -> Audited {
-    let mut a = Audited::new(action, format!("{}:{}", agent.project_path, agent.name));
+fn agent_audit(action: &'static str, agent: &Agent) -> Audited {
+    let mut a = Audited::new(action, agent.context());
     a.agent_id = Some(agent.id);
     a.project = Some(agent.project_path.clone());
     a
@@ -299,12 +275,12 @@ fn agent_audit(action: &'static str, agent: &kas_controlplane::Agent) -> Audited
 
 async fn create_agent(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<AgentReq>,
-) -> AuditedJson<CreatedAgent> {
+    Json(r): Json<admin::AgentName>,
+) -> AuditedJson<admin::CreatedAgent> {
     let (agent, token) = s.cp.create_agent(&r.project, &r.name).await?;
     audited(
         agent_audit("agent.create", &agent),
-        CreatedAgent {
+        admin::CreatedAgent {
             agent,
             token: token.expose().to_string(),
         },
@@ -313,40 +289,24 @@ async fn create_agent(
 
 async fn delete_agent(
     State(s): State<Arc<AdminState>>,
-    Query(r): Query<AgentReq>,
-) -> AuditedJson<kas_controlplane::Agent> {
+    Query(r): Query<admin::AgentName>,
+) -> AuditedJson<Agent> {
     let a = s.cp.get_agent(&r.project, &r.name).await?;
     let deleted = s.cp.delete_agent(a.id).await?;
     audited(agent_audit("agent.delete", &deleted), deleted)
 }
 
-#[derive(Deserialize)]
-struct TokenReq {
-    project: String,
-    name: String,
-    /// The new token's name (create), or the name or id of the token (revoke).
-    token: Option<String>,
-}
-
-#[derive(Serialize)]
-struct CreatedToken {
-    #[serde(flatten)]
-    token: kas_controlplane::AgentToken,
-    /// Shown once.
-    secret: String,
-}
-
 async fn create_agent_token(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<TokenReq>,
-) -> AuditedJson<CreatedToken> {
+    Json(r): Json<admin::TokenRequest>,
+) -> AuditedJson<admin::CreatedToken> {
     let a = s.cp.get_agent(&r.project, &r.name).await?;
     let (token, secret) = s.cp.create_agent_token(a.id, r.token.as_deref()).await?;
     audited(
         agent_audit("agent.token.create", &a)
             .detail("token", &token.name)
             .detail("token_id", token.id),
-        CreatedToken {
+        admin::CreatedToken {
             token,
             secret: secret.expose().to_string(),
         },
@@ -355,16 +315,16 @@ async fn create_agent_token(
 
 async fn list_agent_tokens(
     State(s): State<Arc<AdminState>>,
-    Query(r): Query<AgentReq>,
-) -> ApiResult<Vec<kas_controlplane::AgentToken>> {
+    Query(r): Query<admin::AgentName>,
+) -> ApiResult<Vec<AgentToken>> {
     let a = s.cp.get_agent(&r.project, &r.name).await?;
     Ok(Json(s.cp.list_agent_tokens(a.id).await?))
 }
 
 async fn revoke_agent_token(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<TokenReq>,
-) -> AuditedJson<kas_controlplane::AgentToken> {
+    Json(r): Json<admin::TokenRequest>,
+) -> AuditedJson<AgentToken> {
     let token = r.token.ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -381,84 +341,61 @@ async fn revoke_agent_token(
     )
 }
 
-async fn list_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Agent>> {
+async fn list_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Agent>> {
     Ok(Json(s.cp.list_agents().await?))
 }
 
 async fn get_agent_config(
     State(s): State<Arc<AdminState>>,
-    Query(r): Query<AgentReq>,
-) -> ApiResult<serde_json::Value> {
+    Query(r): Query<admin::AgentName>,
+) -> ApiResult<admin::StoredConfig> {
     let a = s.cp.get_agent(&r.project, &r.name).await?;
     let info =
         s.cp.agent_info(a.id)
             .await?
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "agent not found".into()))?;
-    Ok(Json(
-        json!({ "agent_id": a.id, "version": info.config_version, "config": info.config_yaml }),
-    ))
-}
-
-#[derive(Deserialize)]
-struct ConfigReq {
-    project: String,
-    name: String,
-    config: String,
+    Ok(Json(admin::StoredConfig {
+        agent_id: a.id,
+        version: info.config_version,
+        config: info.config_yaml.clone(),
+    }))
 }
 
 async fn set_agent_config(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<ConfigReq>,
-) -> AuditedJson<serde_json::Value> {
-    match s
-        .cp
-        .set_agent_config(&r.project, &r.name, &r.config, &s.ci_access_limits)
-        .await
-    {
-        Ok((version, warnings)) => {
-            for w in &warnings {
-                tracing::warn!(agent = %format!("{}:{}", r.project, r.name), version, warning = %w, "agent configuration stored with a warning");
-            }
-            let mut a = Audited::new("agent.config.set", format!("{}:{}", r.project, r.name))
-                .detail("version", version);
-            a.project = Some(r.project.clone());
-            if let Ok(agent) = s.cp.get_agent(&r.project, &r.name).await {
-                a.agent_id = Some(agent.id);
-            }
-            audited(
-                a,
-                json!({
-                    "version": version,
-                    "warnings": warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                }),
-            )
+    Json(r): Json<admin::SetConfig>,
+) -> AuditedJson<admin::ConfigSaved> {
+    let context = format!("{}:{}", r.project, r.name);
+    let stored =
+        s.cp.set_agent_config(&r.project, &r.name, &r.config, &s.ci_access_limits)
+            .await;
+    let (version, warnings) = match stored {
+        Ok(x) => x,
+        Err(CpError::Config(c)) => {
+            let problems: Vec<String> = c.problems.iter().map(|p| format!("  - {p}")).collect();
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("invalid agent configuration:\n{}", problems.join("\n")),
+            ));
         }
-        Err(CpError::Config(c)) => Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "invalid agent configuration:\n{}",
-                c.problems
-                    .iter()
-                    .map(|p| format!("  - {p}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ),
-        )),
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    for w in &warnings {
+        tracing::warn!(agent = %context, version, warning = %w, "agent configuration stored with a warning");
     }
-}
-
-#[derive(Deserialize)]
-struct EnvReq {
-    project: String,
-    name: String,
-    tier: Option<String>,
+    let mut a = Audited::new("agent.config.set", &context).detail("version", version);
+    a.project = Some(r.project.clone());
+    if let Ok(agent) = s.cp.get_agent(&r.project, &r.name).await {
+        a.agent_id = Some(agent.id);
+    }
+    let warnings = warnings.iter().map(ToString::to_string).collect();
+    audited(a, admin::ConfigSaved { version, warnings })
 }
 
 async fn create_environment(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<EnvReq>,
-) -> AuditedJson<kas_controlplane::EnvironmentRecord> {
+    Json(r): Json<admin::CreateEnvironment>,
+) -> AuditedJson<EnvironmentRecord> {
     let e =
         s.cp.create_environment(&r.project, &r.name, r.tier.as_deref())
             .await?;
@@ -473,38 +410,15 @@ async fn create_environment(
 
 async fn list_environments(
     State(s): State<Arc<AdminState>>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Vec<kas_controlplane::EnvironmentRecord>> {
-    Ok(Json(
-        s.cp.list_environments(q.get("project").map(String::as_str))
-            .await?,
-    ))
-}
-
-#[derive(Deserialize)]
-struct JobReq {
-    project: String,
-    environment: Option<String>,
-    user: String,
-    pipeline_id: Option<u64>,
-    /// The job runs for a protected branch or tag.
-    #[serde(default)]
-    protected: bool,
-}
-
-#[derive(Serialize)]
-struct StartedJob {
-    #[serde(flatten)]
-    job: kas_controlplane::Job,
-    token: String,
-    kubeconfig: String,
-    contexts: Vec<String>,
+    Query(q): Query<admin::EnvironmentQuery>,
+) -> ApiResult<Vec<EnvironmentRecord>> {
+    Ok(Json(s.cp.list_environments(q.project.as_deref()).await?))
 }
 
 async fn start_job(
     State(s): State<Arc<AdminState>>,
-    Json(r): Json<JobReq>,
-) -> AuditedJson<StartedJob> {
+    Json(r): Json<admin::StartJob>,
+) -> AuditedJson<admin::StartedJob> {
     let (job, token) =
         s.cp.start_job(&StartJob {
             project: r.project,
@@ -523,21 +437,14 @@ async fn start_job(
                     "the new job is not running".into(),
                 )
             })?;
-    let agents = s.cp.all_agent_infos().await?;
-    let contexts = agents
+    let authorized = kas_k8s_proxy::authorized_agents(&ctx, &s.cp.all_agent_infos().await?);
+    let contexts: Vec<String> = authorized
         .iter()
-        .filter(|a| {
-            matches!(
-                kas_authz::decide(&a.agent, &a.config, &ctx),
-                kas_authz::Decision::Allow(_)
-            )
-        })
-        .map(|a| format!("{}:{}", a.agent.config_project.path, a.agent.name))
+        .map(|(a, _)| kas_k8s_proxy::context_name(a))
         .collect();
     let kubeconfig = kas_k8s_proxy::job_kubeconfig(
-        &ctx,
         token.expose(),
-        &agents,
+        &authorized,
         &s.k8s_proxy_url,
         s.k8s_proxy_ca_pem.as_deref(),
     )
@@ -551,7 +458,7 @@ async fn start_job(
     a.project = Some(job.project_path.clone());
     audited(
         a,
-        StartedJob {
+        admin::StartedJob {
             job,
             token: token.expose().to_string(),
             kubeconfig,
@@ -560,16 +467,11 @@ async fn start_job(
     )
 }
 
-#[derive(Deserialize, Default)]
-struct FinishReq {
-    status: Option<String>,
-}
-
 async fn finish_job(
     State(s): State<Arc<AdminState>>,
     Path(id): Path<u64>,
-    body: Option<Json<FinishReq>>,
-) -> AuditedJson<kas_controlplane::Job> {
+    body: Option<Json<admin::FinishJob>>,
+) -> AuditedJson<Job> {
     let status = body
         .and_then(|b| b.0.status)
         .unwrap_or_else(|| "success".into());
@@ -589,20 +491,13 @@ async fn finish_job(
     audited(a, job)
 }
 
-async fn list_jobs(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<kas_controlplane::Job>> {
+async fn list_jobs(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Job>> {
     Ok(Json(s.cp.list_jobs().await?))
 }
 
-#[derive(Serialize)]
-struct Connected {
-    id: u64,
-    name: String,
-    config_project: String,
-    #[serde(flatten)]
-    state: kas_tunnel::ConnectedAgent,
-}
-
-async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Connected>> {
+async fn connected_agents(
+    State(s): State<Arc<AdminState>>,
+) -> ApiResult<Vec<admin::NamedConnectedAgent>> {
     let names: HashMap<u64, (String, String)> =
         s.cp.list_agents()
             .await?
@@ -610,12 +505,13 @@ async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Con
             .map(|a| (a.id, (a.name, a.project_path)))
             .collect();
     Ok(Json(
-        connected_everywhere(&s.router)
+        s.router
+            .connected_agents()
             .await
             .into_iter()
             .map(|c| {
                 let (name, config_project) = names.get(&c.agent_id).cloned().unwrap_or_default();
-                Connected {
+                admin::NamedConnectedAgent {
                     id: c.agent_id,
                     name,
                     config_project,
@@ -626,137 +522,21 @@ async fn connected_agents(State(s): State<Arc<AdminState>>) -> ApiResult<Vec<Con
     ))
 }
 
-/// Connected agents on this kas and, with a shared registry, on every other kas, each
-/// replica with a warning when its version is too far from kas's.
-pub(crate) async fn connected_everywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
-    let mut agents = connected_anywhere(router).await;
-    for r in agents.iter_mut().flat_map(|a| a.replicas.iter_mut()) {
-        r.warning = crate::version_skew(&r.agent_version);
-    }
-    agents
-}
-
-async fn connected_anywhere(router: &KasRouter) -> Vec<ConnectedAgent> {
-    let mut agents = router.registry().snapshot();
-    let Some(shared) = router.connections().await else {
-        return agents;
-    };
-    let own = router.kas_id().map(str::to_string);
-    for r in agents.iter_mut().flat_map(|a| a.replicas.iter_mut()) {
-        r.kas = own.clone();
-    }
-    let conns = match shared {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "shared registry unavailable; listing this kas's agents only");
-            return agents;
-        }
-    };
-    for c in conns
-        .into_iter()
-        .filter(|c| Some(&c.kas_id) != own.as_ref())
-    {
-        let replica = ConnectedReplica {
-            replica_id: c.replica_id,
-            agent_version: c.agent_version,
-            peer: String::new(),
-            connected_since: c.since,
-            config_version: 0,
-            idle_tunnels: 0,
-            kas: Some(c.kas_id),
-            meta: c.meta,
-            warning: None,
-        };
-        match agents.iter_mut().find(|a| a.agent_id == c.agent_id) {
-            Some(a) => a.replicas.push(replica),
-            None => agents.push(ConnectedAgent {
-                agent_id: c.agent_id,
-                replicas: vec![replica],
-                idle_tunnels: 0,
-                busy_tunnels: 0,
-            }),
-        }
-    }
-    agents.sort_by_key(|a| a.agent_id);
-    agents
-}
-
-#[derive(Deserialize)]
-struct ExplainReq {
-    project: String,
-    environment: Option<String>,
-    /// A numeric id, or `<configuration project>:<agent name>` (the kubeconfig context).
-    agent: String,
-    user: Option<String>,
-    job_id: Option<u64>,
-    pipeline_id: Option<u64>,
-    /// As for a job on a protected branch or tag.
-    #[serde(default)]
-    protected: bool,
-}
-
 /// Whether jobs of a project (and environment) may use an agent, which `ci_access`
 /// entry decides, and the identity the cluster would see: the proxy's own decision
 /// function on the same data.
 async fn explain(
     State(s): State<Arc<AdminState>>,
-    Query(q): Query<ExplainReq>,
-) -> ApiResult<serde_json::Value> {
-    use kas_authz::{decide, Decision, EntryKind, Environment, JobContext, Named};
-    let not_found = |m: String| ApiError(StatusCode::NOT_FOUND, m);
-    let wanted = q.project.trim().trim_matches('/');
-    let project =
-        s.cp.list_projects()
-            .await?
-            .into_iter()
-            .find(|p| p.path.eq_ignore_ascii_case(wanted))
-            .ok_or_else(|| not_found(format!("project `{}` not found", q.project)))?;
-    let groups: HashMap<u64, kas_controlplane::Group> =
-        s.cp.list_groups()
-            .await?
-            .into_iter()
-            .map(|g| (g.id, g))
-            .collect();
-    let mut chain = Vec::new();
-    let mut next = Some(project.group_id);
-    while let Some(id) = next {
-        let g = groups.get(&id).ok_or_else(|| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "group chain broken".into(),
-            )
-        })?;
-        chain.push(Named {
-            id: g.id,
-            path: g.path.clone(),
-        });
-        next = g.parent_id;
-        if chain.len() > 64 {
-            break;
-        }
-    }
-    chain.reverse();
-    let environment = match &q.environment {
-        None => None,
-        Some(name) => {
-            let e =
-                s.cp.list_environments(Some(&project.path))
-                    .await?
-                    .into_iter()
-                    .find(|e| &e.name == name)
-                    .ok_or_else(|| {
-                        not_found(format!(
-                            "environment `{name}` not found in `{}`",
-                            project.path
-                        ))
-                    })?;
-            Some(Environment {
-                name: e.name,
-                slug: e.slug,
-                tier: e.tier,
-            })
-        }
-    };
+    Query(q): Query<admin::ExplainQuery>,
+) -> ApiResult<admin::Explanation> {
+    use kas_authz::{decide, Decision, EntryKind};
+    let mut job =
+        s.cp.job_context(q.project.trim(), q.environment.as_deref())
+            .await?;
+    job.job_id = q.job_id.unwrap_or(1);
+    job.pipeline_id = q.pipeline_id.unwrap_or(1);
+    job.username = q.user.clone().unwrap_or_else(|| "user".into());
+    job.protected_ref = q.protected;
     let agent_id = match q.agent.parse::<u64>() {
         Ok(id) => id,
         Err(_) => {
@@ -773,72 +553,59 @@ async fn explain(
         }
     };
     let agent =
-        s.cp.agent_info(agent_id)
-            .await?
-            .ok_or_else(|| not_found(format!("agent {agent_id} not found")))?;
-    let job = JobContext {
-        job_id: q.job_id.unwrap_or(1),
-        pipeline_id: q.pipeline_id.unwrap_or(1),
-        project: Named {
-            id: project.id,
-            path: project.path.clone(),
+        s.cp.agent_info(agent_id).await?.ok_or_else(|| {
+            ApiError(StatusCode::NOT_FOUND, format!("agent {agent_id} not found"))
+        })?;
+    let mut out = admin::Explanation {
+        allowed: false,
+        job: admin::ExplainedJob {
+            project: job.project.path.clone(),
+            environment: job.environment.as_ref().map(|e| e.name.clone()),
+            user: job.username.clone(),
+            job_id: job.job_id,
+            pipeline_id: job.pipeline_id,
+            protected: job.protected_ref,
         },
-        groups: chain,
-        environment: environment.clone(),
-        username: q.user.clone().unwrap_or_else(|| "user".into()),
-        protected_ref: q.protected,
+        agent: admin::ExplainedAgent {
+            id: agent.agent.id,
+            name: agent.agent.name.clone(),
+            config_project: agent.agent.config_project.path.clone(),
+            context: kas_k8s_proxy::context_name(&agent),
+        },
+        decided_by: None,
+        access_as: None,
+        default_namespace: None,
+        identity: None,
+        reason: None,
     };
-    let agent_json = json!({
-        "id": agent.agent.id,
-        "name": agent.agent.name,
-        "config_project": agent.agent.config_project.path,
-        "context": format!("{}:{}", agent.agent.config_project.path, agent.agent.name),
-    });
-    let job_json = json!({
-        "project": project.path,
-        "environment": environment.as_ref().map(|e| &e.name),
-        "user": job.username,
-        "job_id": job.job_id,
-        "pipeline_id": job.pipeline_id,
-        "protected": job.protected_ref,
-    });
-    Ok(Json(match decide(&agent.agent, &agent.config, &job) {
+    match decide(&agent.agent, &agent.config, &job) {
         Decision::Allow(a) => {
-            let decided_by = match a.kind {
+            out.allowed = true;
+            out.decided_by = Some(match a.kind {
                 EntryKind::Project => format!("ci_access.projects[{}] ({})", a.index, a.entry_id),
                 EntryKind::Group => format!("ci_access.groups[{}] ({})", a.index, a.entry_id),
                 EntryKind::ConfigProject => {
                     format!("the agent's configuration project ({})", a.entry_id)
                 }
-            };
-            json!({
-                "allowed": true,
-                "job": job_json,
-                "agent": agent_json,
-                "decided_by": decided_by,
-                "access_as": a.mode.as_str(),
-                "default_namespace": a.default_namespace,
-                "identity": a.identity.map(|i| json!({
-                    "username": i.username,
-                    "uid": i.uid,
-                    "groups": i.groups,
-                    "extra": i.extra.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                })),
-            })
+            });
+            out.access_as = Some(a.mode.as_str().to_string());
+            out.default_namespace = a.default_namespace;
+            out.identity = a.identity.map(|i| admin::Identity {
+                username: i.username,
+                uid: i.uid,
+                groups: i.groups,
+                extra: i.extra.into_iter().collect(),
+            });
         }
-        Decision::Deny(reason) => json!({
-            "allowed": false,
-            "job": job_json,
-            "agent": agent_json,
-            "reason": reason.to_string(),
-        }),
-    }))
+        Decision::Deny(reason) => out.reason = Some(reason.to_string()),
+    }
+    Ok(Json(out))
 }
 
 async fn audit(
     State(s): State<Arc<AdminState>>,
-    Query(q): Query<crate::audit::AuditQuery>,
-) -> ApiResult<Vec<serde_json::Value>> {
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Vec<AuditEntry>> {
     let Some(path) = s.audit.file().cloned() else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,

@@ -321,9 +321,9 @@ fn config_message(info: &AgentInfo) -> AgentConfiguration {
 }
 
 /// What a replica reported about itself, bounded (it is shown to admins).
-fn replica_meta(m: kas_proto::v1::AgentMeta) -> kas_tunnel::ReplicaMeta {
+fn replica_meta(m: kas_proto::v1::AgentMeta) -> kas_proto::v1::AgentMeta {
     let clip = |s: String| s.chars().take(253).collect::<String>();
-    kas_tunnel::ReplicaMeta {
+    kas_proto::v1::AgentMeta {
         pod_name: clip(m.pod_name),
         pod_namespace: clip(m.pod_namespace),
         node_name: clip(m.node_name),

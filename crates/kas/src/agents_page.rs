@@ -8,13 +8,12 @@
 //! counts come from a reactive cache that a background task fills and refreshes; until
 //! then the page says "loading" and reloads itself every few seconds.
 
-use crate::admin_api::connected_everywhere;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use kas_client::{CacheOptions, Cached, ReactiveCache};
+use kas_cache::{CacheOptions, Cached, ReactiveCache};
 use kas_controlplane::ControlPlane;
 use kas_k8s_proxy::{exchange, ExchangeFailure};
 use kas_proto::v1::RequestHead;
@@ -34,7 +33,7 @@ pub struct PageState {
     pub cp: Arc<dyn ControlPlane>,
     pub router: Arc<KasRouter>,
     pub admin_token_hash: [u8; 32],
-    pods: ReactiveCache<u64, PodCounts>,
+    pods: ReactiveCache<u64, PodCounts, CountError>,
     /// agent id -> unix seconds this kas last saw it connected (anywhere).
     last_seen: Mutex<HashMap<u64, u64>>,
 }
@@ -46,21 +45,22 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn kube_error(e: ExchangeFailure) -> kas_client::Error {
-    kas_client::Error {
-        kind: match e {
-            ExchangeFailure::NotConnected(_) | ExchangeFailure::NoFreeTunnel(_) => {
-                kas_client::ErrorKind::Unavailable
-            }
-            ExchangeFailure::Refused(_) => kas_client::ErrorKind::Forbidden,
-            _ => kas_client::ErrorKind::Transport,
-        },
-        status: Some(e.status().as_u16()),
-    }
+/// Why an agent's pods could not be counted: shown on the page as a code, never the
+/// cluster's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum CountError {
+    #[error("Kubernetes error: {0}")]
+    Status(u16),
+    #[error("Kubernetes error: Timeout")]
+    Timeout,
+    #[error("Kubernetes error: Transport")]
+    Transport,
+    #[error("Kubernetes error: Decode")]
+    Decode,
 }
 
 /// Pods per namespace, listed through the agent as the agent itself.
-async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, kas_client::Error> {
+async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, CountError> {
     let head = RequestHead {
         method: "GET".into(),
         path_and_query: "/api/v1/pods".into(),
@@ -83,30 +83,18 @@ async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, 
         Duration::from_secs(2),
     )
     .await
-    .map_err(kube_error)?;
+    .map_err(|e: ExchangeFailure| CountError::Status(e.status().as_u16()))?;
     if rhead.status != 200 {
-        return Err(kas_client::Error {
-            kind: kas_client::ErrorKind::Status,
-            status: u16::try_from(rhead.status).ok(),
-        });
+        return Err(CountError::Status(
+            u16::try_from(rhead.status).unwrap_or(502),
+        ));
     }
-    let transport = kas_client::Error {
-        kind: kas_client::ErrorKind::Transport,
-        status: None,
-    };
     let bytes = tokio::time::timeout(Duration::from_secs(20), body.collect())
         .await
-        .map_err(|_| kas_client::Error {
-            kind: kas_client::ErrorKind::Timeout,
-            status: None,
-        })?
-        .map_err(|_| transport.clone())?
+        .map_err(|_| CountError::Timeout)?
+        .map_err(|_| CountError::Transport)?
         .to_bytes();
-    let list: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| kas_client::Error {
-            kind: kas_client::ErrorKind::Decode,
-            status: None,
-        })?;
+    let list: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| CountError::Decode)?;
     let mut counts = PodCounts::new();
     for pod in list["items"].as_array().into_iter().flatten() {
         let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
@@ -218,7 +206,7 @@ pub async fn page(
                 .into_response();
         }
     };
-    let connected = connected_everywhere(&s.router).await;
+    let connected = s.router.connected_agents().await;
     let now = unix_now();
     let mut rows = String::new();
     let mut loading = false;

@@ -13,7 +13,6 @@
 //! Bodies stream both ways. Every call is recorded in the Kubernetes integration log
 //! (tracing target `k8s_integration`, and optionally a JSON-lines file), without secrets.
 
-use crate::admin_api::connected_everywhere;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,18 +21,17 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use kas_api::application::AgentState;
 use kas_controlplane::ControlPlane;
 use kas_k8s_proxy::{exchange, failure_code};
 use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, Service};
 use kas_router::Router as KasRouter;
 use kas_tunnel::headers;
 use serde::Serialize;
-use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The audience application JWTs must name.
-pub const AUDIENCE: &str = "kas-application";
+pub use kas_api::application::AUDIENCE;
 
 /// What the application API needs.
 pub struct AppState {
@@ -126,15 +124,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);
-    Router::new().nest("/application/v1", api)
+    Router::new().nest(kas_api::application::PREFIX, api)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (
-        status,
-        Json(json!({ "error": message, "code": status.as_u16() })),
-    )
-        .into_response()
+    let body = kas_api::ErrorBody {
+        error: message.to_string(),
+        code: Some(status.as_u16()),
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn auth(
@@ -159,18 +157,6 @@ async fn auth(
     }
 }
 
-#[derive(Serialize)]
-struct AgentState {
-    id: u64,
-    name: String,
-    config_project: String,
-    connected: bool,
-    replicas: usize,
-    kas: Vec<String>,
-    connected_since: Option<u64>,
-    agent_versions: Vec<String>,
-}
-
 async fn list_agents(State(s): State<Arc<AppState>>) -> Response {
     let agents = match s.cp.list_agents().await {
         Ok(a) => a,
@@ -179,7 +165,7 @@ async fn list_agents(State(s): State<Arc<AppState>>) -> Response {
             return error(StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable");
         }
     };
-    let connected = connected_everywhere(&s.router).await;
+    let connected = s.router.connected_agents().await;
     let out: Vec<AgentState> = agents
         .into_iter()
         .map(|a| {

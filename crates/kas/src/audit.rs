@@ -3,9 +3,9 @@
 //! so a slow disk never holds a request. `kasctl audit` reads the file back through
 //! the admin API with filters.
 
+use kas_api::audit::{AdminRecord, AuditEntry, AuditQuery};
 use kas_k8s_proxy::audit::{AuditRecord, AuditSink};
 use kas_telemetry::batch::{self, Batched, Flush};
-use serde_json::Value;
 use std::io::BufRead;
 use std::io::Write;
 use std::path::PathBuf;
@@ -74,11 +74,19 @@ impl AuditLog {
         }
     }
 
-    /// Writes one record (an admin action).
-    pub fn record_value(&self, v: &Value) {
-        let mut line = v.to_string();
-        line.push('\n');
-        self.out.append(line.as_bytes());
+    /// Writes one admin action.
+    pub fn record_admin(&self, r: &AdminRecord) {
+        self.write(r);
+    }
+
+    fn write(&self, r: &impl serde::Serialize) {
+        match serde_json::to_string(r) {
+            Ok(mut line) => {
+                line.push('\n');
+                self.out.append(line.as_bytes());
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode an audit record"),
+        }
     }
 }
 
@@ -89,33 +97,13 @@ pub fn now_unix() -> f64 {
 
 impl AuditSink for AuditLog {
     fn record(&self, record: AuditRecord) {
-        match serde_json::to_string(&record) {
-            Ok(mut line) => {
-                line.push('\n');
-                self.out.append(line.as_bytes());
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode an audit record"),
-        }
+        self.write(&record);
     }
-}
-
-/// Filters of `kasctl audit`.
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct AuditQuery {
-    /// `admin` (admin actions) or `request` (proxy requests); both when absent.
-    pub kind: Option<String>,
-    pub job: Option<u64>,
-    pub project: Option<String>,
-    pub agent: Option<u64>,
-    /// Unix seconds.
-    pub since: Option<f64>,
-    /// The newest this many matches (default 1000).
-    pub limit: Option<usize>,
 }
 
 /// Records from the audit file matching `q`, oldest first. Lines that are not
 /// records (a torn last line) are skipped.
-pub fn read(path: &std::path::Path, q: &AuditQuery) -> std::io::Result<Vec<Value>> {
+pub fn read(path: &std::path::Path, q: &AuditQuery) -> std::io::Result<Vec<AuditEntry>> {
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -124,20 +112,10 @@ pub fn read(path: &std::path::Path, q: &AuditQuery) -> std::io::Result<Vec<Value
     let limit = q.limit.unwrap_or(1000).max(1);
     let mut out = std::collections::VecDeque::new();
     for line in std::io::BufReader::new(f).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(&line?) else {
+        let Ok(v) = serde_json::from_str::<AuditEntry>(&line?) else {
             continue;
         };
-        let kind = v["kind"].as_str().unwrap_or("request");
-        let keep = q.kind.as_deref().is_none_or(|k| k == kind)
-            && q.job.is_none_or(|j| v["job_id"].as_u64() == Some(j))
-            && q.agent.is_none_or(|a| v["agent_id"].as_u64() == Some(a))
-            && q.project.as_deref().is_none_or(|p| {
-                v["project"]
-                    .as_str()
-                    .is_some_and(|vp| vp.eq_ignore_ascii_case(p.trim_matches('/')))
-            })
-            && q.since
-                .is_none_or(|s| v["time"].as_f64().is_some_and(|t| t >= s));
+        let keep = v.matches(q);
         if keep {
             if out.len() == limit {
                 out.pop_front();

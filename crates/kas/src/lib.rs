@@ -151,29 +151,7 @@ fn host_list(addr: SocketAddr, url: Option<&str>) -> Vec<String> {
     hosts
 }
 
-/// This kas's version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// A warning when an agent's version is more than one minor version away from kas's
-/// (or of another major version); such agents are served, but may miss or misread
-/// features.
-pub fn version_skew(agent_version: &str) -> Option<String> {
-    let parse = |v: &str| -> Option<(u64, u64)> {
-        let mut it = v.trim().trim_start_matches('v').split(['.', '-', '+']);
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-    };
-    let (km, kn) = parse(VERSION)?;
-    let Some((am, an)) = parse(agent_version) else {
-        return Some(format!(
-            "agent version `{agent_version}` is unknown; kas is {VERSION}"
-        ));
-    };
-    (am != km || an.abs_diff(kn) > 1).then(|| {
-        format!(
-            "agent version {agent_version} is more than one minor version away from kas {VERSION}; upgrade the agent (or kas)"
-        )
-    })
-}
+pub use kas_router::{version_skew, VERSION};
 
 /// The bearer token of an `Authorization` header value (scheme case-insensitive).
 pub(crate) fn bearer(value: &str) -> Option<&str> {

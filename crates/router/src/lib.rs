@@ -11,11 +11,13 @@
 //!
 //! It does not authenticate clients or authorize jobs; that happens before routing.
 
+mod connected;
 pub mod gateway;
 pub mod jwt;
 pub mod rate;
 pub mod redis;
 
+pub use connected::{replica_meta, version_skew, VERSION};
 pub use gateway::{ForwardStats, GatewayService, OpenError, Peers};
 pub use jwt::PrivateAuth;
 pub use rate::RateLimiter;
@@ -64,10 +66,11 @@ impl Registration {
     }
 
     /// Records what the replica reported about itself (shared with the next refresh).
-    pub fn set_meta(&mut self, meta: &kas_tunnel::ReplicaMeta) {
+    pub fn set_meta(&mut self, meta: &kas_proto::v1::AgentMeta) {
         if let Some((redis, c)) = &mut self.shared {
-            if c.meta != *meta {
-                c.meta = meta.clone();
+            let meta = replica_meta(meta);
+            if c.meta != meta {
+                c.meta = meta;
                 redis.update(c.clone());
             }
         }
@@ -139,7 +142,7 @@ impl Router {
                 replica_id: info.replica_id.clone(),
                 agent_version: info.agent_version.clone(),
                 since: unix_now(),
-                meta: info.meta.clone(),
+                meta: replica_meta(&info.meta),
             };
             s.redis.register(c.clone());
             (s.redis.clone(), c)

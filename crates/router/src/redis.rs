@@ -44,7 +44,7 @@ pub struct Connection {
     pub since: u64,
     /// Where the replica runs (absent in entries of older kas).
     #[serde(default, flatten)]
-    pub meta: kas_tunnel::ReplicaMeta,
+    pub meta: kas_api::admin::ReplicaMeta,
 }
 
 /// Registry settings.

@@ -28,8 +28,8 @@ mod registry;
 
 pub use body::{frames_from_body, TunnelBody};
 pub use registry::{
-    outbound_channel, retire, AcquireError, ConnectedAgent, ConnectedReplica, Outbound,
-    OutboundStream, ReplicaGuard, ReplicaInfo, ReplicaMeta, Tunnel, TunnelPool, TunnelRegistry,
+    outbound_channel, retire, AcquireError, AgentSnapshot, Outbound, OutboundStream, ReplicaGuard,
+    ReplicaInfo, ReplicaSnapshot, Tunnel, TunnelPool, TunnelRegistry,
 };
 
 use kas_proto::v1::TunnelError as ProtoTunnelError;

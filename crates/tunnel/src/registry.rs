@@ -5,9 +5,8 @@ use crate::ExchangeError;
 use crate::Inbound;
 use bytes::Bytes;
 use kas_proto::v1::{
-    agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
+    agent_frame, server_frame, AgentFrame, AgentMeta, RequestHead, ResponseHead, ServerFrame,
 };
-use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -69,48 +68,25 @@ pub struct ReplicaInfo {
     pub replica_id: String,
     pub agent_version: String,
     pub peer: String,
-    pub meta: ReplicaMeta,
+    /// Where it runs, as it reports it.
+    pub meta: AgentMeta,
 }
 
-/// Where a replica runs, as it reports it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ReplicaMeta {
-    #[serde(default)]
-    pub pod_name: String,
-    #[serde(default)]
-    pub pod_namespace: String,
-    #[serde(default)]
-    pub node_name: String,
-    /// The cluster's Kubernetes version.
-    #[serde(default)]
-    pub kubernetes_version: String,
-}
-
-/// Snapshot of one connected replica, for `kasctl agents`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConnectedReplica {
-    pub replica_id: String,
-    pub agent_version: String,
-    pub peer: String,
+/// One connected replica, as [`TunnelRegistry::snapshot`] shows it.
+#[derive(Debug, Clone)]
+pub struct ReplicaSnapshot {
+    pub info: ReplicaInfo,
     /// Unix seconds.
     pub connected_since: u64,
     pub config_version: u64,
     pub idle_tunnels: usize,
-    /// The kas instance holding the connection (set when there are several).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kas: Option<String>,
-    #[serde(flatten)]
-    pub meta: ReplicaMeta,
-    /// Something an admin should know about this replica (such as version skew).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
 }
 
-/// Snapshot of one connected agent.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConnectedAgent {
+/// One connected agent, as [`TunnelRegistry::snapshot`] shows it.
+#[derive(Debug, Clone)]
+pub struct AgentSnapshot {
     pub agent_id: u64,
-    pub replicas: Vec<ConnectedReplica>,
+    pub replicas: Vec<ReplicaSnapshot>,
     pub idle_tunnels: usize,
     pub busy_tunnels: usize,
 }
@@ -237,7 +213,7 @@ impl TunnelRegistry {
         agent_id: u64,
         replica: &Arc<str>,
         version: u64,
-        meta: Option<ReplicaMeta>,
+        meta: Option<AgentMeta>,
     ) {
         if let Some(r) = self
             .lock()
@@ -355,19 +331,17 @@ impl TunnelRegistry {
     }
 
     /// Connected agents and their replicas.
-    pub fn snapshot(&self) -> Vec<ConnectedAgent> {
+    pub fn snapshot(&self) -> Vec<AgentSnapshot> {
         let agents = self.lock();
-        let mut out: Vec<ConnectedAgent> = agents
+        let mut out: Vec<AgentSnapshot> = agents
             .iter()
             .filter(|(_, e)| !e.replicas.is_empty())
             .map(|(id, e)| {
-                let mut replicas: Vec<ConnectedReplica> = e
+                let mut replicas: Vec<ReplicaSnapshot> = e
                     .replicas
                     .iter()
-                    .map(|(k, r)| ConnectedReplica {
-                        replica_id: r.info.replica_id.clone(),
-                        agent_version: r.info.agent_version.clone(),
-                        peer: r.info.peer.clone(),
+                    .map(|(k, r)| ReplicaSnapshot {
+                        info: r.info.clone(),
                         connected_since: r.since,
                         config_version: r.config_version,
                         idle_tunnels: e
@@ -375,13 +349,10 @@ impl TunnelRegistry {
                             .iter()
                             .filter(|t| &t.replica == k && !t.outbound.is_closed())
                             .count(),
-                        kas: None,
-                        meta: r.info.meta.clone(),
-                        warning: None,
                     })
                     .collect();
-                replicas.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
-                ConnectedAgent {
+                replicas.sort_by(|a, b| a.info.replica_id.cmp(&b.info.replica_id));
+                AgentSnapshot {
                     agent_id: *id,
                     idle_tunnels: replicas.iter().map(|r| r.idle_tunnels).sum(),
                     busy_tunnels: e.busy.load(Ordering::Relaxed),

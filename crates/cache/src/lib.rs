@@ -1,15 +1,17 @@
-//! A reactive cache: callers (web handlers) never wait on a cluster. [`ReactiveCache::get`]
-//! answers at once with the cached value or "not ready yet"; a background task
-//! computes missing values, refreshes those older than the TTL, stops refreshing keys
-//! nobody asked for within `idle` (and forgets them), and never serves a value older
-//! than `max_stale`.
-
-use crate::Error;
+//! A reactive cache: callers (web handlers) never wait on a slow source such as a
+//! cluster. [`ReactiveCache::get`] answers at once with the cached value or "not ready
+//! yet"; a background task computes missing values, refreshes those older than the
+//! TTL, stops refreshing keys nobody asked for within `idle` (and forgets them), and
+//! never serves a value older than `max_stale`.
+//!
+//! Used by the application client library and by kas's agents page. It knows nothing
+//! of what it caches: values and errors are the caller's types.
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 // tokio's clock, so tests can pause and advance it.
 use tokio::time::Instant;
 
@@ -36,39 +38,38 @@ impl Default for CacheOptions {
 
 /// What [`ReactiveCache::get`] answers.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Cached<V> {
+pub enum Cached<V, E> {
     /// A value and how old it is.
     Ready { value: Arc<V>, age: Duration },
     /// Being computed; ask again later.
     NotReady,
-    /// The last computation failed and there is no fresh enough value; the error says
-    /// only a code and kind.
-    Failed(Error),
+    /// The last computation failed and there is no fresh enough value.
+    Failed(E),
 }
 
-struct Entry<V> {
+struct Entry<V, E> {
     value: Option<(Arc<V>, Instant)>,
-    error: Option<Error>,
+    error: Option<E>,
     last_asked: Instant,
     loading: bool,
 }
 
-type Loader<K, V> = Arc<dyn Fn(K) -> BoxFuture<'static, Result<V, Error>> + Send + Sync>;
+type Loader<K, V, E> = Arc<dyn Fn(K) -> BoxFuture<'static, Result<V, E>> + Send + Sync>;
 
-struct Inner<K, V> {
-    entries: Mutex<HashMap<K, Entry<V>>>,
-    loader: Loader<K, V>,
+struct Inner<K, V, E> {
+    entries: Mutex<HashMap<K, Entry<V, E>>>,
+    loader: Loader<K, V, E>,
     opts: CacheOptions,
 }
 
 /// See the module docs. Cloning shares the cache; the refresher stops when the last
 /// clone is dropped.
-pub struct ReactiveCache<K, V> {
-    inner: Arc<Inner<K, V>>,
-    _refresher: Arc<Refresher>,
+pub struct ReactiveCache<K, V, E> {
+    inner: Arc<Inner<K, V, E>>,
+    _refresher: Arc<AbortOnDropHandle<()>>,
 }
 
-impl<K, V> Clone for ReactiveCache<K, V> {
+impl<K, V, E> Clone for ReactiveCache<K, V, E> {
     fn clone(&self) -> Self {
         ReactiveCache {
             inner: self.inner.clone(),
@@ -77,24 +78,16 @@ impl<K, V> Clone for ReactiveCache<K, V> {
     }
 }
 
-/// Owns the refresher task: dropping the last handle stops it.
-struct Refresher(tokio::task::JoinHandle<()>);
-
-impl Drop for Refresher {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<K, V> ReactiveCache<K, V>
+impl<K, V, E> ReactiveCache<K, V, E>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
 {
     /// A cache computing values with `loader`. Must be called inside a tokio runtime.
     pub fn new<F>(opts: CacheOptions, loader: F) -> Self
     where
-        F: Fn(K) -> BoxFuture<'static, Result<V, Error>> + Send + Sync + 'static,
+        F: Fn(K) -> BoxFuture<'static, Result<V, E>> + Send + Sync + 'static,
     {
         let inner = Arc::new(Inner {
             entries: Mutex::new(HashMap::new()),
@@ -105,12 +98,13 @@ where
         let task = tokio::spawn(refresh_loop(weak));
         ReactiveCache {
             inner,
-            _refresher: Arc::new(Refresher(task)),
+            // Dropping the last handle stops the refresher.
+            _refresher: Arc::new(AbortOnDropHandle::new(task)),
         }
     }
 
     /// The cached value, at once; starts computing it if nobody did yet.
-    pub fn get(&self, key: &K) -> Cached<V> {
+    pub fn get(&self, key: &K) -> Cached<V, E> {
         let now = Instant::now();
         let mut entries = self.inner.lock();
         let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
@@ -155,16 +149,17 @@ where
     }
 }
 
-impl<K, V> Inner<K, V> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Entry<V>>> {
+impl<K, V, E> Inner<K, V, E> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Entry<V, E>>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn spawn_load<K, V>(inner: &Arc<Inner<K, V>>, key: K)
+fn spawn_load<K, V, E>(inner: &Arc<Inner<K, V, E>>, key: K)
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
+    E: Send + Sync + 'static,
 {
     let fut = (inner.loader)(key.clone());
     let weak = Arc::downgrade(inner);
@@ -187,10 +182,11 @@ where
     });
 }
 
-async fn refresh_loop<K, V>(weak: Weak<Inner<K, V>>)
+async fn refresh_loop<K, V, E>(weak: Weak<Inner<K, V, E>>)
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
+    E: Send + Sync + 'static,
 {
     let period = match weak.upgrade() {
         Some(i) => (i.opts.ttl / 2).max(Duration::from_millis(10)),
@@ -228,8 +224,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A loader's error in these tests: an HTTP status.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Status(u16);
 
     fn opts() -> CacheOptions {
         CacheOptions {
@@ -254,7 +253,7 @@ mod tests {
             let n = c.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                Ok(k * 100 + n)
+                Ok::<_, Status>(k * 100 + n)
             })
         });
         assert_eq!(cache.get(&1), Cached::NotReady);
@@ -287,10 +286,7 @@ mod tests {
             let fail = f.load(Ordering::SeqCst);
             Box::pin(async move {
                 if fail {
-                    Err(Error {
-                        kind: ErrorKind::Unavailable,
-                        status: Some(503),
-                    })
+                    Err(Status(503))
                 } else {
                     Ok(1)
                 }
@@ -305,7 +301,7 @@ mod tests {
         assert!(matches!(cache.get(&7), Cached::Ready { .. }));
         tokio::time::sleep(Duration::from_secs(15)).await;
         settle().await;
-        assert!(matches!(cache.get(&7), Cached::Failed(e) if e.status == Some(503)));
+        assert_eq!(cache.get(&7), Cached::Failed(Status(503)));
         // Nobody asks for a while: no more refreshes, and the key is dropped.
         tokio::time::sleep(Duration::from_secs(61)).await;
         settle().await;

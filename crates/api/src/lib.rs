@@ -1,0 +1,26 @@
+//! The types of kas's HTTP APIs, shared by kas (which serves them), kasctl and the
+//! application client library (which call them): the admin API's requests, answers and
+//! paths ([`admin`]), the records they carry ([`records`]), the audit trail's entries
+//! ([`audit`]) and the application API's ([`application`]), and the JSON error body
+//! every one of them answers failures with ([`ErrorBody`]).
+//!
+//! Plain serde types: no I/O, no HTTP client or server.
+
+pub mod admin;
+pub mod application;
+pub mod audit;
+pub mod records;
+
+pub use records::{Agent, AgentToken, EnvironmentRecord, Group, Job, JobStatus, Project};
+
+use serde::{Deserialize, Serialize};
+
+/// The body of a failed admin or application API call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Safe to show: never an upstream body or an internal detail.
+    pub error: String,
+    /// The HTTP status again (the application API adds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+}

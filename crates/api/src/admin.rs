@@ -2,8 +2,8 @@
 //! each endpoint takes and answers. Paths are relative to [`PREFIX`].
 
 use crate::records::{Agent, AgentToken, Job};
+use crate::Identity;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Where the admin API lives on the API listener.
 pub const PREFIX: &str = "/api/v1";
@@ -238,15 +238,6 @@ pub struct ExplainedAgent {
     pub name: String,
     pub config_project: String,
     pub context: String,
-}
-
-/// The identity the cluster sees (impersonated).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub username: String,
-    pub uid: Option<String>,
-    pub groups: Vec<String>,
-    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 /// The proxy's own decision for a job and an agent.

@@ -2,18 +2,8 @@
 //! ([`RequestRecord`]) and one per changing admin call ([`AdminRecord`]), each one JSON
 //! line; and the filters of `GET /audit` ([`AuditQuery`]).
 
+use crate::Identity;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-
-/// The impersonated identity, as the cluster saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditIdentity {
-    pub username: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<String>,
-    pub groups: Vec<String>,
-    pub extra: BTreeMap<String, Vec<String>>,
-}
 
 /// One request through the Kubernetes API proxy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,7 +19,7 @@ pub struct RequestRecord {
     pub agent_id: u64,
     pub access_as: String,
     /// `None` for `access_as: agent`.
-    pub impersonated: Option<AuditIdentity>,
+    pub impersonated: Option<Identity>,
     pub verb: String,
     pub path: String,
     pub code: u16,

@@ -9,11 +9,24 @@
 pub mod admin;
 pub mod application;
 pub mod audit;
+pub mod error;
 pub mod records;
 
 pub use records::{Agent, AgentToken, EnvironmentRecord, Group, Job, JobStatus, Project};
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// An identity the cluster sees through impersonation, as the audit trail and
+/// `kasctl access explain` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub username: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    pub groups: Vec<String>,
+    pub extra: BTreeMap<String, Vec<String>>,
+}
 
 /// The body of a failed admin or application API call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

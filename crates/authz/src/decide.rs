@@ -78,6 +78,26 @@ pub struct Identity {
     pub extra: Vec<(String, Vec<String>)>,
 }
 
+impl Identity {
+    /// As the audit trail and `kasctl access explain` show it (extras by key; values of
+    /// a key that appears twice are kept together).
+    pub fn to_api(&self) -> kas_api::Identity {
+        let mut extra = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (k, v) in &self.extra {
+            extra
+                .entry(k.clone())
+                .or_default()
+                .extend(v.iter().cloned());
+        }
+        kas_api::Identity {
+            username: self.username.clone(),
+            uid: self.uid.clone(),
+            groups: self.groups.clone(),
+            extra,
+        }
+    }
+}
+
 /// A positive decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {

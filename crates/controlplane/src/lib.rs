@@ -50,6 +50,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<Error> for kas_api::error::Error {
+    /// How a control plane error reaches a caller; storage errors are logged here and
+    /// shown only as such.
+    fn from(e: Error) -> Self {
+        use kas_api::error::{Error as E, Kind, Origin};
+        match e {
+            Error::NotFound(m) => E::not_found(m),
+            Error::AlreadyExists(m) | Error::Conflict(m) => {
+                E::new(Kind::Conflict, Origin::Client, m)
+            }
+            Error::Invalid(m) => E::bad_request(m),
+            Error::Config(c) => E::bad_request(c.to_string()),
+            Error::Storage(s) => {
+                tracing::error!(error = %s, "control plane storage error");
+                E::internal("control plane storage error; see kas logs")
+            }
+        }
+    }
+}
+
 /// Active tokens an agent may have at once: one in use and one to rotate to.
 pub const MAX_ACTIVE_AGENT_TOKENS: usize = 2;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-pub use kas_api::audit::{AuditIdentity, RequestRecord as AuditRecord};
+pub use kas_api::audit::RequestRecord as AuditRecord;
 
 /// Receives audit records.
 pub trait AuditSink: Send + Sync {

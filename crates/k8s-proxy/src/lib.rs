@@ -13,8 +13,7 @@ mod token;
 
 pub use kubeconfig::{authorized_agents, context_name, job_kubeconfig, KubeconfigError};
 pub use proxy::{
-    exchange, failure_code, upstream_head, upstream_path, ExchangeFailure, K8sProxy, Observed,
-    ProxyBody, ProxyObserver, ProxyOptions,
+    upstream_head, upstream_path, K8sProxy, Observed, ProxyBody, ProxyObserver, ProxyOptions,
 };
 pub use status::status_response;
 pub use token::{parse_ci_token, CiToken, TokenError};

@@ -1,6 +1,6 @@
 //! The proxy request path: authenticate, authorize, pick a tunnel, stream.
 
-use crate::audit::{AuditIdentity, AuditRecord, AuditedBody};
+use crate::audit::{AuditRecord, AuditSink, AuditedBody};
 use crate::status::status_response;
 use crate::token::parse_ci_token;
 use bytes::Bytes;
@@ -8,14 +8,16 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use kas_authz::{decide, Decision, Identity};
+use kas_api::error::{Error, Failure};
+use kas_authz::{decide, Allowed, Decision, Identity, JobContext};
 use kas_controlplane::ControlPlane;
 use kas_proto::v1::{
-    server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ServerFrame,
+    server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ResponseHead,
+    ServerFrame,
 };
 use kas_proto::MAX_DATA_FRAME;
 use kas_router::Router;
-use kas_tunnel::{headers, AcquireError, ExchangeError, TunnelBody};
+use kas_tunnel::{headers, TunnelBody};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,26 +62,13 @@ impl Default for ProxyOptions {
 pub struct Observed {
     /// The `access_as` mode, once the request was authorized.
     pub access_as: Option<&'static str>,
-    /// Why no response came from the agent, if so: `agent_not_connected`,
-    /// `agent_busy`, `refused_by_agent`, `upstream_unavailable`, `tunnel_broken` or
-    /// `control_plane`.
-    pub failure: Option<&'static str>,
+    /// Why no response came from the agent, if so.
+    pub failure: Option<Failure>,
 }
 
 /// Receives one call per proxied request (status, what was observed, time to head).
 pub trait ProxyObserver: Send + Sync {
     fn request(&self, status: u16, observed: &Observed, head_time: Duration);
-}
-
-/// The failure code of an exchange failure (metrics and logs).
-pub fn failure_code(e: &ExchangeFailure) -> &'static str {
-    match e {
-        ExchangeFailure::NotConnected(_) => "agent_not_connected",
-        ExchangeFailure::NoFreeTunnel(_) => "agent_busy",
-        ExchangeFailure::Refused(_) => "refused_by_agent",
-        ExchangeFailure::Agent(_) => "upstream_unavailable",
-        ExchangeFailure::Broken => "tunnel_broken",
-    }
 }
 
 /// The Kubernetes API proxy for CI jobs.
@@ -92,9 +81,6 @@ pub struct K8sProxy {
 /// The path prefix of the proxy endpoint (`https://<kas>/k8s-proxy/`); requests
 /// without it are accepted too, so kas can sit behind a path-stripping ingress.
 const PREFIX: &str = "/k8s-proxy";
-
-/// Attempts on a fresh tunnel when one breaks before the agent answered.
-const ATTEMPTS: usize = 3;
 
 fn to_proto(id: &Identity) -> Impersonation {
     Impersonation {
@@ -168,11 +154,32 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             })
 }
 
-fn internal() -> Response<ProxyBody> {
-    status_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "kas could not process the request; see kas logs",
-    )
+/// One request on its way through the proxy.
+struct Ctx {
+    started: Instant,
+    /// Unix seconds (audit records).
+    arrived: f64,
+    request_id: String,
+}
+
+/// A request the job may make: who, through which agent, as whom.
+struct Authorized {
+    job: Arc<JobContext>,
+    agent_id: u64,
+    allowed: Allowed,
+}
+
+/// The `Authorization` a client sent: the header, or (for WebSocket clients that
+/// cannot set headers) a bearer subprotocol, which kube-apiserver accepts too; it is
+/// stripped before forwarding either way.
+fn credentials<B>(req: &Request<B>) -> Option<String> {
+    match req.headers().get(header::AUTHORIZATION) {
+        Some(v) => Some(v.to_str().unwrap_or("").to_string()),
+        None if is_upgrade(req) => {
+            headers::websocket_bearer(req.headers()).map(|t| format!("Bearer {t}"))
+        }
+        None => None,
+    }
 }
 
 impl K8sProxy {
@@ -188,221 +195,239 @@ impl K8sProxy {
     {
         let started = Instant::now();
         let mut observed = Observed::default();
-        let resp = self.clone().serve(req, &mut observed).await;
+        let resp = self.serve(req, &mut observed).await;
         if let Some(o) = &self.opts.observer {
             o.request(resp.status().as_u16(), &observed, started.elapsed());
         }
         resp
     }
 
-    async fn serve<B>(
-        self: Arc<Self>,
-        mut req: Request<B>,
-        observed: &mut Observed,
-    ) -> Response<ProxyBody>
+    async fn serve<B>(&self, req: Request<B>, observed: &mut Observed) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        let started = Instant::now();
-        let arrived = crate::audit::now_unix();
-        let request_id = format!("{:016x}", rand::random::<u64>());
-        // WebSocket clients that cannot set headers send the token as a subprotocol
-        // (kube-apiserver accepts it too); it is stripped before forwarding either way.
-        let ws_bearer = match req.headers().get(header::AUTHORIZATION) {
-            None if is_upgrade(&req) => {
-                headers::websocket_bearer(req.headers()).map(|t| format!("Bearer {t}"))
-            }
-            _ => None,
+        let ctx = Ctx {
+            started: Instant::now(),
+            arrived: crate::audit::now_unix(),
+            request_id: format!("{:016x}", rand::random::<u64>()),
         };
-        let auth = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or(""))
-            .or(ws_bearer.as_deref());
-        let token = match parse_ci_token(auth) {
-            Ok(t) => t,
+        let authorized = match self.authenticate(&req, &ctx).await {
+            Ok((job, agent_id)) => self.authorize(&req, job, agent_id, &ctx).await,
+            Err(e) => Err(e),
+        };
+        match authorized {
+            Ok(a) => {
+                observed.access_as = Some(a.allowed.mode.as_str());
+                self.forward(req, a, ctx, observed).await
+            }
             Err(e) => {
-                let code = StatusCode::UNAUTHORIZED;
-                tracing::info!(%request_id, status = 401, reason = %e, "k8s-proxy: refused");
-                return status_response(code, &e.to_string());
+                observed.failure = e.failure;
+                status_response(&e)
             }
-        };
+        }
+    }
+
+    /// The running job behind the request's credentials, and the agent it names.
+    async fn authenticate<B>(
+        &self,
+        req: &Request<B>,
+        ctx: &Ctx,
+    ) -> Result<(Arc<JobContext>, u64), Error> {
+        let request_id = &ctx.request_id;
+        let auth = credentials(req);
+        let token = parse_ci_token(auth.as_deref()).map_err(|e| {
+            tracing::info!(%request_id, status = 401, reason = %e, "k8s-proxy: refused");
+            Error::unauthenticated(e.to_string())
+        })?;
         let agent_id = token.agent_id;
-        let job = match self.cp.authenticate_job(token.job_token).await {
-            Ok(Some(j)) => j,
+        match self.cp.authenticate_job(token.job_token).await {
+            Ok(Some(j)) => Ok((j, agent_id)),
             Ok(None) => {
                 tracing::info!(%request_id, agent_id, status = 401, "k8s-proxy: unknown or finished job token");
-                return status_response(
-                    StatusCode::UNAUTHORIZED,
+                Err(Error::unauthenticated(
                     "the job token is invalid or the job is no longer running",
-                );
+                ))
             }
             Err(e) => {
                 tracing::error!(%request_id, agent_id, error = %e, "k8s-proxy: control plane lookup failed");
-                observed.failure = Some("control_plane");
-                return status_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "kas cannot reach its control plane; retry later",
-                );
+                Err(Error::control_plane())
             }
-        };
-        let agent = match self.cp.agent_info(agent_id).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, error = %e, "k8s-proxy: control plane lookup failed");
-                observed.failure = Some("control_plane");
-                return status_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "kas cannot reach its control plane; retry later",
-                );
-            }
-        };
+        }
+    }
+
+    /// Whether the agent's `ci_access` lets the job use it (a refusal is audited).
+    async fn authorize<B>(
+        &self,
+        req: &Request<B>,
+        job: Arc<JobContext>,
+        agent_id: u64,
+        ctx: &Ctx,
+    ) -> Result<Authorized, Error> {
+        let request_id = &ctx.request_id;
+        let agent = self.cp.agent_info(agent_id).await.map_err(|e| {
+            tracing::error!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, error = %e, "k8s-proxy: control plane lookup failed");
+            Error::control_plane()
+        })?;
         let decision = match &agent {
             Some(a) => decide(&a.agent, &a.config, &job),
             None => Decision::Deny(kas_authz::DenyReason::NotAuthorized {
                 project: job.project.path.clone(),
             }),
         };
-        let allowed = match decision {
-            Decision::Allow(a) => {
-                observed.access_as = Some(a.mode.as_str());
-                a
+        let reason = match decision {
+            Decision::Allow(allowed) => {
+                return Ok(Authorized {
+                    job,
+                    agent_id,
+                    allowed,
+                })
             }
-            Decision::Deny(reason) => {
-                tracing::info!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, status = 403, %reason, "k8s-proxy: forbidden");
-                if let Some(sink) = &self.opts.audit {
-                    let pq = req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str())
-                        .unwrap_or("/");
-                    let pq = pq.strip_prefix(PREFIX).unwrap_or(pq);
-                    let mut r = audit_record(
-                        &job,
-                        agent_id,
-                        &request_id,
-                        arrived,
-                        req.method().as_str(),
-                        pq,
-                        403,
-                    );
-                    r.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-                    sink.record(r);
-                }
-                return status_response(
-                    StatusCode::FORBIDDEN,
-                    &format!("forbidden: agent {agent_id} may not be used by this job: {reason}"),
-                );
-            }
+            Decision::Deny(reason) => reason,
         };
+        tracing::info!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, status = 403, %reason, "k8s-proxy: forbidden");
+        if let Some(sink) = &self.opts.audit {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let pq = pq.strip_prefix(PREFIX).unwrap_or(pq);
+            let mut r = audit_record(&job, agent_id, ctx, req.method().as_str(), pq, 403);
+            r.duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+            sink.record(r);
+        }
+        Err(Error::forbidden(format!(
+            "forbidden: agent {agent_id} may not be used by this job: {reason}"
+        )))
+    }
 
-        let head = upstream_head(&req, allowed.identity.as_ref(), &request_id);
-        let upgrade = head.upgrade;
-        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    /// Sends an authorized request through the agent and streams its answer back.
+    async fn forward<B>(
+        &self,
+        mut req: Request<B>,
+        a: Authorized,
+        ctx: Ctx,
+        observed: &mut Observed,
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let head = upstream_head(&req, a.allowed.identity.as_ref(), &ctx.request_id);
+        let on_upgrade = head.upgrade.then(|| hyper::upgrade::on(&mut req));
         // A request without a body can be replayed on another tunnel if one breaks.
-        let replayable = upgrade || head.end_of_body;
-        let body = req.into_body();
-
-        let outcome = exchange(
-            &self.router,
-            agent_id,
-            &head,
-            body,
-            replayable,
-            self.opts.agent_wait,
-        )
-        .await;
-        // The audit record of an authorized request, once its code is known.
+        let replayable = head.upgrade || head.end_of_body;
+        let outcome = self
+            .router
+            .dispatch(
+                a.agent_id,
+                &head,
+                req.into_body(),
+                replayable,
+                self.opts.agent_wait,
+            )
+            .await;
+        // The audit record of this request, once its code is known.
         let decided = |code: u16| {
             let mut r = audit_record(
-                &job,
-                agent_id,
-                &request_id,
-                arrived,
+                &a.job,
+                a.agent_id,
+                &ctx,
                 &head.method,
                 &head.path_and_query,
                 code,
             );
-            r.access_as = allowed.mode.as_str().to_string();
-            r.impersonated = audit_identity(&allowed);
+            r.access_as = a.allowed.mode.as_str().to_string();
+            r.impersonated = a.allowed.identity.as_ref().map(|i| i.to_api());
             r
         };
         let (rhead, tbody) = match outcome {
             Ok(x) => x,
             Err(e) => {
-                observed.failure = Some(failure_code(&e));
-                let code = e.status();
+                let e = Error::from(e);
+                observed.failure = e.failure;
                 if let Some(sink) = &self.opts.audit {
-                    let mut r = decided(code.as_u16());
-                    r.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    let mut r = decided(e.http_status());
+                    r.duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
                     sink.record(r);
                 }
-                tracing::warn!(%request_id, agent_id, job_id = job.job_id, project = %job.project.path, error = %e, status = code.as_u16(), "k8s-proxy: no response from the agent");
-                return status_response(code, &e.to_string());
+                tracing::warn!(request_id = %ctx.request_id, agent_id = a.agent_id, job_id = a.job.job_id, project = %a.job.project.path, error = %e, status = e.http_status(), "k8s-proxy: no response from the agent");
+                return status_response(&e);
             }
         };
-        let Ok(status) = StatusCode::from_u16(rhead.status as u16) else {
+        tracing::info!(
+            request_id = %ctx.request_id, agent_id = a.agent_id, job_id = a.job.job_id,
+            project = %a.job.project.path, access_as = a.allowed.mode.as_str(),
+            method = %head.method, path = %head.path_and_query, status = rhead.status,
+            head_ms = ctx.started.elapsed().as_secs_f64() * 1000.0, "k8s-proxy: request"
+        );
+        let audit = self
+            .opts
+            .audit
+            .clone()
+            .map(|sink| (decided(u16::try_from(rhead.status).unwrap_or(0)), sink));
+        respond(rhead, tbody, on_upgrade, audit, ctx)
+    }
+}
+
+/// The client's response: the agent's head, then its body (audited as it streams), or
+/// after a 101 the raw bytes both ways.
+fn respond(
+    rhead: ResponseHead,
+    tbody: TunnelBody,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    audit: Option<(AuditRecord, Arc<dyn AuditSink>)>,
+    ctx: Ctx,
+) -> Response<ProxyBody> {
+    let internal = || {
+        status_response(&Error::internal(
+            "kas could not process the request; see kas logs",
+        ))
+    };
+    let Ok(status) = StatusCode::from_u16(u16::try_from(rhead.status).unwrap_or(0)) else {
+        return internal();
+    };
+    let mut resp_headers = headers::from_wire(&rhead.headers, false);
+    let mut resp = if status == StatusCode::SWITCHING_PROTOCOLS {
+        resp_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some((mut record, sink)) = audit {
+            record.duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+            sink.record(record);
+        }
+        let Some(on) = on_upgrade else {
             return internal();
         };
-        let mut resp_headers = headers::from_wire(&rhead.headers, false);
-        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
-            resp_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        tokio::spawn(splice(on, tbody, ctx.request_id));
+        Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
+    } else {
+        let body = tbody.map_err(Into::into).boxed_unsync();
+        match audit {
+            Some((mut record, sink)) => {
+                record.completed = false;
+                Response::new(AuditedBody::new(body, record, sink, ctx.started).boxed_unsync())
+            }
+            None => Response::new(body),
         }
-        tracing::info!(
-            %request_id, agent_id, job_id = job.job_id, project = %job.project.path,
-            access_as = allowed.mode.as_str(), method = %head.method, path = %head.path_and_query,
-            status = status.as_u16(), head_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "k8s-proxy: request"
-        );
-        let audit = self.opts.audit.clone().map(|sink| {
-            let mut record = decided(status.as_u16());
-            record.completed = false;
-            (record, sink)
-        });
-        let mut resp = if switching {
-            if let Some((mut record, sink)) = audit {
-                record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-                record.completed = true;
-                sink.record(record);
-            }
-            match on_upgrade {
-                Some(on) => {
-                    tokio::spawn(splice(on, tbody, request_id));
-                    Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
-                }
-                None => return internal(),
-            }
-        } else {
-            let body = tbody.map_err(Into::into).boxed_unsync();
-            match audit {
-                Some((record, sink)) => {
-                    Response::new(AuditedBody::new(body, record, sink, started).boxed_unsync())
-                }
-                None => Response::new(body),
-            }
-        };
-        *resp.status_mut() = status;
-        *resp.headers_mut() = resp_headers;
-        resp
-    }
+    };
+    *resp.status_mut() = status;
+    *resp.headers_mut() = resp_headers;
+    resp
 }
 
 /// An audit record for `job`'s request, before the outcome is known (access_as
 /// `none`, no identity: the caller fills in what was decided).
 fn audit_record(
-    job: &kas_authz::JobContext,
+    job: &JobContext,
     agent_id: u64,
-    request_id: &str,
-    arrived: f64,
+    ctx: &Ctx,
     method: &str,
     path_and_query: &str,
     code: u16,
 ) -> AuditRecord {
     AuditRecord {
-        time: arrived,
-        request_id: request_id.to_string(),
+        time: ctx.arrived,
+        request_id: ctx.request_id.clone(),
         job_id: job.job_id,
         pipeline_id: job.pipeline_id,
         project: job.project.path.clone(),
@@ -422,15 +447,6 @@ fn audit_record(
         duration_ms: 0.0,
         completed: true,
     }
-}
-
-fn audit_identity(allowed: &kas_authz::Allowed) -> Option<AuditIdentity> {
-    allowed.identity.as_ref().map(|i| AuditIdentity {
-        username: i.username.clone(),
-        uid: i.uid.clone(),
-        groups: i.groups.clone(),
-        extra: i.extra.iter().cloned().collect(),
-    })
 }
 
 /// Copies raw bytes both ways between an upgraded client connection and the tunnel.
@@ -482,87 +498,4 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
     };
     let (_, tunnel) = tokio::join!(up, down);
     drop(tunnel);
-}
-
-/// Why an exchange through an agent produced no response.
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeFailure {
-    #[error("agent {0} is not connected to kas")]
-    NotConnected(u64),
-    #[error("agent {0} has no free tunnel; retry later")]
-    NoFreeTunnel(u64),
-    #[error("the agent refused the request: {0}")]
-    Refused(String),
-    #[error("the agent could not complete the request: {0}")]
-    Agent(String),
-    #[error("the agent's connection broke before it answered; retry")]
-    Broken,
-}
-
-impl ExchangeFailure {
-    /// The HTTP status a client gets for this failure.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ExchangeFailure::NotConnected(_) | ExchangeFailure::NoFreeTunnel(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ExchangeFailure::Refused(_) => StatusCode::FORBIDDEN,
-            ExchangeFailure::Agent(_) | ExchangeFailure::Broken => StatusCode::BAD_GATEWAY,
-        }
-    }
-}
-
-/// Sends one request to `agent_id` through the router and waits for the response head.
-/// A request without a body (`replayable`) is retried on another tunnel when one
-/// breaks before the agent answered. Used by the CI proxy and the application API.
-pub async fn exchange<B>(
-    router: &Router,
-    agent_id: u64,
-    head: &RequestHead,
-    body: B,
-    replayable: bool,
-    wait: Duration,
-) -> Result<(kas_proto::v1::ResponseHead, TunnelBody), ExchangeFailure>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Display + Send,
-{
-    let mut body = Some(body);
-    let mut attempt = 0;
-    // Tunnels that broke for this request; the router avoids them when it can.
-    let mut broken: Vec<Arc<str>> = Vec::new();
-    loop {
-        attempt += 1;
-        let tunnel = router
-            .acquire(agent_id, wait, &broken, replayable)
-            .await
-            .map_err(|e| match e {
-                AcquireError::NotConnected => ExchangeFailure::NotConnected(agent_id),
-                AcquireError::NoFreeTunnel => ExchangeFailure::NoFreeTunnel(agent_id),
-            })?;
-        let label: Arc<str> = Arc::from(tunnel.replica());
-        let res = if replayable {
-            tunnel.round_trip(head.clone(), Empty::<Bytes>::new()).await
-        } else {
-            match body.take() {
-                Some(b) => tunnel.round_trip(head.clone(), b).await,
-                None => return Err(ExchangeFailure::Broken),
-            }
-        };
-        match res {
-            Ok(x) => return Ok(x),
-            Err(ExchangeError::TunnelClosed) if replayable && attempt < ATTEMPTS => {
-                broken.push(label);
-            }
-            Err(ExchangeError::Agent { code, message })
-                if code == kas_proto::v1::tunnel_error::Code::Forbidden as i32 =>
-            {
-                return Err(ExchangeFailure::Refused(message))
-            }
-            Err(ExchangeError::Agent { message, .. }) => {
-                return Err(ExchangeFailure::Agent(message))
-            }
-            Err(_) => return Err(ExchangeFailure::Broken),
-        }
-    }
 }

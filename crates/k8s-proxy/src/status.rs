@@ -1,37 +1,20 @@
 //! Kubernetes `Status` responses: what kubectl and client libraries expect on errors.
 
+use crate::ProxyBody;
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use kas_api::error::Error;
 
-use crate::ProxyBody;
-
-/// A `Status` object response with a message safe to show the client.
-pub fn status_response(code: StatusCode, message: &str) -> Response<ProxyBody> {
-    let reason = match code {
-        StatusCode::UNAUTHORIZED => "Unauthorized",
-        StatusCode::FORBIDDEN => "Forbidden",
-        StatusCode::NOT_FOUND => "NotFound",
-        StatusCode::BAD_REQUEST => "BadRequest",
-        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
-        StatusCode::GATEWAY_TIMEOUT => "Timeout",
-        _ => "InternalError",
-    };
-    let body = serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code.as_u16(),
-    });
+/// `e` as a `Status` object response (its message is safe to show the client).
+pub fn status_response(e: &Error) -> Response<ProxyBody> {
     let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
+        Full::new(Bytes::from(e.status_object().to_string()))
             .map_err(|never| match never {})
             .boxed_unsync(),
     );
-    *resp.status_mut() = code;
+    *resp.status_mut() =
+        StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),

@@ -13,7 +13,8 @@ use axum::Extension;
 use axum::{Json, Router};
 use kas_api::admin::{self, paths};
 use kas_api::audit::{AdminKind, AdminRecord, AuditEntry, AuditQuery};
-use kas_api::{Agent, AgentToken, EnvironmentRecord, ErrorBody, Group, Job, JobStatus, Project};
+use kas_api::error::Error;
+use kas_api::{Agent, AgentToken, EnvironmentRecord, Group, Job, JobStatus, Project};
 use kas_controlplane::{ControlPlane, Error as CpError, StartJob};
 use kas_router::Router as KasRouter;
 use serde::Serialize;
@@ -34,35 +35,20 @@ pub struct AdminState {
     pub ci_access_limits: kas_authz::CiAccessLimits,
 }
 
-/// Errors of the admin API, mapped to status codes here and nowhere else.
-pub struct ApiError(StatusCode, String);
+/// An admin API failure: kas's one error type, answered as `{"error": ...}`.
+pub struct ApiError(Error);
 
 impl From<CpError> for ApiError {
     fn from(e: CpError) -> Self {
-        match e {
-            CpError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
-            CpError::AlreadyExists(m) => ApiError(StatusCode::CONFLICT, m),
-            CpError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
-            CpError::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
-            CpError::Config(c) => ApiError(StatusCode::BAD_REQUEST, c.to_string()),
-            CpError::Storage(s) => {
-                tracing::error!(error = %s, "control plane storage error");
-                ApiError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "control plane storage error; see kas logs".into(),
-                )
-            }
-        }
+        ApiError(e.into())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: self.1,
-            code: None,
-        };
-        (self.0, Json(body)).into_response()
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0.body(false))).into_response()
     }
 }
 
@@ -122,19 +108,15 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(crate::bearer)
         .ok_or_else(|| {
-            ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing admin token (Authorization: Bearer <token>)".into(),
-            )
+            ApiError(Error::unauthenticated(
+                "missing admin token (Authorization: Bearer <token>)",
+            ))
         })?;
     let h = kas_controlplane::hash_token(presented.trim());
     if bool::from(h.ct_eq(&state.admin_token_hash)) {
         Ok(())
     } else {
-        Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "invalid admin token".into(),
-        ))
+        Err(ApiError(Error::unauthenticated("invalid admin token")))
     }
 }
 
@@ -173,7 +155,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state);
     Router::new()
         .nest(admin::PREFIX, api)
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API endpoint".into()) })
+        .fallback(|| async { ApiError(Error::not_found("no such API endpoint")) })
 }
 
 async fn auth(
@@ -326,10 +308,9 @@ async fn revoke_agent_token(
     Json(r): Json<admin::TokenRequest>,
 ) -> AuditedJson<AgentToken> {
     let token = r.token.ok_or_else(|| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            "name the token to revoke (`token`: its name or id)".into(),
-        )
+        ApiError(Error::bad_request(
+            "name the token to revoke (`token`: its name or id)",
+        ))
     })?;
     let a = s.cp.get_agent(&r.project, &r.name).await?;
     let revoked = s.cp.revoke_agent_token(a.id, &token).await?;
@@ -353,7 +334,7 @@ async fn get_agent_config(
     let info =
         s.cp.agent_info(a.id)
             .await?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "agent not found".into()))?;
+            .ok_or_else(|| ApiError(Error::not_found("agent not found")))?;
     Ok(Json(admin::StoredConfig {
         agent_id: a.id,
         version: info.config_version,
@@ -373,10 +354,10 @@ async fn set_agent_config(
         Ok(x) => x,
         Err(CpError::Config(c)) => {
             let problems: Vec<String> = c.problems.iter().map(|p| format!("  - {p}")).collect();
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("invalid agent configuration:\n{}", problems.join("\n")),
-            ));
+            return Err(ApiError(Error::bad_request(format!(
+                "invalid agent configuration:\n{}",
+                problems.join("\n")
+            ))));
         }
         Err(e) => return Err(e.into()),
     };
@@ -431,12 +412,7 @@ async fn start_job(
     let ctx =
         s.cp.authenticate_job(token.expose())
             .await?
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the new job is not running".into(),
-                )
-            })?;
+            .ok_or_else(|| ApiError(Error::internal("the new job is not running")))?;
     let authorized = kas_k8s_proxy::authorized_agents(&ctx, &s.cp.all_agent_infos().await?);
     let contexts: Vec<String> = authorized
         .iter()
@@ -448,7 +424,7 @@ async fn start_job(
         &s.k8s_proxy_url,
         s.k8s_proxy_ca_pem.as_deref(),
     )
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .map_err(|e| ApiError(Error::internal(e.to_string())))?;
     let mut a = Audited::new("job.start", format!("job {}", job.id))
         .detail("user", &job.username)
         .detail("environment", &job.environment)
@@ -478,10 +454,9 @@ async fn finish_job(
     let status = JobStatus::parse(&status)
         .filter(|s| *s != JobStatus::Running)
         .ok_or_else(|| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("status `{status}` is invalid: use success, failed or canceled"),
-            )
+            ApiError(Error::bad_request(format!(
+                "status `{status}` is invalid: use success, failed or canceled"
+            )))
         })?;
     let job = s.cp.finish_job(id, status).await?;
     let mut a =
@@ -541,21 +516,18 @@ async fn explain(
         Ok(id) => id,
         Err(_) => {
             let (proj, name) = q.agent.rsplit_once(':').ok_or_else(|| {
-                ApiError(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "agent `{}`: use an id or <configuration project>:<name>",
-                        q.agent
-                    ),
-                )
+                ApiError(Error::bad_request(format!(
+                    "agent `{}`: use an id or <configuration project>:<name>",
+                    q.agent
+                )))
             })?;
             s.cp.get_agent(proj, name).await?.id
         }
     };
     let agent =
-        s.cp.agent_info(agent_id).await?.ok_or_else(|| {
-            ApiError(StatusCode::NOT_FOUND, format!("agent {agent_id} not found"))
-        })?;
+        s.cp.agent_info(agent_id)
+            .await?
+            .ok_or_else(|| ApiError(Error::not_found(format!("agent {agent_id} not found"))))?;
     let mut out = admin::Explanation {
         allowed: false,
         job: admin::ExplainedJob {
@@ -590,12 +562,7 @@ async fn explain(
             });
             out.access_as = Some(a.mode.as_str().to_string());
             out.default_namespace = a.default_namespace;
-            out.identity = a.identity.map(|i| admin::Identity {
-                username: i.username,
-                uid: i.uid,
-                groups: i.groups,
-                extra: i.extra.into_iter().collect(),
-            });
+            out.identity = a.identity.as_ref().map(|i| i.to_api());
         }
         Decision::Deny(reason) => out.reason = Some(reason.to_string()),
     }
@@ -607,21 +574,16 @@ async fn audit(
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Vec<AuditEntry>> {
     let Some(path) = s.audit.file().cloned() else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            "this kas writes its audit trail to stdout; query it where its logs are collected"
-                .into(),
-        ));
+        return Err(ApiError(Error::not_found(
+            "this kas writes its audit trail to stdout; query it where its logs are collected",
+        )));
     };
     let records = tokio::task::spawn_blocking(move || crate::audit::read(&path, &q))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(Error::internal(e.to_string())))?
         .map_err(|e| {
             tracing::error!(error = %e, "cannot read the audit log");
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot read the audit log".into(),
-            )
+            ApiError(Error::internal("cannot read the audit log"))
         })?;
     Ok(Json(records))
 }

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use kas_cache::{CacheOptions, Cached, ReactiveCache};
 use kas_controlplane::ControlPlane;
-use kas_k8s_proxy::{exchange, ExchangeFailure};
 use kas_proto::v1::RequestHead;
 use kas_router::Router as KasRouter;
 use std::collections::{BTreeMap, HashMap};
@@ -74,16 +73,16 @@ async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, 
         end_of_body: true,
         service: None,
     };
-    let (rhead, body) = exchange(
-        &router,
-        agent_id,
-        &head,
-        Empty::<Bytes>::new(),
-        true,
-        Duration::from_secs(2),
-    )
-    .await
-    .map_err(|e: ExchangeFailure| CountError::Status(e.status().as_u16()))?;
+    let (rhead, body) = router
+        .dispatch(
+            agent_id,
+            &head,
+            Empty::<Bytes>::new(),
+            true,
+            Duration::from_secs(2),
+        )
+        .await
+        .map_err(|e| CountError::Status(kas_api::error::Error::from(e).http_status()))?;
     if rhead.status != 200 {
         return Err(CountError::Status(
             u16::try_from(rhead.status).unwrap_or(502),

@@ -22,8 +22,8 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use kas_api::application::AgentState;
+use kas_api::error::{Error, Failure};
 use kas_controlplane::ControlPlane;
-use kas_k8s_proxy::{exchange, failure_code};
 use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, Service};
 use kas_router::Router as KasRouter;
 use kas_tunnel::headers;
@@ -127,12 +127,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new().nest(kas_api::application::PREFIX, api)
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
-    let body = kas_api::ErrorBody {
-        error: message.to_string(),
-        code: Some(status.as_u16()),
-    };
-    (status, Json(body)).into_response()
+/// The control plane could not be read.
+fn control_plane() -> Error {
+    Error::failure(Failure::ControlPlane, "control plane unavailable")
+}
+
+/// `e` as the application API answers failures: `{"error", "code"}`.
+fn failed(e: &Error) -> Response {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.body(true))).into_response()
 }
 
 async fn auth(
@@ -151,9 +154,9 @@ async fn auth(
         Some(Ok(_)) => next.run(req).await,
         Some(Err(e)) => {
             tracing::info!(reason = %e, "application API: invalid token");
-            error(StatusCode::UNAUTHORIZED, "invalid application token")
+            failed(&Error::unauthenticated("invalid application token"))
         }
-        None => error(StatusCode::UNAUTHORIZED, "an application token is required"),
+        None => failed(&Error::unauthenticated("an application token is required")),
     }
 }
 
@@ -162,7 +165,7 @@ async fn list_agents(State(s): State<Arc<AppState>>) -> Response {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "application API: control plane unavailable");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable");
+            return failed(&control_plane());
         }
     };
     let connected = s.router.connected_agents().await;
@@ -257,19 +260,19 @@ fn impersonation(h: &HeaderMap) -> Result<Option<Impersonation>, String> {
 
 async fn kubernetes(State(s): State<Arc<AppState>>, req: Request) -> Response {
     let Some(id) = agent_id(&req) else {
-        return error(StatusCode::NOT_FOUND, "no such agent");
+        return failed(&Error::not_found("no such agent"));
     };
     let path = rest_of(&req, 3);
     let imp = match impersonation(req.headers()) {
         Ok(i) => i,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+        Err(m) => return failed(&Error::bad_request(m)),
     };
     forward(s, id, "kubernetes".to_string(), None, imp, path, req).await
 }
 
 async fn service(State(s): State<Arc<AppState>>, req: Request) -> Response {
     let Some(id) = agent_id(&req) else {
-        return error(StatusCode::NOT_FOUND, "no such agent");
+        return failed(&Error::not_found("no such agent"));
     };
     let segs: Vec<String> = req
         .uri()
@@ -281,16 +284,15 @@ async fn service(State(s): State<Arc<AppState>>, req: Request) -> Response {
         .collect();
     let (scheme, host, port) = match segs.as_slice() {
         [scheme, host, port] => (scheme.clone(), host.clone(), port.parse::<u32>().ok()),
-        _ => return error(StatusCode::NOT_FOUND, "no such service path"),
+        _ => return failed(&Error::not_found("no such service path")),
     };
     let Some(port) = port.filter(|p| *p > 0 && *p <= 65535) else {
-        return error(StatusCode::BAD_REQUEST, "the service port is not a port");
+        return failed(&Error::bad_request("the service port is not a port"));
     };
     if !matches!(scheme.as_str(), "http" | "https") {
-        return error(
-            StatusCode::BAD_REQUEST,
+        return failed(&Error::bad_request(
             "the service scheme must be http or https",
-        );
+        ));
     }
     let path = rest_of(&req, 6);
     let target = format!("service:{scheme}://{host}:{port}");
@@ -338,16 +340,18 @@ async fn forward(
     match s.cp.agent_info(agent_id).await {
         Ok(Some(_)) => {}
         Ok(None) => {
-            record(404, Some("unknown_agent"));
-            return error(
-                StatusCode::NOT_FOUND,
-                &format!("agent {agent_id} does not exist"),
+            let e = Error::failure(
+                Failure::UnknownAgent,
+                format!("agent {agent_id} does not exist"),
             );
+            record(e.http_status(), e.failure.map(Failure::as_str));
+            return failed(&e);
         }
         Err(e) => {
             tracing::error!(error = %e, "application API: control plane unavailable");
-            record(503, Some("control_plane"));
-            return error(StatusCode::SERVICE_UNAVAILABLE, "control plane unavailable");
+            let e = control_plane();
+            record(e.http_status(), e.failure.map(Failure::as_str));
+            return failed(&e);
         }
     }
     let replayable = http_body::Body::is_end_stream(req.body());
@@ -362,7 +366,11 @@ async fn forward(
         service,
     };
     let body = req.into_body();
-    match exchange(&s.router, agent_id, &head, body, replayable, s.agent_wait).await {
+    match s
+        .router
+        .dispatch(agent_id, &head, body, replayable, s.agent_wait)
+        .await
+    {
         Ok((rhead, tbody)) => {
             let status =
                 StatusCode::from_u16(rhead.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -373,8 +381,9 @@ async fn forward(
             resp
         }
         Err(e) => {
-            record(e.status().as_u16(), Some(failure_code(&e)));
-            error(e.status(), &e.to_string())
+            let e = Error::from(e);
+            record(e.http_status(), e.failure.map(Failure::as_str));
+            failed(&e)
         }
     }
 }

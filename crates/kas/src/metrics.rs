@@ -3,6 +3,7 @@
 //! read from the tunnel registry at scrape time, so they cannot drift.
 
 use crate::listener::{CloseReason, ListenerStats};
+use kas_api::error::Failure;
 use kas_k8s_proxy::{Observed, ProxyObserver};
 use kas_router::Router;
 use prometheus_client::collector::Collector;
@@ -292,17 +293,14 @@ impl ProxyObserver for Metrics {
         if let Some(f) = observed.failure {
             self.failures
                 .get_or_create(&FailureLabels {
-                    reason: f.to_string(),
+                    reason: f.as_str().to_string(),
                 })
                 .inc();
-            match f {
-                "agent_not_connected" | "agent_busy" => {
-                    self.routing_timeouts.inc();
-                }
-                "control_plane" => {
-                    self.control_plane_errors.inc();
-                }
-                _ => {}
+            if f.is_routing_timeout() {
+                self.routing_timeouts.inc();
+            }
+            if f == Failure::ControlPlane {
+                self.control_plane_errors.inc();
             }
         }
     }

@@ -12,12 +12,14 @@
 //! It does not authenticate clients or authorize jobs; that happens before routing.
 
 mod connected;
+mod dispatch;
 pub mod gateway;
 pub mod jwt;
 pub mod rate;
 pub mod redis;
 
 pub use connected::{replica_meta, version_skew, VERSION};
+pub use dispatch::DispatchError;
 pub use gateway::{ForwardStats, GatewayService, OpenError, Peers};
 pub use jwt::PrivateAuth;
 pub use rate::RateLimiter;

@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
                 tier: "development".into(),
             }),
             username: "alice".into(),
+            protected_ref: project.len() % 2 == 0,
         };
         let _ = decide(&agent, &config, &job);
     }

@@ -6,12 +6,11 @@
 #![allow(clippy::result_large_err)]
 
 use crate::dial::{Dialer, Proxy, ProxyConfig};
-use crate::exchange::{self, Upstream};
+use crate::exchange::Upstream;
 use kas_proto::v1::agent_client::AgentClient;
-use kas_proto::v1::{
-    agent_frame, server_frame, AgentConfiguration, AgentFrame, ConfigAck, Hello, ServerFrame,
-};
+use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck};
 use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
+use kas_tunnel::agent::{self, AgentOut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -502,7 +501,6 @@ struct Pool {
     stats: Arc<crate::stats::Stats>,
 }
 
-/// Counts a tunnel out of the pool when its task ends, however it ends.
 /// A live session, counted in the stats while it lives.
 struct Connected(Arc<crate::stats::Stats>);
 
@@ -519,6 +517,7 @@ impl Drop for Connected {
     }
 }
 
+/// A tunnel's place in the pool; counts it out when its task ends, however it ends.
 struct TunnelSlot {
     pool: Arc<Pool>,
     idle: bool,
@@ -543,6 +542,24 @@ impl TunnelSlot {
     }
 }
 
+impl agent::TunnelState for TunnelSlot {
+    fn busy(&mut self) {
+        TunnelSlot::busy(self);
+        self.pool.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn idle(&mut self) {
+        TunnelSlot::idle(self);
+    }
+
+    fn failed(&mut self) {
+        self.pool
+            .stats
+            .exchanges_failed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for TunnelSlot {
     fn drop(&mut self) {
         self.busy();
@@ -552,6 +569,8 @@ impl Drop for TunnelSlot {
     }
 }
 
+/// One tunnel: opened with Hello, then serving exchanges until kas or an exchange
+/// ends it.
 async fn tunnel(
     opts: ConnectOptions,
     mut client: AgentClient<Channel>,
@@ -560,17 +579,11 @@ async fn tunnel(
 ) {
     let mut slot = TunnelSlot { pool, idle: true };
     let (tx, rx) = mpsc::channel::<AgentFrame>(4);
-    let _ = tx
-        .send(AgentFrame {
-            msg: Some(agent_frame::Msg::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
-            })),
-        })
-        .await;
+    let _ = tx.send(agent::hello()).await;
     let Ok(req) = with_metadata(&opts, ReceiverStream::new(rx)) else {
         return;
     };
-    let mut inbound = match client.tunnel(req).await {
+    let inbound = match client.tunnel(req).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
             tracing::debug!(error = %s, "opening a tunnel failed");
@@ -579,45 +592,8 @@ async fn tunnel(
             return;
         }
     };
-    // Each iteration serves one exchange; a tunnel is reused until an exchange ends
-    // uncleanly (cancelled, failed, upgraded) or kas closes it.
-    loop {
-        let head = match inbound.message().await {
-            Ok(Some(ServerFrame {
-                msg: Some(server_frame::Msg::RequestHead(h)),
-            })) => h,
-            other => {
-                tracing::debug!(?other, "tunnel ended without a request");
-                return;
-            }
-        };
-        slot.busy();
-        upstream.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-        let clean = exchange::serve(&upstream, head, &mut inbound, &tx).await;
-        if !clean {
-            upstream
-                .stats
-                .exchanges_failed
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        if clean {
-            slot.idle();
-            continue;
-        }
-        // End our half of the stream, then keep receiving until kas ends its half:
-        // dropping the receiving half first would reset the stream and could discard
-        // frames still queued for sending.
-        drop(tx);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while let Ok(Some(_)) = inbound.message().await {}
-        })
-        .await;
-        return;
-    }
+    agent::serve(inbound, AgentOut(tx), upstream.as_ref(), &mut slot).await;
 }
-
-/// How long a tunnel that is closing waits for kas to close its half of the stream.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,5 @@
-//! Serving one request that arrived through a tunnel against the cluster API.
+//! Serving one request that arrived through a tunnel against the cluster API (or an
+//! in-cluster service): [`Upstream`] is agentk's [`Handler`] of tunnel exchanges.
 
 use crate::cluster::{ClusterAccess, UpstreamBody};
 use bytes::Bytes;
@@ -9,16 +10,11 @@ use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioIo;
 use kas_authz::services::{service_allowed, AllowedService};
-use kas_proto::v1::{
-    agent_frame, server_frame, tunnel_error::Code, AgentFrame, Data, EndOfBody, Impersonation,
-    RequestHead, ResponseHead, ServerFrame, TunnelError,
-};
-use kas_proto::MAX_DATA_FRAME;
-use kas_tunnel::headers;
+use kas_proto::v1::{tunnel_error::Code, Impersonation, RequestHead, ResponseHead};
+use kas_tunnel::agent::{AgentOut, Handler};
+use kas_tunnel::{headers, pump_body, splice};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tonic::Streaming;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
 
@@ -179,8 +175,6 @@ impl Upstream {
     }
 }
 
-pub type Out = mpsc::Sender<AgentFrame>;
-
 /// Characters kept as they are in `Impersonate-Extra-<key>` names: RFC 9110 token
 /// characters except `%` (which escapes).
 const EXTRA_KEY: &AsciiSet = &NON_ALPHANUMERIC
@@ -224,21 +218,6 @@ pub fn impersonation_headers(i: &Impersonation) -> Result<Vec<(HeaderName, Heade
         }
     }
     Ok(out)
-}
-
-async fn send(out: &Out, msg: agent_frame::Msg) -> bool {
-    out.send(AgentFrame { msg: Some(msg) }).await.is_ok()
-}
-
-async fn fail(out: &Out, code: Code, message: &str) {
-    let _ = send(
-        out,
-        agent_frame::Msg::Error(TunnelError {
-            code: code as i32,
-            message: message.to_string(),
-        }),
-    )
-    .await;
 }
 
 /// The URI of an in-cluster service request, if `service_access` allows it.
@@ -285,247 +264,167 @@ fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, (Code, String)> {
 /// Largest response body sent inline in the response head.
 const INLINE_MAX: u64 = 64 * 1024;
 
-/// Reserves room for one chunk in the request-body channel (owned, so the channel
-/// can be replaced while a reservation is pending).
-async fn reserve(tx: Option<mpsc::Sender<Bytes>>) -> Option<mpsc::OwnedPermit<Bytes>> {
-    tx?.reserve_owned().await.ok()
-}
-
-/// Serves one exchange whose `head` has arrived on `inbound`; responses go to `out`.
-/// Returns true when the exchange completed cleanly in both directions, so the tunnel
-/// can carry another one; false when it was cancelled, failed or upgraded.
-pub async fn serve(
-    up: &Upstream,
-    head: RequestHead,
-    inbound: &mut Streaming<ServerFrame>,
-    out: &Out,
-) -> bool {
-    let request_id = head.request_id.clone();
-    tracing::debug!(%request_id, method = %head.method, path = %head.path_and_query, upgrade = head.upgrade, "serving a request");
-    // Request body (or, after a 101, client bytes) from kas; closed at EndOfBody.
-    let (tx, body_rx) = mpsc::channel::<Bytes>(4);
-    // A head marked end_of_body is the whole request: no body frames follow.
-    let mut request_done = head.end_of_body && !head.upgrade;
-    let mut body_tx = (!request_done).then_some(tx);
-    let mut pending: Option<Bytes> = None;
-    let work = respond(up, head, body_rx, out);
-    tokio::pin!(work);
-    // One task reads kas's frames and drives the response, so the tunnel's stream can
-    // be reused afterwards. A chunk waits in `pending` until the body channel has room:
-    // that wait is the backpressure towards kas.
-    loop {
-        tokio::select! {
-            biased;
-            reusable = &mut work => return reusable && request_done,
-            permit = reserve(body_tx.clone()), if pending.is_some() => match (permit, pending.take()) {
-                (Some(p), Some(chunk)) => {
-                    p.send(chunk);
-                }
-                // The upstream stopped reading the body; drop the rest of it.
-                _ => body_tx = None,
-            },
-            frame = inbound.message(), if pending.is_none() => match frame {
-                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::Data(d)) })) if !request_done => {
-                    if body_tx.is_some() {
-                        pending = Some(d.data);
-                    }
-                }
-                Ok(Some(ServerFrame { msg: Some(server_frame::Msg::EndOfBody(_)) })) if !request_done => {
-                    request_done = true;
-                    body_tx = None;
-                }
-                _ => {
-                    // kas ended the stream (the client went away, or kas did), or broke
-                    // the protocol: cancel the cluster request.
-                    tracing::debug!(%request_id, "kas cancelled the request");
-                    return false;
-                }
-            },
-        }
-    }
-}
-
-/// Performs the cluster request and streams the response to `out`. Returns true when a
-/// complete, non-upgraded response was sent.
-async fn respond(
-    up: &Upstream,
-    head: RequestHead,
-    mut body_rx: mpsc::Receiver<Bytes>,
-    out: &Out,
-) -> bool {
-    let request_id = head.request_id.as_str();
-    let target = match &head.service {
-        None => target_uri(&up.access.server, &head.path_and_query),
-        Some(svc) => service_uri(&up.allowed_services(), svc, &head.path_and_query),
-    };
-    let uri = match target {
-        Ok(u) => u,
-        Err((code, m)) => {
-            tracing::info!(%request_id, reason = %m, "refused a request");
-            fail(out, code, &m).await;
-            return false;
-        }
-    };
-    let to_service = head.service.is_some();
-    let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
-        fail(out, Code::BadRequest, "invalid method").await;
-        return false;
-    };
-    let mut req_headers = headers::from_wire(&head.headers, true);
-    // Services never see the agent's credentials or an impersonation.
-    if let Some(a) = up.access.auth.header().filter(|_| !to_service) {
-        req_headers.insert(http::header::AUTHORIZATION, a);
-    }
-    if let Some(i) = head.impersonation.as_ref().filter(|_| !to_service) {
-        match impersonation_headers(i) {
-            Ok(h) => {
-                for (n, v) in h {
-                    req_headers.append(n, v);
-                }
-            }
-            Err(m) => {
-                fail(out, Code::BadRequest, &m).await;
+impl Handler for Upstream {
+    /// Performs the request against the cluster (or a service) and streams the
+    /// response to `out`.
+    async fn respond(
+        &self,
+        head: RequestHead,
+        body_rx: mpsc::Receiver<Bytes>,
+        out: &AgentOut,
+    ) -> bool {
+        let request_id = head.request_id.clone();
+        let to_service = head.service.is_some();
+        let upgrade = head.upgrade;
+        let (req, body_rx) = match self.request(head, body_rx) {
+            Ok(r) => r,
+            Err((code, m)) => {
+                tracing::info!(%request_id, reason = %m, "refused a request");
+                out.fail(code, &m).await;
                 return false;
             }
-        }
-    }
-    let body: UpstreamBody = if head.upgrade {
-        Empty::new().map_err(|never| match never {}).boxed_unsync()
-    } else {
-        let rx = std::mem::replace(&mut body_rx, mpsc::channel(1).1);
-        let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
-        StreamBody::new(frames)
-            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-            .boxed_unsync()
-    };
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = req_headers;
-    let client = if to_service {
-        &up.service_client
-    } else {
-        &up.client
-    };
-    let mut resp = match client.request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            // The cause stays in the agent's log; kas and the caller learn only this.
-            tracing::warn!(%request_id, error = %e, service = to_service, "upstream unreachable");
-            let m = if to_service {
-                "the agent cannot reach the service"
-            } else {
-                "the agent cannot reach the Kubernetes API server"
-            };
-            fail(out, Code::UpstreamUnavailable, m).await;
+        };
+        let client = if to_service {
+            &self.service_client
+        } else {
+            &self.client
+        };
+        let resp = match client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The cause stays in the agent's log; kas and the caller learn only this.
+                tracing::warn!(%request_id, error = %e, service = to_service, "upstream unreachable");
+                let m = if to_service {
+                    "the agent cannot reach the service"
+                } else {
+                    "the agent cannot reach the Kubernetes API server"
+                };
+                out.fail(Code::UpstreamUnavailable, m).await;
+                return false;
+            }
+        };
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && upgrade {
+            relay_upgrade(resp, body_rx, out, &request_id).await;
+            // An upgraded stream is never reused.
             return false;
         }
-    };
-    let status = resp.status();
-    let switching = status == http::StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
+        relay_response(resp, out, &request_id).await
+    }
+}
+
+impl Upstream {
+    /// The upstream request for `head`: URL, method, headers with the agent's own
+    /// credentials and the impersonation kas decided (neither for services), and the
+    /// request body from `body_rx` (kept back, for the client's bytes, on an upgrade).
+    #[allow(clippy::type_complexity)]
+    fn request(
+        &self,
+        head: RequestHead,
+        body_rx: mpsc::Receiver<Bytes>,
+    ) -> Result<(Request<UpstreamBody>, mpsc::Receiver<Bytes>), (Code, String)> {
+        let uri = match &head.service {
+            None => target_uri(&self.access.server, &head.path_and_query)?,
+            Some(svc) => service_uri(&self.allowed_services(), svc, &head.path_and_query)?,
+        };
+        let to_service = head.service.is_some();
+        let method = http::Method::from_bytes(head.method.as_bytes())
+            .map_err(|_| (Code::BadRequest, "invalid method".to_string()))?;
+        let mut req_headers = headers::from_wire(&head.headers, true);
+        // Services never see the agent's credentials or an impersonation.
+        if let Some(a) = self.access.auth.header().filter(|_| !to_service) {
+            req_headers.insert(http::header::AUTHORIZATION, a);
+        }
+        if let Some(i) = head.impersonation.as_ref().filter(|_| !to_service) {
+            for (n, v) in impersonation_headers(i).map_err(|m| (Code::BadRequest, m))? {
+                req_headers.append(n, v);
+            }
+        }
+        let (body, kept): (UpstreamBody, _) = if head.upgrade {
+            let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
+            (empty, body_rx)
+        } else {
+            let frames = tokio_stream::wrappers::ReceiverStream::new(body_rx)
+                .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+            let body = StreamBody::new(frames)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .boxed_unsync();
+            (body, mpsc::channel(1).1)
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = req_headers;
+        Ok((req, kept))
+    }
+}
+
+/// Streams a response to kas: a small body of known length inside the head (one
+/// message instead of three), a larger one as Data frames. True when all of it went.
+async fn relay_response(
+    resp: http::Response<hyper::body::Incoming>,
+    out: &AgentOut,
+    request_id: &str,
+) -> bool {
     let mut rhead = ResponseHead {
-        status: u32::from(status.as_u16()),
-        headers: headers::to_wire(resp.headers(), false, switching),
+        status: u32::from(resp.status().as_u16()),
+        headers: headers::to_wire(resp.headers(), false, false),
         body: Bytes::new(),
         end_of_body: false,
     };
-    // A small body of known length travels inside the head: one message instead of three.
     let small = http_body::Body::size_hint(resp.body())
         .exact()
         .is_some_and(|n| n <= INLINE_MAX);
-    if !switching && small {
-        return match resp.into_body().collect().await {
-            Ok(b) => {
-                rhead.body = b.to_bytes();
-                rhead.end_of_body = true;
-                send(out, agent_frame::Msg::ResponseHead(rhead)).await
-            }
-            Err(e) => {
-                tracing::warn!(%request_id, error = %e, "cluster response body failed");
-                fail(
-                    out,
-                    Code::UpstreamUnavailable,
-                    "the cluster's response was cut off",
-                )
-                .await;
-                false
-            }
-        };
+    if !small {
+        return out.head(rhead).await && pump_body(resp.into_body(), out).await.is_ok();
     }
-    if !send(out, agent_frame::Msg::ResponseHead(rhead)).await {
-        return false;
-    }
-    if switching {
-        let upgraded = match hyper::upgrade::on(&mut resp).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
-                fail(
-                    out,
-                    Code::UpstreamAborted,
-                    "the upgraded connection to the cluster failed",
-                )
-                .await;
-                return false;
-            }
-        };
-        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-        let to_cluster = async {
-            while let Some(b) = body_rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    return;
-                }
-            }
-            let _ = wr.shutdown().await;
-        };
-        let from_cluster = async {
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = send(out, agent_frame::Msg::EndOfBody(EndOfBody {})).await;
-                        return;
-                    }
-                    Ok(n) => {
-                        let d = Data {
-                            data: Bytes::copy_from_slice(&buf[..n]),
-                        };
-                        if !send(out, agent_frame::Msg::Data(d)).await {
-                            return;
-                        }
-                    }
-                }
-            }
-        };
-        tokio::join!(to_cluster, from_cluster);
-        // An upgraded stream is never reused.
-        return false;
-    }
-    let mut body = resp.into_body().into_data_stream();
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(mut data) => {
-                while !data.is_empty() {
-                    let d = data.split_to(data.len().min(MAX_DATA_FRAME));
-                    if !send(out, agent_frame::Msg::Data(Data { data: d })).await {
-                        return false;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%request_id, error = %e, "cluster response body failed");
-                fail(
-                    out,
-                    Code::UpstreamAborted,
-                    "the cluster's response was cut off",
-                )
-                .await;
-                return false;
-            }
+    match resp.into_body().collect().await {
+        Ok(b) => {
+            rhead.body = b.to_bytes();
+            rhead.end_of_body = true;
+            out.head(rhead).await
+        }
+        Err(e) => {
+            tracing::warn!(%request_id, error = %e, "cluster response body failed");
+            out.fail(
+                Code::UpstreamUnavailable,
+                "the cluster's response was cut off",
+            )
+            .await;
+            false
         }
     }
-    send(out, agent_frame::Msg::EndOfBody(EndOfBody {})).await
+}
+
+/// After a 101: the client's bytes to the upgraded upstream connection and back.
+async fn relay_upgrade(
+    mut resp: http::Response<hyper::body::Incoming>,
+    body_rx: mpsc::Receiver<Bytes>,
+    out: &AgentOut,
+    request_id: &str,
+) {
+    let rhead = ResponseHead {
+        status: u32::from(resp.status().as_u16()),
+        headers: headers::to_wire(resp.headers(), false, true),
+        body: Bytes::new(),
+        end_of_body: false,
+    };
+    if !out.head(rhead).await {
+        return;
+    }
+    let upgraded = match hyper::upgrade::on(&mut resp).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(%request_id, error = %e, "cluster upgrade failed");
+            out.fail(
+                Code::UpstreamAborted,
+                "the upgraded connection to the cluster failed",
+            )
+            .await;
+            return;
+        }
+    };
+    let mut from_kas = tokio_stream::wrappers::ReceiverStream::new(body_rx);
+    splice(TokioIo::new(upgraded), out, &mut from_kas).await;
 }
 
 #[cfg(test)]

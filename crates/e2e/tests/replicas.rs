@@ -278,7 +278,7 @@ fn raw_status(addr: &str, headers: &str) -> String {
     let mut s = std::net::TcpStream::connect(hostport).expect("connect private API");
     write!(
         s,
-        "POST /kas.agent.v1.Gateway/Forward HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/grpc\r\nContent-Length: 0\r\nConnection: close\r\n{headers}\r\n"
+        "POST /kas.agent.v1.Gateway/ForwardMany HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/grpc\r\nContent-Length: 0\r\nConnection: close\r\n{headers}\r\n"
     )
     .expect("write");
     let mut out = String::new();

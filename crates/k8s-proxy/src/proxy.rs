@@ -4,6 +4,7 @@ use crate::audit::{AuditRecord, AuditSink, AuditedBody};
 use crate::status::status_response;
 use crate::token::parse_ci_token;
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Empty};
@@ -11,16 +12,11 @@ use hyper_util::rt::TokioIo;
 use kas_api::error::{Error, Failure};
 use kas_authz::{decide, Allowed, Decision, Identity, JobContext};
 use kas_controlplane::ControlPlane;
-use kas_proto::v1::{
-    server_frame, Data, EndOfBody, ExtraValues, Impersonation, RequestHead, ResponseHead,
-    ServerFrame,
-};
-use kas_proto::MAX_DATA_FRAME;
+use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, ResponseHead};
 use kas_router::Router;
 use kas_tunnel::{headers, TunnelBody};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Response body of the proxy: a Status document or a tunnel's stream.
 pub type ProxyBody =
@@ -450,7 +446,7 @@ fn audit_record(
 }
 
 /// Copies raw bytes both ways between an upgraded client connection and the tunnel.
-async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, request_id: String) {
+async fn splice(on: hyper::upgrade::OnUpgrade, from_agent: TunnelBody, request_id: String) {
     let upgraded = match on.await {
         Ok(u) => u,
         Err(e) => {
@@ -458,44 +454,14 @@ async fn splice(on: hyper::upgrade::OnUpgrade, mut from_agent: TunnelBody, reque
             return;
         }
     };
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     let Some(out) = from_agent.outbound() else {
         return;
     };
-    let up = async move {
-        let mut buf = vec![0u8; MAX_DATA_FRAME.min(32 * 1024)];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    out.send(ServerFrame {
-                        msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
-                    })
-                    .await;
-                    return;
-                }
-                Ok(n) => {
-                    let f = ServerFrame {
-                        msg: Some(server_frame::Msg::Data(Data {
-                            data: Bytes::copy_from_slice(&buf[..n]),
-                        })),
-                    };
-                    if !out.send(f).await {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    let down = async move {
-        while let Ok(Some(chunk)) = from_agent.next_chunk().await {
-            if wr.write_all(&chunk).await.is_err() {
-                return from_agent;
-            }
-        }
-        let _ = wr.shutdown().await;
-        // Keep the tunnel open until the other direction finishes.
+    let mut incoming = Box::pin(
         from_agent
-    };
-    let (_, tunnel) = tokio::join!(up, down);
-    drop(tunnel);
+            .into_data_stream()
+            .take_while(|r| std::future::ready(r.is_ok()))
+            .filter_map(|r| std::future::ready(r.ok())),
+    );
+    kas_tunnel::splice(TokioIo::new(upgraded), &out, &mut incoming).await;
 }

@@ -1,5 +1,6 @@
 //! The agent listener's gRPC service: authenticates agentk replicas, streams their
-//! configuration, and hands their idle tunnels to the [`TunnelRegistry`].
+//! configuration, and hands their tunnels to the tunnel crate's acceptor (which checks
+//! their handshake and keeps them in the registry).
 //!
 //! Every stream an agent opens is authenticated by its token and counted against the
 //! token's rate limit. Each connection is remembered under the token it was made with,
@@ -13,9 +14,10 @@
 use crate::listener::ConnControl;
 use kas_controlplane::{AgentAuth, AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
-use kas_proto::v1::{agent_frame, AgentConfiguration, AgentFrame, ConfigAck};
-use kas_proto::{AGENT_VERSION_METADATA, PROTOCOL_VERSION, REPLICA_ID_METADATA};
+use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck};
+use kas_proto::{AGENT_VERSION_METADATA, REPLICA_ID_METADATA};
 use kas_router::{RateLimiter, Router};
+use kas_tunnel::server::{check_protocol, first_message, Acceptor, Registered};
 use kas_tunnel::{ReplicaInfo, TunnelRegistry};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -24,8 +26,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-
-type ReplicaKey = (u64, String);
 
 /// How long a revoked token's configuration streams get to deliver the reason before
 /// their connections are closed.
@@ -47,13 +47,11 @@ pub struct AgentService {
     cp: Arc<dyn ControlPlane>,
     router: Arc<Router>,
     metrics: Arc<crate::metrics::Metrics>,
-    registry: Arc<TunnelRegistry>,
-    /// (agent id, replica id) -> registry key of the replica's live configuration stream.
-    replicas: Arc<Mutex<HashMap<ReplicaKey, Arc<str>>>>,
+    /// Takes the replicas' tunnels (and knows which replica each joins).
+    tunnels: Arc<Acceptor>,
     /// Connections by the token they were made with.
     connections: Arc<Connections>,
     rate: Option<RateLimiter>,
-    handshake_timeout: Duration,
     /// When each token's last use was written.
     touched: Mutex<HashMap<u64, Instant>>,
     /// Flips to true when kas shuts down; configuration streams end with UNAVAILABLE so
@@ -188,13 +186,14 @@ impl AgentService {
         AgentService {
             cp,
             metrics,
-            registry: router.registry().clone(),
+            tunnels: Arc::new(Acceptor::new(
+                router.registry().clone(),
+                opts.handshake_timeout,
+            )),
             rate: (opts.streams_per_token_per_minute > 0)
                 .then(|| router.rate_limiter("agent-token", opts.streams_per_token_per_minute)),
             router,
-            replicas: Default::default(),
             connections,
-            handshake_timeout: opts.handshake_timeout,
             touched: Mutex::default(),
             shutdown,
             _revoker: revoker,
@@ -280,31 +279,6 @@ impl AgentService {
             }
         });
     }
-
-    /// The first message of a stream, within the handshake timeout.
-    async fn first<T>(&self, inbound: &mut Streaming<T>, what: &str) -> Result<T, Status> {
-        match tokio::time::timeout(self.handshake_timeout, inbound.message()).await {
-            Ok(Ok(Some(m))) => Ok(m),
-            Ok(Ok(None)) => Err(Status::invalid_argument(format!(
-                "{what} closed before its first message"
-            ))),
-            Ok(Err(s)) => Err(s),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{what}: no first message within {:?}",
-                self.handshake_timeout
-            ))),
-        }
-    }
-}
-
-fn check_protocol(v: u32) -> Result<(), Status> {
-    if v == PROTOCOL_VERSION {
-        Ok(())
-    } else {
-        Err(Status::failed_precondition(format!(
-            "agent speaks tunnel protocol version {v}, this kas speaks {PROTOCOL_VERSION}; use matching versions of agentk and kas"
-        )))
-    }
 }
 
 fn config_message(info: &AgentInfo) -> AgentConfiguration {
@@ -340,6 +314,8 @@ struct ConfigStream {
     registry: Arc<TunnelRegistry>,
     /// The replica's registration, dropped (the replica forgotten) when the stream ends.
     registration: kas_router::Registration,
+    /// Lets the replica's tunnels in while the stream lives.
+    _tunnels: Registered,
     metrics: Arc<crate::metrics::Metrics>,
     agent_id: u64,
     token_id: u64,
@@ -362,6 +338,7 @@ impl ConfigStream {
             cp,
             registry,
             mut registration,
+            _tunnels,
             metrics,
             agent_id,
             token_id,
@@ -474,7 +451,12 @@ impl Agent for AgentService {
             .map(|c| c.peer.to_string())
             .unwrap_or_default();
         let mut inbound = request.into_inner();
-        let first = self.first(&mut inbound, "configuration stream").await?;
+        let first = first_message(
+            &mut inbound,
+            self.tunnels.handshake_timeout(),
+            "configuration stream",
+        )
+        .await?;
         check_protocol(first.protocol_version)?;
         self.touch(auth.token_id);
         let info = auth.info.clone();
@@ -493,20 +475,18 @@ impl Agent for AgentService {
             },
         );
         let key = guard.replica_key().clone();
-        self.registry
-            .acknowledged(agent_id, &key, first.applied_version, None);
-        self.replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((agent_id, replica_id.clone()), key.clone());
+        let registry = self.tunnels.registry().clone();
+        registry.acknowledged(agent_id, &key, first.applied_version, None);
+        let tunnels = self.tunnels.register(agent_id, &replica_id, key.clone());
         tracing::info!(agent_id, replica = %replica_id, "agent replica connected");
 
         // Boxed items: a channel allocates room for 32 items up front, per agent replica.
         let (tx, rx) = mpsc::channel(4);
         let stream = ConfigStream {
             cp: self.cp.clone(),
-            registry: self.registry.clone(),
+            registry,
             registration: guard,
+            _tunnels: tunnels,
             metrics: self.metrics.clone(),
             agent_id,
             token_id: auth.token_id,
@@ -516,15 +496,9 @@ impl Agent for AgentService {
             shutdown: self.shutdown.clone(),
             draining: conn.map(|c| c.draining()),
         };
-        let replicas = self.replicas.clone();
         tokio::spawn(async move {
-            // The stream owns the replica's registration: it ends when the stream ends.
+            // The stream owns the replica's registrations: they end when the stream ends.
             stream.run(info).await;
-            let mut map = replicas.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&(agent_id, replica_id.clone())) == Some(&key) {
-                map.remove(&(agent_id, replica_id.clone()));
-            }
-            drop(map);
             tracing::info!(agent_id, replica = %replica_id, "agent replica disconnected");
         });
         let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |r| {
@@ -539,26 +513,10 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let conn = request.extensions().get::<Arc<ConnControl>>().cloned();
         let (auth, replica_id, _) = self.authenticate(request.metadata(), conn.as_ref()).await?;
-        let agent_id = auth.info.agent.id;
-        let key = self
-            .replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(agent_id, replica_id))
-            .cloned()
-            .ok_or_else(|| {
-                Status::failed_precondition("open the configuration stream before tunnels")
-            })?;
-        let mut inbound = request.into_inner();
-        match self.first(&mut inbound, "tunnel").await? {
-            AgentFrame {
-                msg: Some(agent_frame::Msg::Hello(h)),
-            } => check_protocol(h.protocol_version)?,
-            _ => return Err(Status::invalid_argument("a tunnel must start with Hello")),
-        }
-        // Small: the request body pump waits here, which is the backpressure.
-        let (tx, rx) = kas_tunnel::outbound_channel(4);
-        self.registry.offer(agent_id, &key, Box::pin(inbound), tx);
+        let rx = self
+            .tunnels
+            .accept(auth.info.agent.id, replica_id, request.into_inner())
+            .await?;
         Ok(Response::new(rx))
     }
 }

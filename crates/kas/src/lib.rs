@@ -62,7 +62,7 @@ pub enum StartError {
     #[error("shared agent registry: {0}")]
     Redis(#[from] kas_router::RedisError),
     #[error("private API: {0}")]
-    PrivateSecret(#[from] kas_router::jwt::SecretError),
+    PrivateSecret(#[from] kas_router::private::SecretError),
 }
 
 /// Where a running kas listens, and what a user needs to reach it.

@@ -255,7 +255,7 @@ impl Metrics {
         catch_up(
             &self.redis_errors,
             &self.redis_errors_seen,
-            kas_router::redis::errors_total(),
+            router.registry_errors().unwrap_or(0),
         );
         if let Some(f) = router.forward_stats() {
             catch_up(&self.forwarded, &self.forwarded_seen, f.exchanges);

@@ -5,23 +5,24 @@
 //! ([`Router::shared`]) every kas records its connections in a shared registry
 //! ([`redis`]); a kas that receives a request for an agent it does not hold (the
 //! routing kas) picks a connection from the registry and forwards the exchange over
-//! the private API to the kas holding it (the gateway kas, [`gateway`]), which uses
+//! the private API to the kas holding it (the gateway kas, [`private`]), which uses
 //! exactly that connection. A request for an agent connected nowhere waits, woken by
 //! the registry's pub/sub event the moment the agent connects anywhere.
 //!
-//! It does not authenticate clients or authorize jobs; that happens before routing.
+//! [`Router::dispatch`] sends one request through the chosen tunnel (retrying on
+//! another when one breaks before the answer); [`Router::connected_agents`] lists the
+//! agents connected anywhere. It does not authenticate clients or authorize jobs;
+//! that happens before routing.
 
 mod connected;
 mod dispatch;
-pub mod gateway;
-pub mod jwt;
+pub mod private;
 pub mod rate;
 pub mod redis;
 
 pub use connected::{replica_meta, version_skew, VERSION};
 pub use dispatch::DispatchError;
-pub use gateway::{ForwardStats, GatewayService, OpenError, Peers};
-pub use jwt::PrivateAuth;
+pub use private::{ForwardStats, GatewayService, OpenError, Peers, PrivateAuth};
 pub use rate::RateLimiter;
 pub use redis::{Connection, Event, RedisError, RedisOptions, RedisRegistry};
 
@@ -29,15 +30,6 @@ use kas_tunnel::{AcquireError, ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry
 use rand::seq::SliceRandom;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Aborts a spawned task when dropped.
-pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Routing across replicas: this kas's identity, the registry and the peers.
 struct Shared {
@@ -203,7 +195,7 @@ impl Router {
                     }
                 }
                 Err(e) => {
-                    redis::count_error();
+                    shared.redis.count_error();
                     tracing::warn!(agent_id, error = %e, "registry lookup failed; only this kas's connections can be used");
                 }
             }
@@ -244,6 +236,11 @@ impl Router {
             Some(s) => Some(s.redis.all_connections().await),
             None => None,
         }
+    }
+
+    /// Failed operations on the shared registry so far (`None` for a single kas).
+    pub fn registry_errors(&self) -> Option<u64> {
+        self.shared.as_ref().map(|s| s.redis.errors())
     }
 
     /// Forwarding to other kas replicas so far (`None` for a single kas).

@@ -47,7 +47,7 @@ impl RateLimiter {
             {
                 Ok(n) => return n <= u64::from(self.limit),
                 Err(e) => {
-                    crate::redis::count_error();
+                    r.count_error();
                     tracing::debug!(error = %e, "rate limit: Redis unreachable; counting on this kas only");
                 }
             }

@@ -139,18 +139,6 @@ impl Event {
     }
 }
 
-/// Failed registry operations since start (for metrics).
-static ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many registry operations failed since this process started.
-pub fn errors_total() -> u64 {
-    ERRORS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-pub(crate) fn count_error() {
-    ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -182,6 +170,8 @@ pub struct RedisRegistry {
     /// Connections this kas registered (what a refresh rewrites).
     own: Arc<Mutex<HashMap<(u64, String), Connection>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Failed operations since start (for metrics).
+    errors: std::sync::atomic::AtomicU64,
 }
 
 impl RedisRegistry {
@@ -212,6 +202,7 @@ impl RedisRegistry {
             stop,
             own: Arc::default(),
             tasks: Mutex::new(Vec::new()),
+            errors: Default::default(),
         });
         let tasks = vec![
             tokio::spawn(writer(reg.clone(), rx)),
@@ -221,6 +212,17 @@ impl RedisRegistry {
         ];
         *reg.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(reg)
+    }
+
+    /// Records a failed operation (the metrics count them).
+    pub fn count_error(&self) {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Failed operations since start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn agent_key(&self, agent_id: u64) -> String {
@@ -498,7 +500,7 @@ fn live(values: impl Iterator<Item = String>) -> Vec<Connection> {
 async fn writer(reg: Arc<RedisRegistry>, mut rx: mpsc::UnboundedReceiver<Command>) {
     while let Some(cmd) = rx.recv().await {
         if let Err(e) = reg.apply(&cmd).await {
-            count_error();
+            reg.count_error();
             tracing::warn!(error = %e, "redis registry write failed; the next refresh repairs it");
         }
     }
@@ -520,7 +522,7 @@ async fn refresher(reg: Arc<RedisRegistry>) {
             }
             Ok(_) => {}
             Err(e) => {
-                count_error();
+                reg.count_error();
                 failing = true;
                 tracing::warn!(error = %e, "redis registry refresh failed");
             }
@@ -568,7 +570,7 @@ async fn listener(reg: Arc<RedisRegistry>, client: redis::Client) {
                     reg.lock_cache().clear();
                 }
                 Err(e) => {
-                    count_error();
+                    reg.count_error();
                     tracing::warn!(error = %e, "redis subscribe failed")
                 }
             },

@@ -5,18 +5,17 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{Empty, Full};
-use kas_proto::v1::gateway_server::{Gateway, GatewayServer};
+use kas_proto::v1::gateway_server::GatewayServer;
 use kas_proto::v1::{
     agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
 };
-use kas_router::gateway::Relayed;
 use kas_router::{GatewayService, Peers, PrivateAuth};
 use kas_tunnel::{outbound_channel, ExchangeError, ReplicaGuard, ReplicaInfo, TunnelRegistry};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 const AGENT: u64 = 7;
 const LIMIT: Duration = Duration::from_secs(10);
@@ -65,29 +64,6 @@ fn offer_tunnel(registry: &Arc<TunnelRegistry>, key: &Arc<str>) {
     });
 }
 
-/// A gateway that predates `ForwardMany`.
-struct Older(GatewayService);
-
-#[tonic::async_trait]
-impl Gateway for Older {
-    type ForwardStream = Relayed;
-    type ForwardManyStream = Relayed;
-
-    async fn forward(
-        &self,
-        req: Request<Streaming<ServerFrame>>,
-    ) -> Result<Response<Relayed>, Status> {
-        self.0.forward(req).await
-    }
-
-    async fn forward_many(
-        &self,
-        _req: Request<Streaming<ServerFrame>>,
-    ) -> Result<Response<Relayed>, Status> {
-        Err(Status::unimplemented("not in this version"))
-    }
-}
-
 struct Gw {
     url: String,
     registry: Arc<TunnelRegistry>,
@@ -98,7 +74,7 @@ struct Gw {
 }
 
 /// A gateway kas holding one connection of the agent with two idle tunnels.
-async fn gateway(older: bool) -> Gw {
+async fn gateway() -> Gw {
     let registry = TunnelRegistry::new();
     let replica = registry.add_replica(
         AGENT,
@@ -123,22 +99,12 @@ async fn gateway(older: bool) -> Gw {
     let stopped = async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let mut builder = tonic::transport::Server::builder();
-    let served = if older {
-        tokio::spawn(async move {
-            let _ = builder
-                .add_service(GatewayServer::new(Older(svc)))
-                .serve_with_incoming_shutdown(incoming, stopped)
-                .await;
-        })
-    } else {
-        tokio::spawn(async move {
-            let _ = builder
-                .add_service(GatewayServer::new(svc))
-                .serve_with_incoming_shutdown(incoming, stopped)
-                .await;
-        })
-    };
+    let served = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(GatewayServer::new(svc))
+            .serve_with_incoming_shutdown(incoming, stopped)
+            .await;
+    });
     Gw {
         url,
         registry,
@@ -204,7 +170,7 @@ async fn exchange(
 
 #[tokio::test]
 async fn forwarded_exchanges_reuse_their_streams() {
-    let gw = gateway(false).await;
+    let gw = gateway().await;
     let peers = peers();
     for _ in 0..20 {
         assert_eq!(
@@ -231,24 +197,8 @@ async fn forwarded_exchanges_reuse_their_streams() {
 }
 
 #[tokio::test]
-async fn an_older_gateway_gets_one_stream_per_exchange() {
-    let gw = gateway(true).await;
-    let peers = peers();
-    for _ in 0..5 {
-        assert_eq!(
-            exchange(&peers, &gw, None).await.expect("GET"),
-            "GET /api/v1/pods 0"
-        );
-    }
-    let posted = exchange(&peers, &gw, Some("hello")).await.expect("POST");
-    assert_eq!(posted, "POST /api/v1/configmaps 5");
-    let s = peers.stats();
-    assert_eq!((s.exchanges, s.streams_opened, s.idle_streams), (6, 6, 0));
-}
-
-#[tokio::test]
 async fn a_stream_whose_connection_went_away_fails_before_the_response() {
-    let mut gw = gateway(false).await;
+    let mut gw = gateway().await;
     let peers = peers();
     exchange(&peers, &gw, None).await.expect("GET");
     assert_eq!(peers.stats().idle_streams, 1);
@@ -264,7 +214,7 @@ async fn a_stream_whose_connection_went_away_fails_before_the_response() {
 
 #[tokio::test]
 async fn a_stopping_gateway_ends_its_idle_streams() {
-    let mut gw = gateway(false).await;
+    let mut gw = gateway().await;
     let peers = peers();
     let (a, b) = tokio::join!(exchange(&peers, &gw, None), exchange(&peers, &gw, None));
     assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");

@@ -1,59 +1,16 @@
-//! Bodies through a tunnel: an HTTP body pumped into Data frames, and the agent's
-//! Data frames presented as an HTTP body.
+//! The agent's answer through a tunnel, as kas reads it: its Data frames presented as
+//! an HTTP body.
 
-use crate::registry::{AbortOnDrop, BusyGuard, Outbound, Reuse};
+use crate::registry::{BusyGuard, Outbound, Reuse};
 use crate::ExchangeError;
 use crate::Inbound;
 use bytes::Bytes;
 use futures::Stream;
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
-use kas_proto::v1::{agent_frame, server_frame, AgentFrame, Data, EndOfBody, ServerFrame};
-use kas_proto::MAX_DATA_FRAME;
+use kas_proto::v1::{agent_frame, AgentFrame};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tonic::Status;
-
-/// Streams `body` as Data frames of at most [`MAX_DATA_FRAME`] bytes, then EndOfBody.
-/// Waits on the channel for capacity, so a slow agent slows the client down instead
-/// of buffering. A failing body cancels the stream. Returns true once EndOfBody is sent.
-pub async fn frames_from_body<B>(body: B, out: Outbound) -> bool
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Display + Send,
-{
-    let mut body = std::pin::pin!(body);
-    loop {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                let Ok(mut data) = frame.into_data() else {
-                    continue; // trailers are not forwarded
-                };
-                while !data.is_empty() {
-                    let chunk = data.split_to(data.len().min(MAX_DATA_FRAME));
-                    let f = ServerFrame {
-                        msg: Some(server_frame::Msg::Data(Data { data: chunk })),
-                    };
-                    if !out.send(f).await {
-                        return false;
-                    }
-                }
-            }
-            Some(Err(e)) => {
-                let e = e.to_string();
-                tracing::debug!(error = %e, "request body failed; cancelling the exchange");
-                out.cancel(Status::cancelled("request body failed")).await;
-                return false;
-            }
-            None => {
-                let f = ServerFrame {
-                    msg: Some(server_frame::Msg::EndOfBody(EndOfBody {})),
-                };
-                return out.send(f).await;
-            }
-        }
-    }
-}
+use tokio_util::task::AbortOnDropHandle;
 
 /// The agent's side of an exchange: response body frames, or after a 101 the raw
 /// bytes from the upstream. Dropping it ends the tunnel (the agent cancels).
@@ -61,7 +18,7 @@ pub struct TunnelBody {
     /// Both halves are taken when the tunnel goes back to the pool.
     inbound: Option<Inbound>,
     outbound: Option<Outbound>,
-    _pump: Option<AbortOnDrop<()>>,
+    _pump: Option<AbortOnDropHandle<()>>,
     busy: Option<BusyGuard>,
     reuse: Option<Reuse>,
     /// A body that came inline in the response head.
@@ -73,7 +30,7 @@ impl TunnelBody {
     pub(crate) fn new(
         inbound: Inbound,
         outbound: Outbound,
-        pump: Option<AbortOnDrop<()>>,
+        pump: Option<AbortOnDropHandle<()>>,
         busy: BusyGuard,
         reuse: Option<Reuse>,
         inline: Option<Bytes>,

@@ -1,10 +1,12 @@
-//! Reverse tunnels between kas and agentk.
+//! Reverse tunnels between kas and agentk: both ends of the tunnel protocol.
 //!
-//! An agent replica opens gRPC `Tunnel` streams to kas and leaves them idle. kas keeps
-//! them in the [`TunnelRegistry`], takes one when a request for that agent arrives,
-//! and streams one HTTP exchange through it ([`Tunnel::round_trip`]): request head,
-//! request body frames, then the agent's response head and body frames. Upgrades
-//! (SPDY, WebSocket) continue as raw byte frames after a 101 response.
+//! An agent replica opens gRPC `Tunnel` streams to kas and leaves them idle. kas
+//! accepts them ([`server::Acceptor`]), keeps them in the [`TunnelRegistry`], takes one
+//! when a request for that agent arrives, and streams one HTTP exchange through it
+//! ([`Tunnel::round_trip`]): request head, request body frames, then the agent's
+//! response head and body frames ([`TunnelBody`]). agentk serves the exchanges of each
+//! of its tunnels with [`agent::serve`]. Both ends cut bodies into frames with
+//! [`pump_body`] and carry upgrades (SPDY, WebSocket) after a 101 with [`splice`].
 //!
 //! Frame sequence on one stream (see `proto/agent.proto`):
 //! ```text
@@ -22,11 +24,15 @@
 //! It does not authenticate or authorize anything and knows nothing of Kubernetes;
 //! it does not know about other kas replicas (routing between replicas is separate).
 
+pub mod agent;
 mod body;
+pub mod frame;
 pub mod headers;
 mod registry;
+pub mod server;
 
-pub use body::{frames_from_body, TunnelBody};
+pub use body::TunnelBody;
+pub use frame::{pump_body, splice, FrameSink, PumpError};
 pub use registry::{
     outbound_channel, retire, AcquireError, AgentSnapshot, Outbound, OutboundStream, ReplicaGuard,
     ReplicaInfo, ReplicaSnapshot, Tunnel, TunnelPool, TunnelRegistry,
@@ -34,8 +40,8 @@ pub use registry::{
 
 use kas_proto::v1::TunnelError as ProtoTunnelError;
 
-/// The agent -> kas direction of a tunnel: the agent's gRPC stream, or (for an
-/// exchange forwarded to another kas) the gateway's.
+/// The agent -> kas direction of a tunnel: the agent's gRPC stream, or the stream of
+/// whatever relays it (see [`TunnelPool`]).
 pub type Inbound = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<kas_proto::v1::AgentFrame, tonic::Status>> + Send>,
 >;

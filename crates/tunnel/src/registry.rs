@@ -1,6 +1,7 @@
 //! Idle tunnels of connected agents, held by the kas that accepted them.
 
-use crate::body::{frames_from_body, TunnelBody};
+use crate::body::TunnelBody;
+use crate::frame::{pump_body, PumpError};
 use crate::ExchangeError;
 use crate::Inbound;
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
 type OutItem = Result<Box<ServerFrame>, Box<Status>>;
@@ -35,6 +37,21 @@ impl Outbound {
 
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
+    }
+}
+
+/// kas's request bodies and upgraded bytes go to the agent as frames.
+impl crate::frame::FrameSink for Outbound {
+    async fn data(&self, data: bytes::Bytes) -> bool {
+        self.send(crate::frame::server_data(data)).await
+    }
+
+    async fn end(&self) -> bool {
+        self.send(crate::frame::server_end()).await
+    }
+
+    async fn abort(&self, _reason: &str) {
+        self.cancel(Status::cancelled("request body failed")).await;
     }
 }
 
@@ -365,8 +382,8 @@ impl TunnelRegistry {
     }
 }
 
-/// Where a tunnel that carried a clean exchange goes back to, for kinds of tunnel
-/// other than an agent's own (the routing kas's streams to other kas replicas).
+/// Where a tunnel that carried a clean exchange goes back to, for tunnels that are not
+/// an agent's own (streams relayed through something else, pooled by their owner).
 pub trait TunnelPool: Send + Sync {
     /// Takes back a tunnel whose exchange ended cleanly; `label` is the one it was
     /// made with.
@@ -378,10 +395,8 @@ pub trait TunnelPool: Send + Sync {
 pub(crate) enum Home {
     /// An agent's tunnel: back to this kas's registry.
     Registry(Weak<TunnelRegistry>),
-    /// A reusable stream to another kas.
+    /// Another pool's (see [`TunnelPool`]).
     Pool(Weak<dyn TunnelPool>),
-    /// A one-exchange stream to another kas: never reused.
-    None,
 }
 
 /// Ends a tunnel stream cleanly when it is not going to be used again: closes the
@@ -435,14 +450,8 @@ impl Tunnel {
         }
     }
 
-    /// A tunnel whose far end is another kas (the gateway kas of the private API)
-    /// rather than an agent. It carries one exchange and is never pooled.
-    pub fn remote(agent_id: u64, label: Arc<str>, inbound: Inbound, outbound: Outbound) -> Tunnel {
-        Tunnel::to_peer(Home::None, agent_id, label, inbound, outbound)
-    }
-
-    /// A tunnel to another kas that carries one exchange after another: after a clean
-    /// exchange it goes back to `pool`.
+    /// A tunnel of another pool (labelled `label`; see [`TunnelPool`]) that carries one
+    /// exchange after another: after a clean exchange it goes back to `pool`.
     pub fn pooled(
         agent_id: u64,
         label: Arc<str>,
@@ -450,18 +459,8 @@ impl Tunnel {
         outbound: Outbound,
         pool: Weak<dyn TunnelPool>,
     ) -> Tunnel {
-        Tunnel::to_peer(Home::Pool(pool), agent_id, label, inbound, outbound)
-    }
-
-    fn to_peer(
-        home: Home,
-        agent_id: u64,
-        label: Arc<str>,
-        inbound: Inbound,
-        outbound: Outbound,
-    ) -> Tunnel {
         Tunnel {
-            home,
+            home: Home::Pool(pool),
             agent_id,
             replica: label,
             inbound,
@@ -513,26 +512,18 @@ impl Tunnel {
             return Err(ExchangeError::TunnelClosed);
         }
         let request_sent = Arc::new(AtomicBool::new(complete));
-        // A one-shot tunnel (a forward to another kas, `Home::None`) keeps its request
-        // direction open only while the request still needs it: for an upgrade, or in
-        // the body pump until the body is sent, as an HTTP/2 peer expects.
-        let one_shot = matches!(self.home, Home::None);
-        let keep = if one_shot && !upgrade {
-            std::mem::replace(&mut self.outbound, outbound_channel(1).0)
-        } else {
-            self.outbound.clone()
-        };
-        let pump = if upgrade || complete {
-            drop(keep);
-            None
-        } else {
-            let (out, sent) = (keep, request_sent.clone());
-            Some(AbortOnDrop(tokio::spawn(async move {
-                if frames_from_body(body, out).await {
-                    sent.store(true, Ordering::SeqCst);
+        let pump = (!upgrade && !complete).then(|| {
+            let (out, sent) = (self.outbound.clone(), request_sent.clone());
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                match pump_body(body, &out).await {
+                    Ok(()) => sent.store(true, Ordering::SeqCst),
+                    Err(PumpError::Body(e)) => {
+                        tracing::debug!(error = %e, "request body failed; cancelling the exchange");
+                    }
+                    Err(PumpError::Closed) => {}
                 }
-            })))
-        };
+            }))
+        });
         let first = crate::next_frame(&mut self.inbound).await;
         let head = match first {
             Ok(Some(AgentFrame {
@@ -591,17 +582,6 @@ impl Reuse {
                 Some(p) => p.give_back(self.agent_id, &self.replica, inbound, outbound),
                 None => retire(inbound, outbound),
             },
-            Home::None => retire(inbound, outbound),
         }
-    }
-}
-
-/// Aborts a spawned task when dropped, so a finished or cancelled exchange does not
-/// leave its request-body pump behind.
-pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -9,9 +9,9 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioIo;
-use kas_authz::services::{service_allowed, AllowedService};
+use kas_proto::v1::ServiceAccess;
 use kas_proto::v1::{tunnel_error::Code, Impersonation, RequestHead, ResponseHead};
-use kas_tunnel::agent::{AgentOut, Handler};
+use kas_tunnel::agent::{service_allowed, AgentOut, Handler};
 use kas_tunnel::{headers, pump_body, splice};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::mpsc;
@@ -26,7 +26,7 @@ pub struct Upstream {
     /// In-cluster services, without credentials.
     pub service_client: HttpsClient,
     /// The services the configuration allows (replaced on every configuration).
-    services: std::sync::RwLock<std::sync::Arc<Vec<AllowedService>>>,
+    services: std::sync::RwLock<std::sync::Arc<Vec<ServiceAccess>>>,
     /// What the observability endpoint reports.
     pub stats: std::sync::Arc<crate::stats::Stats>,
     /// Where this replica runs (pod, namespace, node; the cluster's version once read).
@@ -115,19 +115,11 @@ impl Upstream {
             .ok_or_else(|| "GET /version: no gitVersion".to_string())
     }
 
-    /// Applies a configuration from kas (already validated there): the services the
+    /// Applies a configuration from kas (parsed and validated there): the services the
     /// application may reach and the log levels.
     pub fn configure(&self, c: &kas_proto::v1::AgentConfiguration) {
         self.apply_log_levels(&c.log_level, &c.grpc_log_level);
-        let (yaml, config_project) = (&c.config_yaml, &c.config_project_path);
-        let services = match kas_authz::parse_agent_config_with(yaml, config_project, None) {
-            Ok((c, _)) => c.allowed_services(),
-            Err(e) => {
-                // kas validated it; a newer kas may know fields this agent does not.
-                tracing::warn!(error = %e, "cannot read service_access from the configuration; no services allowed");
-                Vec::new()
-            }
-        };
+        let services = c.service_access.clone();
         *self.services.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(services);
     }
 
@@ -167,7 +159,7 @@ impl Upstream {
         }
     }
 
-    fn allowed_services(&self) -> std::sync::Arc<Vec<AllowedService>> {
+    fn allowed_services(&self) -> std::sync::Arc<Vec<ServiceAccess>> {
         self.services
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -222,7 +214,7 @@ pub fn impersonation_headers(i: &Impersonation) -> Result<Vec<(HeaderName, Heade
 
 /// The URI of an in-cluster service request, if `service_access` allows it.
 fn service_uri(
-    allowed: &[AllowedService],
+    allowed: &[ServiceAccess],
     svc: &kas_proto::v1::Service,
     path_and_query: &str,
 ) -> Result<Uri, (Code, String)> {

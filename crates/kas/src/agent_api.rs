@@ -291,6 +291,7 @@ fn config_message(info: &AgentInfo) -> AgentConfiguration {
         config_yaml: info.config_yaml.clone(),
         log_level: logging.level.clone().unwrap_or_default(),
         grpc_log_level: logging.grpc_level.clone().unwrap_or_default(),
+        service_access: info.config.allowed_services(),
     }
 }
 

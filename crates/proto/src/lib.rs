@@ -2,7 +2,8 @@
 //! client and server for the `kas.agent.v1.Agent` service (agentk <-> kas) and the
 //! `kas.agent.v1.Gateway` service (kas <-> kas, the private API).
 //!
-//! It holds no behaviour beyond the generated code and a few constants; the tunnel
+//! It holds no behaviour beyond the generated code, a few constants and the one path
+//! rule both ends apply to service requests ([`service_path_escapes`]); the tunnel
 //! semantics live in the `kas-tunnel` crate.
 
 #![allow(clippy::all, clippy::pedantic)]
@@ -42,3 +43,18 @@ pub const MAX_H2_FRAME: u32 = MAX_DATA_FRAME as u32 + 1024;
 /// Largest encoded message either side accepts (a request or response head can carry
 /// large headers; data frames are far smaller).
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// Whether a service path could step outside a path prefix once the service decodes
+/// it: `.` or `..` segments (also percent-encoded, `%2e`), an encoded slash or a
+/// backslash. kas refuses such prefixes in `service_access`; agentk refuses such
+/// request paths.
+pub fn service_path_escapes(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return true;
+    }
+    lower
+        .split('/')
+        .map(|s| s.replace("%2e", "."))
+        .any(|s| s == "." || s == "..")
+}

@@ -6,15 +6,17 @@
 //! stream only as the handler takes it (the backpressure towards kas); the handler
 //! answers through [`AgentOut`]. A clean exchange leaves the stream ready for the next
 //! one; anything else ends it, half-closing our side first and reading kas's side to
-//! its end, so no frame still queued is lost to a reset.
+//! its end, so no frame still queued is lost to a reset. Requests for in-cluster
+//! services are allowed only as the configuration's `service_access` says
+//! ([`service_allowed`]).
 
 use crate::frame::{self, FrameSink};
 use bytes::Bytes;
 use kas_proto::v1::{
     agent_frame, server_frame, tunnel_error::Code, AgentFrame, EndOfBody, Hello, RequestHead,
-    ResponseHead, ServerFrame, TunnelError,
+    ResponseHead, ServerFrame, ServiceAccess, TunnelError,
 };
-use kas_proto::PROTOCOL_VERSION;
+use kas_proto::{service_path_escapes, PROTOCOL_VERSION};
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -188,5 +190,54 @@ async fn exchange<H: Handler>(
                 }
             },
         }
+    }
+}
+
+/// Whether any `service_access` entry allows a request for `path` (path only, no
+/// query) on a service: scheme, host (case-insensitive) and port equal, and the path
+/// under the entry's prefix without stepping out of it.
+pub fn service_allowed(
+    allowed: &[ServiceAccess],
+    scheme: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+) -> bool {
+    if service_path_escapes(path) {
+        return false;
+    }
+    let with_slash = format!("{}/", path.trim_end_matches('/'));
+    allowed.iter().any(|s| {
+        scheme.eq_ignore_ascii_case(&s.scheme)
+            && host.eq_ignore_ascii_case(&s.host)
+            && u32::from(port) == s.port
+            && (path.starts_with(&s.path_prefix) || with_slash == s.path_prefix)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_must_match_scheme_host_port_and_prefix() {
+        let list = [ServiceAccess {
+            scheme: "http".into(),
+            host: "prom.mon".into(),
+            port: 9090,
+            path_prefix: "/api/v1/".into(),
+        }];
+        let ok = |s, h, p, path| service_allowed(&list, s, h, p, path);
+        assert!(ok("http", "prom.mon", 9090, "/api/v1/query"));
+        assert!(ok("http", "PROM.mon", 9090, "/api/v1"));
+        assert!(!ok("https", "prom.mon", 9090, "/api/v1/query"));
+        assert!(!ok("http", "prom.mon", 9091, "/api/v1/query"));
+        assert!(!ok("http", "other", 9090, "/api/v1/query"));
+        assert!(!ok("http", "prom.mon", 9090, "/api/v2/query"));
+        assert!(!ok("http", "prom.mon", 9090, "/api/v1x"));
+        assert!(!ok("http", "prom.mon", 9090, "/api/v1/../../admin"));
+        assert!(!ok("http", "prom.mon", 9090, "/api/v1/%2e%2e/admin"));
+        assert!(!ok("http", "prom.mon", 9090, "/api/v1%2f..%2fadmin"));
+        assert!(!service_allowed(&[], "http", "prom.mon", 9090, "/api/v1/"));
     }
 }

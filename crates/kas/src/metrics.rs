@@ -2,7 +2,7 @@
 //! (`/metrics`). Counters are updated where things happen; the connection gauges are
 //! read from the tunnel registry at scrape time, so they cannot drift.
 
-use crate::listener::{CloseReason, ListenerStats};
+use crate::listeners::{CloseReason, ListenerStats};
 use kas_api::error::Failure;
 use kas_k8s_proxy::{Observed, ProxyObserver};
 use kas_router::Router;
@@ -65,7 +65,7 @@ type Listeners = Arc<Mutex<Vec<(&'static str, Arc<ListenerStats>)>>>;
 type ListenerCounter = (
     &'static str,
     &'static str,
-    fn(&crate::listener::ListenerCounts) -> u64,
+    fn(&crate::listeners::ListenerCounts) -> u64,
 );
 
 /// Connection counts of every listener, read at scrape time.

@@ -167,7 +167,7 @@ async fn auth(
         Ok(()) => {
             let peer = req
                 .extensions()
-                .get::<Arc<crate::listener::ConnControl>>()
+                .get::<Arc<crate::listeners::ConnControl>>()
                 .map(|c| c.peer.to_string());
             req.extensions_mut().insert(Actor {
                 token_id: admin_token_id(&state.admin_token_hash),

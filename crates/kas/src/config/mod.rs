@@ -2,7 +2,7 @@
 //! the environment, which wins over the file). Every problem is reported at once,
 //! before anything is bound.
 
-use crate::listener::{Limits, MaxAge};
+use crate::listeners::{Limits, MaxAge};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 // gRPC handlers answer with tonic::Status, which is large by design.
 #![allow(clippy::result_large_err)]
 
-use crate::listener::ConnControl;
+use crate::listeners::ConnControl;
 use kas_controlplane::{AgentAuth, AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
 use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck};
@@ -381,12 +381,12 @@ impl ConfigStream {
                         return;
                     }
                 },
-                _ = crate::listener::stopped(&mut shutdown) => {
+                _ = crate::listeners::stopped(&mut shutdown) => {
                     fail(&tx, Status::unavailable("kas is shutting down; reconnect")).await;
                     return;
                 }
                 _ = async { match draining.as_mut() {
-                    Some(d) => crate::listener::stopped(d).await,
+                    Some(d) => crate::listeners::stopped(d).await,
                     None => std::future::pending().await,
                 } } => {
                     fail(&tx, Status::unavailable("the connection reached its maximum age; reconnect")).await;

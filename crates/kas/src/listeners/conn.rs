@@ -1,0 +1,364 @@
+//! One accepted connection: its socket (holding its place under the listener's cap),
+//! its requests in flight, and the timers that close it (TLS handshake, first request,
+//! idle, maximum age), with [`ConnControl`] for handlers.
+
+use super::{stopped, CloseReason, HttpService, Limits, ListenerStats, CLOSE_GRACE};
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// One connection, as its request handlers see it (a request extension on listeners
+/// that ask for it): the peer, and the means to end the connection.
+#[derive(Debug)]
+pub struct ConnControl {
+    pub peer: SocketAddr,
+    draining: watch::Sender<bool>,
+    close: CancellationToken,
+}
+
+impl ConnControl {
+    fn new(peer: SocketAddr) -> Self {
+        ConnControl {
+            peer,
+            draining: watch::Sender::new(false),
+            close: CancellationToken::new(),
+        }
+    }
+
+    /// Turns true when the connection is going away (maximum age, shutdown): handlers
+    /// end their long-lived streams so the client reconnects.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Closes the connection now, with every stream on it.
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.close.is_cancelled()
+    }
+}
+
+/// Everything one listener's connections share.
+pub(super) struct Shared<S> {
+    pub(super) name: &'static str,
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) svc: S,
+    pub(super) limits: Limits,
+    pub(super) stats: Arc<ListenerStats>,
+    pub(super) builder: auto::Builder<TokioExecutor>,
+    /// Whether handlers get a [`ConnControl`] in their requests' extensions.
+    pub(super) conn_control: bool,
+    /// Flips at shutdown: every connection closes gracefully.
+    pub(super) shutdown: watch::Receiver<bool>,
+    /// Cancelled when the grace period is over: every connection closes now.
+    pub(super) hard_stop: CancellationToken,
+}
+
+/// A connection's socket, holding its place under the listener's cap until dropped.
+pub(super) struct Counted {
+    pub(super) io: TcpStream,
+    pub(super) _permit: OwnedSemaphorePermit,
+    pub(super) stats: Arc<ListenerStats>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Requests in flight on one connection, and whether one ever arrived.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    seen: AtomicBool,
+    /// Milliseconds after `started` when the last request ended.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            seen: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.seen.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// When the connection became idle, if it is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ms = self.idle_since_ms.load(Ordering::Relaxed);
+        Some(self.started + Duration::from_millis(ms))
+    }
+}
+
+/// One request in flight: from the service call until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ms = self.0.started.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.store(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The listener's service, counting requests in flight and handing out the
+/// connection's [`ConnControl`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    control: Option<Arc<ConnControl>>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = hyper::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let guard = self.activity.begin();
+        if let Some(c) = &self.control {
+            req.extensions_mut().insert(c.clone());
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|body| TrackedBody {
+                body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until dropped.
+    struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        _guard: InFlight,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `started + age`, give or take 10 %.
+fn jittered(started: Instant, age: Duration) -> Instant {
+    started + age.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
+
+/// Serves one accepted connection until it ends or kas ends it.
+pub(super) async fn connection<S: HttpService>(
+    shared: Arc<Shared<S>>,
+    io: Counted,
+    peer: SocketAddr,
+) {
+    let limits = &shared.limits;
+    match &shared.tls {
+        None => serve_conn(&shared, TokioIo::new(io), peer).await,
+        Some(acceptor) => {
+            let handshake = acceptor.accept(io);
+            let hard = shared.hard_stop.clone();
+            let tls = tokio::select! {
+                r = tokio::time::timeout(limits.handshake_timeout, handshake) => r,
+                _ = hard.cancelled() => return,
+            };
+            match tls {
+                Ok(Ok(s)) => serve_conn(&shared, TokioIo::new(s), peer).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = shared.name, %peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    shared.stats.count_close(CloseReason::Handshake);
+                    tracing::debug!(listener = shared.name, %peer, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+async fn serve_conn<S, I>(shared: &Shared<S>, io: TokioIo<I>, peer: SocketAddr)
+where
+    S: HttpService,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &shared.limits;
+    let activity = Arc::new(Activity::new());
+    let control = shared
+        .conn_control
+        .then(|| Arc::new(ConnControl::new(peer)));
+    let svc = Tracked {
+        inner: shared.svc.clone(),
+        activity: activity.clone(),
+        control: control.clone(),
+    };
+    let conn = shared.builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let started = activity.started;
+    let first_request = started + limits.first_request_timeout;
+    let mut max_age = limits.max_age.map(|m| (jittered(started, m.age), m.grace));
+    // Set once kas asked the connection to close gracefully: when it must be gone.
+    let mut closing: Option<Instant> = None;
+    let mut shutdown = shared.shutdown.clone();
+    let never = CancellationToken::new();
+    let closed = control.as_ref().map(|c| &c.close).unwrap_or(&never);
+    let first_check = max_age.map_or(first_request, |(at, _)| at.min(first_request));
+    let timer = tokio::time::sleep_until(first_check.into());
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(listener = shared.name, %peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = timer.as_mut() => {
+                let now = Instant::now();
+                if closing.is_some_and(|t| now >= t) {
+                    return;
+                }
+                if !activity.seen.load(Ordering::Relaxed) && now >= first_request {
+                    shared.stats.count_close(CloseReason::FirstRequest);
+                    tracing::debug!(listener = shared.name, %peer, "no request in time; closing");
+                    return;
+                }
+                if closing.is_none() {
+                    if let Some(since) = activity.idle_since() {
+                        if activity.seen.load(Ordering::Relaxed) && now >= since + limits.idle_timeout {
+                            shared.stats.count_close(CloseReason::Idle);
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(now + CLOSE_GRACE);
+                        }
+                    }
+                }
+                if let Some((at, grace)) = max_age {
+                    if now >= at {
+                        max_age = None;
+                        if closing.is_none() {
+                            shared.stats.count_close(CloseReason::MaxAge);
+                            tracing::debug!(listener = shared.name, %peer, "connection reached its maximum age; asking the peer to reconnect");
+                            conn.as_mut().graceful_shutdown();
+                            if let Some(c) = &control {
+                                c.draining.send_replace(true);
+                            }
+                            closing = Some(now + grace);
+                        }
+                    }
+                }
+                // Next check: the earliest deadline still ahead.
+                let mut next = now + limits.idle_timeout;
+                if !activity.seen.load(Ordering::Relaxed) {
+                    next = next.min(first_request);
+                } else if let Some(since) = activity.idle_since() {
+                    next = next.min((since + limits.idle_timeout).max(now + Duration::from_millis(10)));
+                }
+                if let Some((at, _)) = max_age {
+                    next = next.min(at);
+                }
+                if let Some(t) = closing {
+                    next = next.min(t);
+                }
+                timer.as_mut().reset(next.into());
+            }
+            _ = stopped(&mut shutdown), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                if let Some(c) = &control {
+                    c.draining.send_replace(true);
+                }
+                // The listener's grace period (hard_stop) bounds the rest.
+                closing = Some(Instant::now() + Duration::from_secs(24 * 3600));
+            }
+            _ = shared.hard_stop.cancelled() => return,
+            _ = closed.cancelled() => {
+                shared.stats.count_close(CloseReason::Closed);
+                return;
+            }
+        }
+    }
+}

@@ -62,6 +62,12 @@ fuzz_target!(|data: &[u8]| {
     // Validation refuses invalid service URLs: every entry parses.
     assert_eq!(services.len(), config.service_access.len());
     for s in &services {
-        let _ = s.allows("http", "prometheus.monitoring.svc", 9090, "/api/v1/query");
+        let _ = kas_tunnel::agent::service_allowed(
+            std::slice::from_ref(s),
+            "http",
+            "prometheus.monitoring.svc",
+            9090,
+            "/api/v1/query",
+        );
     }
 });

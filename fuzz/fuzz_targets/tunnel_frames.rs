@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use kas_proto::codec::KasCodec;
 use kas_proto::v1::{AgentFrame, RequestHead, ServerFrame};
 use libfuzzer_sys::fuzz_target;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use tonic::codec::{Codec, Streaming};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -20,6 +20,19 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("runtime")
     })
+}
+
+struct Discard;
+
+impl kas_tunnel::TunnelPool for Discard {
+    fn give_back(
+        &self,
+        _agent_id: u64,
+        _label: &Arc<str>,
+        _inbound: kas_tunnel::Inbound,
+        _outbound: kas_tunnel::Outbound,
+    ) {
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -37,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
             Some(kas_proto::MAX_MESSAGE_SIZE),
         ));
         let (out, mut sent) = kas_tunnel::outbound_channel(16);
-        let tunnel = kas_tunnel::Tunnel::remote(1, Arc::from("fuzz"), inbound, out);
+        // No pool to return to: the tunnel is dropped after the exchange.
+        let pool: Weak<dyn kas_tunnel::TunnelPool> = Weak::<Discard>::new();
+        let tunnel = kas_tunnel::Tunnel::pooled(1, Arc::from("fuzz"), inbound, out, pool);
         let upgrade = mode & 1 == 1;
         let head = RequestHead {
             method: "GET".into(),

@@ -3,6 +3,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
 /// agentk: the in-cluster agent. Dials kas and serves requests from it against this cluster.
 #[derive(Debug, Parser)]
@@ -60,15 +61,6 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
-}
-
-/// Stops a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Headers agentk sets itself, or that HTTP/2 and gRPC reserve.
@@ -133,22 +125,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (_log_guard, log_level) = kas_telemetry::init(cli.log_level.as_deref(), &cli.log_format)
         .map_err(|e| Fatal(e.to_string()))?;
-    let token = std::fs::read_to_string(&cli.token_file)
-        .map_err(|e| {
-            Fatal(format!(
-                "cannot read --token-file {}: {e}",
-                cli.token_file.display()
-            ))
-        })?
-        .trim()
-        .to_string();
-    if token.is_empty() {
-        return Err(Fatal(format!(
-            "--token-file {} is empty",
-            cli.token_file.display()
-        ))
-        .into());
-    }
+    let token = read_token(&cli.token_file)?;
     let ca_cert_pem = match &cli.ca_cert {
         Some(p) => Some(
             std::fs::read(p)
@@ -207,17 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         replica_id: format!("{:016x}", rand::random::<u64>()),
     };
     let _observability = match cli.listen_observability {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Fatal(format!("cannot bind --listen-observability {addr}: {e}")))?;
-            let bound = l.local_addr()?;
-            tracing::info!(address = %bound, "listening observability http://{bound}");
-            Some(AbortOnDrop(tokio::spawn(agentk::stats::serve(
-                l,
-                upstream.stats.clone(),
-            ))))
-        }
+        Some(addr) => Some(serve_observability(addr, &upstream).await?),
         None => None,
     };
     let (config_tx, _config_rx) = watch::channel(None);
@@ -231,4 +198,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = runner.await;
     Ok(())
+}
+
+/// The agent token from its file (trimmed; an empty file is an error).
+fn read_token(path: &std::path::Path) -> Result<String, Fatal> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| Fatal(format!("cannot read --token-file {}: {e}", path.display())))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(Fatal(format!("--token-file {} is empty", path.display())));
+    }
+    Ok(token)
+}
+
+/// Serves `/metrics` and the health endpoints until the handle is dropped.
+async fn serve_observability(
+    addr: std::net::SocketAddr,
+    upstream: &Upstream,
+) -> anyhow::Result<AbortOnDropHandle<()>> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Fatal(format!("cannot bind --listen-observability {addr}: {e}")))?;
+    let bound = l.local_addr()?;
+    tracing::info!(address = %bound, "listening observability http://{bound}");
+    Ok(AbortOnDropHandle::new(tokio::spawn(agentk::stats::serve(
+        l,
+        upstream.stats.clone(),
+    ))))
 }

@@ -356,66 +356,23 @@ pub fn parse_agent_config_with(
     config_project_path: &str,
     limits: Option<&CiAccessLimits>,
 ) -> Result<(AgentConfig, Vec<ConfigWarning>), ConfigError> {
-    let config: AgentConfig = if yaml.trim().is_empty() {
-        AgentConfig::default()
-    } else {
-        let de = serde_yaml_ng::Deserializer::from_str(yaml);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let message = e.into_inner().to_string();
-            // The YAML error starts with the path (or its parent's); keep the path once.
-            let message = match message.split_once(": ") {
-                Some((prefix, rest))
-                    if field == prefix
-                        || field.starts_with(&format!("{prefix}."))
-                        || field.starts_with(&format!("{prefix}[")) =>
-                {
-                    rest.to_string()
-                }
-                _ => message,
-            };
-            ConfigError {
-                problems: vec![Problem {
-                    field: if field == "." { String::new() } else { field },
-                    message,
-                }],
-            }
-        })?
-    };
+    let config = deserialize(yaml)?;
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     let root = crate::root_of(config_project_path);
     check_sections(&config, &mut problems, &mut warnings);
     let ca = &config.ci_access;
     if let Some(l) = limits {
-        if ca.projects.len() > l.max_projects {
-            problems.push(problem(
-                "ci_access.projects",
-                format!(
-                    "at most {} projects are allowed (kas's agent.max_ci_access_projects), found {}",
-                    l.max_projects,
-                    ca.projects.len()
-                ),
-            ));
-        }
-        if ca.groups.len() > l.max_groups {
-            problems.push(problem(
-                "ci_access.groups",
-                format!(
-                    "at most {} groups are allowed (kas's agent.max_ci_access_groups), found {}",
-                    l.max_groups,
-                    ca.groups.len()
-                ),
-            ));
-        }
+        check_limits(ca, l, &mut problems);
     }
     let entries = ca
         .projects
         .iter()
         .enumerate()
         .map(|(i, e)| {
+            let at = format!("ci_access.projects[{i}]");
             (
-                format!("ci_access.projects[{i}]"),
+                at,
                 &e.id,
                 &e.default_namespace,
                 &e.environments,
@@ -423,8 +380,9 @@ pub fn parse_agent_config_with(
             )
         })
         .chain(ca.groups.iter().enumerate().map(|(i, e)| {
+            let at = format!("ci_access.groups[{i}]");
             (
-                format!("ci_access.groups[{i}]"),
+                at,
                 &e.id,
                 &e.default_namespace,
                 &e.environments,
@@ -458,51 +416,119 @@ pub fn parse_agent_config_with(
                 ));
             }
         }
-        if let Some(ns) = ns {
-            if !is_dns_label(ns) {
-                problems.push(problem(
-                    format!("{at}.default_namespace"),
-                    format!("`{ns}` is not a valid namespace name (lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit)"),
-                ));
-            }
-        }
-        if let Some(envs) = envs {
-            for (j, e) in envs.iter().enumerate() {
-                if e.trim().is_empty() {
-                    problems.push(problem(
-                        format!("{at}.environments[{j}]"),
-                        "must not be empty",
-                    ));
-                }
-            }
-        }
-        if let AccessAs::Impersonate(i) = access_as {
-            let f = format!("{at}.access_as.impersonate");
-            if i.username.trim().is_empty() {
-                problems.push(problem(
-                    format!("{f}.username"),
-                    "is required and must not be empty",
-                ));
-            }
-            if i.uid.as_deref().is_some_and(|u| u.trim().is_empty()) {
-                problems.push(problem(format!("{f}.uid"), "must not be empty when set"));
-            }
-            for (j, g) in i.groups.iter().enumerate() {
-                if g.trim().is_empty() {
-                    problems.push(problem(format!("{f}.groups[{j}]"), "must not be empty"));
-                }
-            }
-            for k in i.extra.keys() {
-                if k.trim().is_empty() {
-                    problems.push(problem(format!("{f}.extra"), "keys must not be empty"));
-                }
-            }
-        }
+        check_entry_settings(
+            &at,
+            ns.as_deref(),
+            envs.as_deref(),
+            access_as,
+            &mut problems,
+        );
     }
     if problems.is_empty() {
         Ok((config, warnings))
     } else {
         Err(ConfigError { problems })
+    }
+}
+
+/// The YAML itself, strictly: an unknown key or a wrong type names its path.
+fn deserialize(yaml: &str) -> Result<AgentConfig, ConfigError> {
+    if yaml.trim().is_empty() {
+        return Ok(AgentConfig::default());
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(yaml);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // The YAML error starts with the path (or its parent's); keep the path once.
+        let message = match message.split_once(": ") {
+            Some((prefix, rest))
+                if field == prefix
+                    || field.starts_with(&format!("{prefix}."))
+                    || field.starts_with(&format!("{prefix}[")) =>
+            {
+                rest.to_string()
+            }
+            _ => message,
+        };
+        ConfigError {
+            problems: vec![Problem {
+                field: if field == "." { String::new() } else { field },
+                message,
+            }],
+        }
+    })
+}
+
+/// At most `limits` projects and groups under `ci_access`.
+fn check_limits(ca: &CiAccess, l: &CiAccessLimits, problems: &mut Vec<Problem>) {
+    if ca.projects.len() > l.max_projects {
+        problems.push(problem(
+            "ci_access.projects",
+            format!(
+                "at most {} projects are allowed (kas's agent.max_ci_access_projects), found {}",
+                l.max_projects,
+                ca.projects.len()
+            ),
+        ));
+    }
+    if ca.groups.len() > l.max_groups {
+        problems.push(problem(
+            "ci_access.groups",
+            format!(
+                "at most {} groups are allowed (kas's agent.max_ci_access_groups), found {}",
+                l.max_groups,
+                ca.groups.len()
+            ),
+        ));
+    }
+}
+
+/// A `ci_access` entry's namespace, environments and `access_as` (at `at`).
+fn check_entry_settings(
+    at: &str,
+    ns: Option<&str>,
+    envs: Option<&[String]>,
+    access_as: &AccessAs,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(ns) = ns {
+        if !is_dns_label(ns) {
+            problems.push(problem(
+                format!("{at}.default_namespace"),
+                format!("`{ns}` is not a valid namespace name (lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit)"),
+            ));
+        }
+    }
+    for (j, e) in envs.unwrap_or_default().iter().enumerate() {
+        if e.trim().is_empty() {
+            problems.push(problem(
+                format!("{at}.environments[{j}]"),
+                "must not be empty",
+            ));
+        }
+    }
+    if let AccessAs::Impersonate(i) = access_as {
+        let f = format!("{at}.access_as.impersonate");
+        if i.username.trim().is_empty() {
+            problems.push(problem(
+                format!("{f}.username"),
+                "is required and must not be empty",
+            ));
+        }
+        if i.uid.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            problems.push(problem(format!("{f}.uid"), "must not be empty when set"));
+        }
+        for (j, g) in i.groups.iter().enumerate() {
+            if g.trim().is_empty() {
+                problems.push(problem(format!("{f}.groups[{j}]"), "must not be empty"));
+            }
+        }
+        for k in i.extra.keys() {
+            if k.trim().is_empty() {
+                problems.push(problem(format!("{f}.extra"), "keys must not be empty"));
+            }
+        }
     }
 }
 

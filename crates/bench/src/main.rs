@@ -273,109 +273,174 @@ async fn main() -> Result<()> {
         return routing::run(args.requests, args.seconds, args.registry_agents).await;
     }
     let cfg_dir = tempfile::tempdir()?;
-    let mut extra: Vec<String> = args.kas_arg.clone();
-    if args.plaintext {
-        let f = cfg_dir.path().join("kas.yaml");
-        std::fs::write(&f, "k8s_proxy:\n  plaintext: true\n")?;
-        extra.extend([
-            "--config".to_string(),
-            f.to_str().context("path")?.to_string(),
-        ]);
-    }
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut env = Env::start_with(&extra).await;
-    let token = env.api.token.clone();
-    let addr = backend(token.clone()).await?;
-    // agentk talks to the bench backend, not the test API server.
-    let kubeconfig = env.path("bench-cluster.yaml");
-    std::fs::write(
-        &kubeconfig,
-        env.api
-            .kubeconfig()
-            .replace(&env.api.url(), &format!("http://{addr}")),
-    )?;
-    env.cluster_kubeconfig = kubeconfig.clone();
-    env.kasctl(&["project", "create", "bench/app"]);
-    let (agent, agent_token) = env.create_agent(
-        "bench/agents",
-        "a",
-        "ci_access:\n  groups:\n    - id: bench\n",
-    );
-    env.start_agentk(&agent_token, &[]);
-    env.wait_connected(agent, 1);
-    let job = env.start_job("bench/app", None, "bench");
-    let ci = format!("ci:{agent}:{}", job.token);
-    // Plain HTTP needs no CA.
-    let ca = if args.plaintext {
-        Vec::new()
-    } else {
-        env.proxy_ca()
-    };
-    let direct_c = tclient::client(&ca, false);
-    let proxy_c = tclient::client(&ca, false);
-    let direct = format!("http://{addr}/api/v1/namespaces/default/pods");
-    let proxied = format!("{}/api/v1/namespaces/default/pods", env.proxy_url());
-
+    let setup = Setup::start(&args, cfg_dir.path()).await?;
     if args.profile_only {
-        let tp = throughput(&proxy_c, &proxied, &ci, 32, args.seconds).await?;
+        let tp = throughput(&setup.proxy_c, &setup.proxied, &setup.ci, 32, args.seconds).await?;
         println!(
             "proxy {tp:.0} req/s; kas pid {} agentk pid {}",
-            env.kas.pid(),
-            env.agents[0].pid()
+            setup.env.kas.pid(),
+            setup.env.agents[0].pid()
         );
         return Ok(());
     }
-    let scheme = if args.plaintext { "HTTP" } else { "HTTPS" };
-    println!("# kas benchmark (direct = the same backend without kas; proxy = {scheme} to kas -> tunnel -> agentk -> backend)");
-    let (d, p) = latency(
-        (&direct_c, &direct, &token),
-        (&proxy_c, &proxied, &ci),
-        args.requests,
-    )
-    .await?;
-    println!(
-        "(a) small GET, concurrency 1, {} requests each, interleaved",
-        args.requests
-    );
-    report_latency(("direct", &d), ("proxy", &p), "   (target p50 <= 100 us)");
-    let td = throughput(&direct_c, &direct, &token, 32, args.seconds).await?;
-    let tp = throughput(&proxy_c, &proxied, &ci, 32, args.seconds).await?;
-    println!("(a) small GET, concurrency 32, {} s each", args.seconds);
-    println!(
-        "    direct {td:9.0} req/s   proxy {tp:9.0} req/s   ratio {:.2}x   (target >= 0.5x)",
-        tp / td
-    );
-
-    let sd = stream(
-        &direct_c,
-        &format!("http://{addr}/bytes?n={}", args.stream_mib << 20),
-        &token,
-    )
-    .await?;
-    let sp = stream(
-        &proxy_c,
-        &format!("{}/bytes?n={}", env.proxy_url(), args.stream_mib << 20),
-        &ci,
-    )
-    .await?;
-    println!("(b) {} MiB streamed response", args.stream_mib);
-    println!(
-        "    direct {sd:8.0} MiB/s   proxy {sp:8.0} MiB/s   ratio {:.2}x   (target >= 0.5x)",
-        sp / sd
-    );
-    println!(
-        "    peak RSS during the run: kas {} MiB, agentk {} MiB",
-        env.kas.peak_rss_kib() / 1024,
-        env.agents[0].peak_rss_kib() / 1024
-    );
-
+    setup.measure(&args).await?;
     if !args.skip_nginx {
-        nginx::run(addr, &token, args.requests, args.seconds, args.stream_mib).await?;
+        nginx::run(
+            setup.addr,
+            &setup.token,
+            args.requests,
+            args.seconds,
+            args.stream_mib,
+        )
+        .await?;
+    }
+    if args.agents > 0 {
+        setup.idle_agents(&args).await?;
+    }
+    if !args.skip_routing {
+        drop(setup);
+        routing::run(args.requests, args.seconds, args.registry_agents).await?;
+    }
+    Ok(())
+}
+
+/// kas, agentk and the backend running, with a CI job's token for the proxy.
+struct Setup {
+    env: Env,
+    /// The backend's address and token (the direct path).
+    addr: std::net::SocketAddr,
+    token: String,
+    /// The cluster kubeconfig agentk uses (pointing at the backend).
+    kubeconfig: std::path::PathBuf,
+    ci: String,
+    direct_c: tclient::HttpsClient,
+    proxy_c: tclient::HttpsClient,
+    direct: String,
+    proxied: String,
+}
+
+impl Setup {
+    async fn start(args: &Args, cfg_dir: &std::path::Path) -> Result<Setup> {
+        let mut extra: Vec<String> = args.kas_arg.clone();
+        if args.plaintext {
+            let f = cfg_dir.join("kas.yaml");
+            std::fs::write(&f, "k8s_proxy:\n  plaintext: true\n")?;
+            extra.extend([
+                "--config".to_string(),
+                f.to_str().context("path")?.to_string(),
+            ]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut env = Env::start_with(&extra).await;
+        let token = env.api.token.clone();
+        let addr = backend(token.clone()).await?;
+        // agentk talks to the bench backend, not the test API server.
+        let kubeconfig = env.path("bench-cluster.yaml");
+        std::fs::write(
+            &kubeconfig,
+            env.api
+                .kubeconfig()
+                .replace(&env.api.url(), &format!("http://{addr}")),
+        )?;
+        env.cluster_kubeconfig = kubeconfig.clone();
+        env.kasctl(&["project", "create", "bench/app"]);
+        let (agent, agent_token) = env.create_agent(
+            "bench/agents",
+            "a",
+            "ci_access:\n  groups:\n    - id: bench\n",
+        );
+        env.start_agentk(&agent_token, &[]);
+        env.wait_connected(agent, 1);
+        let job = env.start_job("bench/app", None, "bench");
+        let ci = format!("ci:{agent}:{}", job.token);
+        // Plain HTTP needs no CA.
+        let ca = if args.plaintext {
+            Vec::new()
+        } else {
+            env.proxy_ca()
+        };
+        let direct_c = tclient::client(&ca, false);
+        let proxy_c = tclient::client(&ca, false);
+        let direct = format!("http://{addr}/api/v1/namespaces/default/pods");
+        let proxied = format!("{}/api/v1/namespaces/default/pods", env.proxy_url());
+        Ok(Setup {
+            env,
+            addr,
+            token,
+            kubeconfig,
+            ci,
+            direct_c,
+            proxy_c,
+            direct,
+            proxied,
+        })
     }
 
-    // (c) idle agents: register them, connect them from this process, measure kas.
-    let n = args.agents;
-    if n > 0 {
+    /// (a) and (b): the small GET and the streamed response, direct and proxied.
+    async fn measure(&self, args: &Args) -> Result<()> {
+        let Setup {
+            env,
+            addr,
+            token,
+            ci,
+            direct_c,
+            proxy_c,
+            direct,
+            proxied,
+            ..
+        } = self;
+        let scheme = if args.plaintext { "HTTP" } else { "HTTPS" };
+        println!("# kas benchmark (direct = the same backend without kas; proxy = {scheme} to kas -> tunnel -> agentk -> backend)");
+        let (d, p) = latency(
+            (direct_c, direct, token),
+            (proxy_c, proxied, ci),
+            args.requests,
+        )
+        .await?;
+        println!(
+            "(a) small GET, concurrency 1, {} requests each, interleaved",
+            args.requests
+        );
+        report_latency(("direct", &d), ("proxy", &p), "   (target p50 <= 100 us)");
+        let td = throughput(direct_c, direct, token, 32, args.seconds).await?;
+        let tp = throughput(proxy_c, proxied, ci, 32, args.seconds).await?;
+        println!("(a) small GET, concurrency 32, {} s each", args.seconds);
+        println!(
+            "    direct {td:9.0} req/s   proxy {tp:9.0} req/s   ratio {:.2}x   (target >= 0.5x)",
+            tp / td
+        );
+
+        let sd = stream(
+            direct_c,
+            &format!("http://{addr}/bytes?n={}", args.stream_mib << 20),
+            token,
+        )
+        .await?;
+        let sp = stream(
+            proxy_c,
+            &format!("{}/bytes?n={}", env.proxy_url(), args.stream_mib << 20),
+            ci,
+        )
+        .await?;
+        println!("(b) {} MiB streamed response", args.stream_mib);
+        println!(
+            "    direct {sd:8.0} MiB/s   proxy {sp:8.0} MiB/s   ratio {:.2}x   (target >= 0.5x)",
+            sp / sd
+        );
+        println!(
+            "    peak RSS during the run: kas {} MiB, agentk {} MiB",
+            env.kas.peak_rss_kib() / 1024,
+            env.agents[0].peak_rss_kib() / 1024
+        );
+        Ok(())
+    }
+
+    /// (c) idle agents: register them, connect them from this process, measure kas.
+    async fn idle_agents(&self, args: &Args) -> Result<()> {
+        let Setup {
+            env, kubeconfig, ..
+        } = self;
+        let n = args.agents;
         let api = env.kas_info.api.clone();
         let admin = std::fs::read_to_string(&env.kas_info.admin_token_file)?
             .trim()
@@ -395,7 +460,7 @@ async fn main() -> Result<()> {
                 serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
             tokens.push(v["token"].as_str().context("token")?.to_string());
         }
-        let access = agentk::ClusterAccess::from_kubeconfig(&kubeconfig, None)?;
+        let access = agentk::ClusterAccess::from_kubeconfig(kubeconfig, None)?;
         let upstream = Arc::new(agentk::Upstream::new(access)?);
         let kas_pid = env.kas.pid();
         let before = proc_status_kib(kas_pid, "VmRSS:");
@@ -458,12 +523,8 @@ async fn main() -> Result<()> {
             (after.saturating_sub(before)) as f64 / n as f64
         );
         let _ = stop_tx.send(true);
+        Ok(())
     }
-    if !args.skip_routing {
-        drop(env);
-        routing::run(args.requests, args.seconds, args.registry_agents).await?;
-    }
-    Ok(())
 }
 
 /// True every 50th call: about once a second when polled every 20 ms (progress output).

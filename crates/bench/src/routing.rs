@@ -110,7 +110,11 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
         );
     }
 
-    // (f) the registry itself: N agents over two kas instances.
+    registry(&r, registry_agents).await
+}
+
+/// (f) the registry itself: N agents over two kas instances.
+async fn registry(r: &Replicas, registry_agents: usize) -> Result<()> {
     let opts = RedisOptions {
         url: r.redis.url(),
         key_prefix: "bench".into(),

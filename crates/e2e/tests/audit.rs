@@ -1,6 +1,9 @@
 //! One audit record per proxied request, with the job, the agent and the identity the
 //! cluster saw, queryable with `kasctl audit`.
 
+// A story reads top to bottom as a user runs it.
+#![allow(clippy::too_many_lines)]
+
 use kas_test_support::fixture::{wait_for, Env};
 use serde_json::Value;
 use std::time::Duration;

@@ -6,6 +6,9 @@
 //! secrets, init container) come up ready and connect, on one replica with SQLite and
 //! on the shared Redis and PostgreSQL with TLS.
 
+// A story reads top to bottom as a user runs it.
+#![allow(clippy::too_many_lines)]
+
 use kas_test_support::certs::LocalhostCert;
 use kas_test_support::fixture::{wait_for, Env};
 use kas_test_support::http;

@@ -5,6 +5,9 @@
 //! cluster exactly; `observability.logging` changes agentk's log level at runtime; the
 //! `ci_access` limit is a kas setting.
 
+// A story reads top to bottom as a user runs it.
+#![allow(clippy::too_many_lines)]
+
 use kas_test_support::fixture::{wait_for, Env};
 use std::path::PathBuf;
 use std::time::Duration;

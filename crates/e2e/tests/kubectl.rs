@@ -1,6 +1,9 @@
 //! Real kubectl through kas and agentk against the test API server, for every
 //! `access_as` mode, asserting the identity the cluster saw.
 
+// A story reads top to bottom as a user runs it.
+#![allow(clippy::too_many_lines)]
+
 use kas_test_support::apiserver::SERVICE_ACCOUNT;
 use kas_test_support::fixture::{Env, Job};
 use kas_test_support::{story, Recorded};

@@ -5,6 +5,9 @@
 //! directory), and `port-forward` carrying 1 MiB each way. Also the verbs that wait on
 //! the cluster: `apply --server-side`, `rollout status`, `wait --for=condition=Ready`.
 
+// A story reads top to bottom as a user runs it.
+#![allow(clippy::too_many_lines)]
+
 use kas_test_support::fixture::{Env, Job};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;

@@ -3,6 +3,9 @@
 //! per-token connection rate limit shared through Redis, and an audit record of every
 //! admin action.
 
+// A story reads top to bottom as a user runs it.
+#![allow(clippy::too_many_lines)]
+
 use kas_test_support::fixture::{wait_for, Env};
 use kas_test_support::replicas::Replicas;
 use std::time::{Duration, Instant};

@@ -153,6 +153,15 @@ impl Metrics {
         r.register_collector(Box::new(ListenersCollector {
             listeners: m.listeners.clone(),
         }));
+        m.register_proxy(&mut r);
+        m.register_routing(&mut r);
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        m
+    }
+
+    /// The proxy's and the agent listener's series.
+    fn register_proxy(&self, r: &mut Registry) {
+        let m = self;
         r.register(
             "kas_agent_connections_rate_limited",
             "Agent streams refused because their token was over its per-minute connection limit",
@@ -188,6 +197,11 @@ impl Metrics {
             "Agent configurations sent to connected agent replicas",
             m.config_pushes.clone(),
         );
+    }
+
+    /// The registry's, the tunnels' and forwarding's series.
+    fn register_routing(&self, r: &mut Registry) {
+        let m = self;
         r.register(
             "kas_redis_errors",
             "Failed operations on the shared agent registry",
@@ -228,8 +242,6 @@ impl Metrics {
             "Tunnels carrying an exchange",
             m.tunnels_busy.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
-        m
     }
 
     /// The counts of a listener, registered under its name.

@@ -42,45 +42,9 @@ pub fn last(api: &TestApiServer, path: &str) -> Recorded {
         .unwrap_or_else(|| panic!("the cluster saw no request for {path}"))
 }
 
-/// get pods, apply -f a ConfigMap, get pods --watch receiving an event, exec echoing
-/// stdin; returns what the cluster recorded for each.
-pub fn exercise(t: &Target, ns: &str, tag: &str) -> Vec<Recorded> {
-    let mut seen = Vec::new();
-    // get pods (the context's namespace comes from default_namespace)
-    let out = ok(&run(t, &["get", "pods", "-n", ns]), t.logs);
-    assert!(out.contains("NAME"), "{out}");
-    seen.push(last(t.api, &format!("/api/v1/namespaces/{ns}/pods")));
-
-    // apply -f of a ConfigMap
-    let cm = t.dir.join(format!("cm-{tag}.yaml"));
-    std::fs::write(&cm, format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{tag}\n  namespace: {ns}\ndata:\n  color: blue\n")).expect("write");
-    let out = ok(
-        &run(t, &["apply", "-f", cm.to_str().expect("path")]),
-        t.logs,
-    );
-    assert!(
-        out.contains(&format!("configmap/cm-{tag} created")),
-        "{out}"
-    );
-    seen.push(last(t.api, &format!("/api/v1/namespaces/{ns}/configmaps")));
-    let out = ok(
-        &run(
-            t,
-            &[
-                "get",
-                "configmap",
-                &format!("cm-{tag}"),
-                "-n",
-                ns,
-                "-o",
-                "jsonpath={.data.color}",
-            ],
-        ),
-        t.logs,
-    );
-    assert_eq!(out, "blue");
-
-    // get pods --watch receives the event of a pod created meanwhile
+/// `kubectl get pods --watch` prints the event of a pod created meanwhile; returns the
+/// watch request as the cluster recorded it.
+fn watch_event(t: &Target, ns: &str, tag: &str) -> Recorded {
     let watches = || {
         t.api
             .recorded()
@@ -126,16 +90,56 @@ pub fn exercise(t: &Target, ns: &str, tag: &str) -> Vec<Recorded> {
     }
     let _ = child.kill();
     let _ = child.wait();
-    seen.push(
-        t.api
-            .recorded()
-            .into_iter()
-            .rev()
-            .find(|r| {
-                r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")
-            })
-            .expect("watch request recorded"),
+    t.api
+        .recorded()
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r.path == format!("/api/v1/namespaces/{ns}/pods") && r.query.contains("watch=true")
+        })
+        .expect("watch request recorded")
+}
+
+/// get pods, apply -f a ConfigMap, get pods --watch receiving an event, exec echoing
+/// stdin; returns what the cluster recorded for each.
+pub fn exercise(t: &Target, ns: &str, tag: &str) -> Vec<Recorded> {
+    let mut seen = Vec::new();
+    // get pods (the context's namespace comes from default_namespace)
+    let out = ok(&run(t, &["get", "pods", "-n", ns]), t.logs);
+    assert!(out.contains("NAME"), "{out}");
+    seen.push(last(t.api, &format!("/api/v1/namespaces/{ns}/pods")));
+
+    // apply -f of a ConfigMap
+    let cm = t.dir.join(format!("cm-{tag}.yaml"));
+    std::fs::write(&cm, format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{tag}\n  namespace: {ns}\ndata:\n  color: blue\n")).expect("write");
+    let out = ok(
+        &run(t, &["apply", "-f", cm.to_str().expect("path")]),
+        t.logs,
     );
+    assert!(
+        out.contains(&format!("configmap/cm-{tag} created")),
+        "{out}"
+    );
+    seen.push(last(t.api, &format!("/api/v1/namespaces/{ns}/configmaps")));
+    let out = ok(
+        &run(
+            t,
+            &[
+                "get",
+                "configmap",
+                &format!("cm-{tag}"),
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.data.color}",
+            ],
+        ),
+        t.logs,
+    );
+    assert_eq!(out, "blue");
+
+    // get pods --watch receives the event of a pod created meanwhile
+    seen.push(watch_event(t, ns, tag));
 
     // exec echoing input
     let pod = if ns == "shop" { "cart-0" } else { "web-0" };

@@ -2,8 +2,12 @@
 //! the environment, which wins over the file). Every problem is reported at once,
 //! before anything is bound.
 
-use crate::listeners::{Limits, MaxAge};
-use serde::Deserialize;
+mod file;
+mod limits;
+
+pub use limits::{AgentSettings, ListenerLimits};
+
+use file::{FileConfig, FileTls};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,144 +96,6 @@ impl Default for Cli {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    #[serde(default)]
-    listen: FileListen,
-    #[serde(default)]
-    agent: FileAgent,
-    #[serde(default)]
-    k8s_proxy: FileK8sProxy,
-    #[serde(default)]
-    redis: FileRedis,
-    #[serde(default)]
-    private: FilePrivate,
-    #[serde(default)]
-    controlplane: FileControlPlane,
-    #[serde(default)]
-    application: FileApplication,
-    #[serde(default)]
-    audit: FileAudit,
-    #[serde(default)]
-    connections: FileConnections,
-}
-
-/// Connection limits per listener (`connections.<listener>`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConnections {
-    agent: Option<FileLimits>,
-    k8s_proxy: Option<FileLimits>,
-    api: Option<FileLimits>,
-    observability: Option<FileLimits>,
-    private: Option<FileLimits>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    /// Connections open at once (a number, or a string of digits as `--set-string` and
-    /// quoting give).
-    max: Option<Count>,
-    first_request_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    handshake_timeout: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileAudit {
-    /// A path, or `-` for stdout.
-    file: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileApplication {
-    /// File with the secret that signs the application's JWTs.
-    secret_file: Option<PathBuf>,
-    /// JSON-lines file for the Kubernetes integration log (besides the `k8s_integration` log target).
-    integration_log_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRedis {
-    url: Option<String>,
-    key_prefix: Option<String>,
-    /// How long a registry entry lives without refresh (default 60s).
-    expiry: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilePrivate {
-    url: Option<String>,
-    /// File holding the secret (at least 32 bytes) shared only by the kas replicas.
-    secret_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileControlPlane {
-    url: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileListen {
-    agent: Option<String>,
-    api: Option<String>,
-    k8s_proxy: Option<String>,
-    observability: Option<String>,
-    private: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileAgent {
-    tls: Option<FileTls>,
-    /// Connections older than this are asked to reconnect (default 2h; 0s: never).
-    max_connection_age: Option<String>,
-    /// How long such a connection may finish its requests (default 5m).
-    max_connection_age_grace: Option<String>,
-    /// Time for an agent's first message on a new stream (default 10s).
-    handshake_timeout: Option<String>,
-    /// HTTP/2 pings to agents: every `keepalive_interval` without traffic, and a peer
-    /// that does not answer within `keepalive_timeout` is dropped.
-    keepalive_interval: Option<String>,
-    keepalive_timeout: Option<String>,
-    /// New streams (configuration and tunnels) per agent token and minute, counted
-    /// across replicas through Redis when configured (default 40000; 0: no limit).
-    connections_per_token_per_minute: Option<u32>,
-    /// Most `ci_access.projects` entries an agent's configuration may have (default 100).
-    max_ci_access_projects: Option<Count>,
-    /// Most `ci_access.groups` entries (default 100).
-    max_ci_access_groups: Option<Count>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileK8sProxy {
-    url: Option<String>,
-    tls: Option<FileTls>,
-    /// Serve plain HTTP (only behind a TLS-terminating ingress: kubectl sends tokens only over TLS).
-    #[serde(default)]
-    plaintext: bool,
-    agent_wait_timeout: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileTls {
-    certificate_file: PathBuf,
-    key_file: PathBuf,
-    /// The CA that signed `certificate_file`, handed to clients (job kubeconfigs).
-    ca_file: Option<PathBuf>,
-}
-
 /// A certificate and key in PEM files, and optionally the CA clients should trust.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -273,256 +139,6 @@ pub struct Config {
     pub limits: ListenerLimits,
     /// The agent connection's own settings.
     pub agent: AgentSettings,
-}
-
-/// Connection limits of every listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerLimits {
-    pub agent: Limits,
-    pub k8s_proxy: Limits,
-    pub api: Limits,
-    pub observability: Limits,
-    pub private: Limits,
-}
-
-/// Settings of agent connections beyond the listener's limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentSettings {
-    /// Time for the first message of a configuration stream or tunnel.
-    pub handshake_timeout: Duration,
-    pub keepalive_interval: Duration,
-    pub keepalive_timeout: Duration,
-    /// New streams per token and minute (0: unlimited).
-    pub connections_per_token_per_minute: u32,
-    /// Limits on the `ci_access` entries of agents' configurations.
-    pub ci_access_limits: kas_authz::CiAccessLimits,
-}
-
-impl Default for AgentSettings {
-    fn default() -> Self {
-        AgentSettings {
-            handshake_timeout: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(15),
-            keepalive_timeout: Duration::from_secs(10),
-            connections_per_token_per_minute: 40_000,
-            ci_access_limits: kas_authz::CiAccessLimits::default(),
-        }
-    }
-}
-
-impl Default for ListenerLimits {
-    /// Sized for 15,000 agents (one connection per agent replica) on one kas.
-    fn default() -> Self {
-        let l = |max, idle| Limits {
-            max_connections: max,
-            handshake_timeout: Duration::from_secs(10),
-            first_request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(idle),
-            max_age: None,
-        };
-        let mut agent = l(20_000, 60);
-        agent.max_age = Some(MaxAge {
-            age: Duration::from_secs(2 * 3600),
-            grace: Duration::from_secs(300),
-        });
-        ListenerLimits {
-            agent,
-            k8s_proxy: l(10_000, 120),
-            api: l(1_000, 60),
-            observability: l(256, 60),
-            private: l(4_096, 300),
-        }
-    }
-}
-
-impl ListenerLimits {
-    /// Every connection the listeners may hold at once.
-    pub fn total(&self) -> usize {
-        [
-            &self.agent,
-            &self.k8s_proxy,
-            &self.api,
-            &self.observability,
-            &self.private,
-        ]
-        .iter()
-        .map(|l| l.max_connections)
-        .sum()
-    }
-}
-
-/// A whole number written as a number or as a string.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum Count {
-    Number(u64),
-    Text(String),
-}
-
-impl Count {
-    fn value(&self) -> Option<usize> {
-        match self {
-            Count::Number(n) => usize::try_from(*n).ok(),
-            Count::Text(t) => t.trim().parse().ok(),
-        }
-    }
-}
-
-/// A count setting of at least 1: `default` when absent, the problem recorded when invalid.
-fn count_setting(
-    name: &str,
-    value: &Option<Count>,
-    default: usize,
-    errors: &mut Vec<String>,
-) -> usize {
-    match value.as_ref().map(|c| (c, c.value())) {
-        None => default,
-        Some((_, Some(n))) if n > 0 => n,
-        Some((c, _)) => {
-            errors.push(format!(
-                "{name} must be a whole number of at least 1, not {c:?}"
-            ));
-            default
-        }
-    }
-}
-
-/// A duration setting: `default` when absent, the problem recorded when invalid.
-fn duration_setting(
-    name: &str,
-    value: &Option<String>,
-    default: Duration,
-    min: Duration,
-    errors: &mut Vec<String>,
-) -> Duration {
-    match value.as_deref().map(parse_duration) {
-        None => default,
-        Some(Ok(d)) if d >= min => d,
-        Some(Ok(_)) => {
-            errors.push(format!("{name} must be at least {min:?}"));
-            default
-        }
-        Some(Err(e)) => {
-            errors.push(format!("{name}: {e}"));
-            default
-        }
-    }
-}
-
-/// Applies `connections.<name>` over `limits`.
-fn apply_limits(
-    name: &str,
-    file: &Option<FileLimits>,
-    limits: &mut Limits,
-    errors: &mut Vec<String>,
-) {
-    let Some(f) = file else { return };
-    let key = |k: &str| format!("connections.{name}.{k}");
-    limits.max_connections = count_setting(&key("max"), &f.max, limits.max_connections, errors);
-    let ms = Duration::from_millis(1);
-    limits.first_request_timeout = duration_setting(
-        &key("first_request_timeout"),
-        &f.first_request_timeout,
-        limits.first_request_timeout,
-        ms,
-        errors,
-    );
-    limits.idle_timeout = duration_setting(
-        &key("idle_timeout"),
-        &f.idle_timeout,
-        limits.idle_timeout,
-        ms,
-        errors,
-    );
-    limits.handshake_timeout = duration_setting(
-        &key("handshake_timeout"),
-        &f.handshake_timeout,
-        limits.handshake_timeout,
-        ms,
-        errors,
-    );
-}
-
-/// The listeners' limits and the agent settings from the file.
-fn connection_settings(
-    file: &FileConfig,
-    errors: &mut Vec<String>,
-) -> (ListenerLimits, AgentSettings) {
-    let mut limits = ListenerLimits::default();
-    let c = &file.connections;
-    apply_limits("agent", &c.agent, &mut limits.agent, errors);
-    apply_limits("k8s_proxy", &c.k8s_proxy, &mut limits.k8s_proxy, errors);
-    apply_limits("api", &c.api, &mut limits.api, errors);
-    apply_limits(
-        "observability",
-        &c.observability,
-        &mut limits.observability,
-        errors,
-    );
-    apply_limits("private", &c.private, &mut limits.private, errors);
-    let a = &file.agent;
-    let d = AgentSettings::default();
-    let ms = Duration::from_millis(1);
-    let default_age = limits.agent.max_age.unwrap_or(MaxAge {
-        age: Duration::from_secs(2 * 3600),
-        grace: Duration::from_secs(300),
-    });
-    let age = duration_setting(
-        "agent.max_connection_age",
-        &a.max_connection_age,
-        default_age.age,
-        Duration::ZERO,
-        errors,
-    );
-    let grace = duration_setting(
-        "agent.max_connection_age_grace",
-        &a.max_connection_age_grace,
-        default_age.grace,
-        Duration::ZERO,
-        errors,
-    );
-    limits.agent.max_age = (!age.is_zero()).then_some(MaxAge { age, grace });
-    let settings = AgentSettings {
-        handshake_timeout: duration_setting(
-            "agent.handshake_timeout",
-            &a.handshake_timeout,
-            d.handshake_timeout,
-            ms,
-            errors,
-        ),
-        keepalive_interval: duration_setting(
-            "agent.keepalive_interval",
-            &a.keepalive_interval,
-            d.keepalive_interval,
-            Duration::from_secs(1),
-            errors,
-        ),
-        keepalive_timeout: duration_setting(
-            "agent.keepalive_timeout",
-            &a.keepalive_timeout,
-            d.keepalive_timeout,
-            Duration::from_secs(1),
-            errors,
-        ),
-        connections_per_token_per_minute: a
-            .connections_per_token_per_minute
-            .unwrap_or(d.connections_per_token_per_minute),
-        ci_access_limits: kas_authz::CiAccessLimits {
-            max_projects: count_setting(
-                "agent.max_ci_access_projects",
-                &a.max_ci_access_projects,
-                d.ci_access_limits.max_projects,
-                errors,
-            ),
-            max_groups: count_setting(
-                "agent.max_ci_access_groups",
-                &a.max_ci_access_groups,
-                d.ci_access_limits.max_groups,
-                errors,
-            ),
-        },
-    };
-    (limits, settings)
 }
 
 /// The application API's settings.
@@ -599,23 +215,28 @@ pub fn mask_url(u: &str) -> String {
     }
 }
 
-/// Parses `20s`, `500ms`, `2m`, `1h`.
+/// Parses a duration such as `20s`, `500ms`, `2m`, `1h 30m` (humantime's syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m or h)"))?;
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("`{s}` has an unknown unit (use ms, s, m or h)")),
-    })
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}; e.g. 500ms, 20s, 2m, 1h)"))
+}
+
+/// The addresses of the five listeners.
+struct Listen {
+    agent: SocketAddr,
+    api: SocketAddr,
+    k8s_proxy: SocketAddr,
+    observability: SocketAddr,
+    private: SocketAddr,
+}
+
+/// The Kubernetes API proxy's settings (and the agent listener's TLS).
+struct ProxySettings {
+    agent_tls: Option<TlsFiles>,
+    k8s_proxy_tls: ProxyTls,
+    k8s_proxy_url: Option<String>,
+    agent_wait_timeout: Duration,
 }
 
 impl Config {
@@ -623,212 +244,24 @@ impl Config {
     /// returning every problem found.
     pub fn load(cli: &Cli) -> Result<Config, Vec<String>> {
         let mut errors = Vec::new();
-        let file: FileConfig = match &cli.config {
+        let file = match cli.config.as_deref().map(file::read) {
             None => FileConfig::default(),
-            Some(p) => match std::fs::read_to_string(p) {
-                Err(e) => {
-                    errors.push(format!("config file {}: {e}", p.display()));
-                    FileConfig::default()
-                }
-                Ok(text) if text.trim().is_empty() => FileConfig::default(),
-                Ok(text) => {
-                    let de = serde_yaml_ng::Deserializer::from_str(&text);
-                    match serde_path_to_error::deserialize(de) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            // The YAML error may name the field itself already.
-                            let (path, inner) = (e.path().to_string(), e.inner().to_string());
-                            let message = if inner.starts_with(&path) {
-                                inner
-                            } else {
-                                format!("{path}: {inner}")
-                            };
-                            errors.push(format!("config file {}: {message}", p.display()));
-                            FileConfig::default()
-                        }
-                    }
-                }
-            },
-        };
-        let mut addr = |name: &str, flag: &Option<String>, file: &Option<String>, default: &str| {
-            let v = flag
-                .clone()
-                .or_else(|| file.clone())
-                .unwrap_or_else(|| default.to_string());
-            match v.parse::<SocketAddr>() {
-                Ok(a) => a,
-                Err(_) => {
-                    errors.push(format!(
-                        "listen address for {name} `{v}` is not host:port (e.g. 127.0.0.1:8150)"
-                    ));
-                    SocketAddr::from(([127, 0, 0, 1], 0))
-                }
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                errors.push(e);
+                FileConfig::default()
             }
         };
-        let listen_agent = addr(
-            "agent",
-            &cli.listen_agent,
-            &file.listen.agent,
-            "127.0.0.1:8150",
-        );
-        let listen_api = addr("api", &cli.listen_api, &file.listen.api, "127.0.0.1:8153");
-        let listen_k8s_proxy = addr(
-            "k8s_proxy",
-            &cli.listen_k8s_proxy,
-            &file.listen.k8s_proxy,
-            "127.0.0.1:8154",
-        );
-        let listen_observability = addr(
-            "observability",
-            &cli.listen_observability,
-            &file.listen.observability,
-            "127.0.0.1:8151",
-        );
-        let listen_private = addr(
-            "private",
-            &cli.listen_private,
-            &file.listen.private,
-            "127.0.0.1:8155",
-        );
-        let all = [
-            ("private", listen_private),
-            ("agent", listen_agent),
-            ("api", listen_api),
-            ("k8s_proxy", listen_k8s_proxy),
-            ("observability", listen_observability),
-        ];
-        for (i, (n1, a1)) in all.iter().enumerate() {
-            for (n2, a2) in &all[i + 1..] {
-                if a1 == a2 && a1.port() != 0 {
-                    errors.push(format!(
-                        "listeners {n1} and {n2} both use {a1}; each listener needs its own socket"
-                    ));
-                }
-            }
-        }
-        let mut tls_files = |what: &str, t: &Option<FileTls>| {
-            t.as_ref().map(|t| {
-                let files = [
-                    ("certificate_file", Some(&t.certificate_file)),
-                    ("key_file", Some(&t.key_file)),
-                    ("ca_file", t.ca_file.as_ref()),
-                ];
-                for (k, p) in files.into_iter().filter_map(|(k, p)| p.map(|p| (k, p))) {
-                    if !Path::new(p).is_file() {
-                        errors.push(format!(
-                            "{what}.tls.{k}: {} does not exist or is not a file",
-                            p.display()
-                        ));
-                    }
-                }
-                TlsFiles {
-                    certificate_file: t.certificate_file.clone(),
-                    key_file: t.key_file.clone(),
-                    ca_file: t.ca_file.clone(),
-                }
-            })
-        };
-        let agent_tls = tls_files("agent", &file.agent.tls);
-        let proxy_files = tls_files("k8s_proxy", &file.k8s_proxy.tls);
-        let k8s_proxy_tls = match (proxy_files, file.k8s_proxy.plaintext) {
-            (Some(_), true) => {
-                errors.push("k8s_proxy: set either tls or plaintext, not both".into());
-                ProxyTls::Plaintext
-            }
-            (Some(f), false) => ProxyTls::Files(f),
-            (None, true) => ProxyTls::Plaintext,
-            (None, false) => ProxyTls::Generated,
-        };
-        let k8s_proxy_url = cli.k8s_proxy_url.clone().or(file.k8s_proxy.url.clone());
-        if let Some(u) = &k8s_proxy_url {
-            match u.parse::<http::Uri>() {
-                Ok(uri)
-                    if uri.host().is_some()
-                        && matches!(uri.scheme_str(), Some("http" | "https")) =>
-                {
-                    let tls = k8s_proxy_tls != ProxyTls::Plaintext;
-                    if tls && uri.scheme_str() == Some("http") {
-                        errors.push(format!(
-                            "k8s proxy URL `{u}` is http but the proxy serves TLS; use https"
-                        ));
-                    }
-                }
-                _ => errors.push(format!(
-                    "k8s proxy URL `{u}` is not an absolute http(s) URL"
-                )),
-            }
-        }
-        let agent_wait_timeout = match &file.k8s_proxy.agent_wait_timeout {
-            None => Duration::from_secs(20),
-            Some(s) => parse_duration(s).unwrap_or_else(|e| {
-                errors.push(format!("k8s_proxy.agent_wait_timeout: {e}"));
-                Duration::from_secs(20)
-            }),
-        };
+        let listen = listen_addresses(cli, &file, &mut errors);
+        let proxy = proxy_settings(cli, &file, &mut errors);
         if !matches!(cli.log_format.as_str(), "text" | "json") {
             errors.push(format!(
                 "--log-format must be text or json, not `{}`",
                 cli.log_format
             ));
         }
-        let redis_url = cli.redis_url.clone().or(file.redis.url.clone());
-        let shared = redis_url.map(|url| {
-            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
-                errors.push(format!(
-                    "redis.url `{}` must start with redis:// (or unix:// for a socket)",
-                    mask_url(&url)
-                ));
-            }
-            let expiry = match &file.redis.expiry {
-                None => Duration::from_secs(60),
-                Some(s) => match parse_duration(s) {
-                    Ok(d) if d >= Duration::from_secs(1) => d,
-                    Ok(_) => {
-                        errors.push("redis.expiry must be at least 1s".into());
-                        Duration::from_secs(60)
-                    }
-                    Err(e) => {
-                        errors.push(format!("redis.expiry: {e}"));
-                        Duration::from_secs(60)
-                    }
-                },
-            };
-            let secret = match &file.private.secret_file {
-                None => {
-                    errors.push("private.secret_file is required with redis.url: the kas replicas authenticate each other with it".into());
-                    Vec::new()
-                }
-                Some(p) => read_secret("private.secret_file", p, &mut errors),
-            };
-            let private_url = cli.private_url.clone().or(file.private.url.clone());
-            match &private_url {
-                Some(u) if !u.starts_with("http://") => errors.push(format!(
-                    "private.url `{u}` must be an http:// URL (the private API is plain HTTP/2 on a private network)"
-                )),
-                None if listen_private.ip().is_unspecified() => errors.push(
-                    "private.url is required when the private listener binds all interfaces: other replicas need an address they can reach".into(),
-                ),
-                _ => {}
-            }
-            SharedConfig {
-                redis_url: url,
-                key_prefix: file.redis.key_prefix.clone().unwrap_or_else(|| "kas".into()),
-                expiry,
-                private_url,
-                secret,
-            }
-        });
-        let application = cli
-            .application_secret_file
-            .clone()
-            .or(file.application.secret_file.clone())
-            .map(|p| ApplicationConfig {
-                secret: read_secret("application.secret_file", &p, &mut errors),
-                integration_log_file: file.application.integration_log_file.clone(),
-            });
-        if application.is_none() && file.application.integration_log_file.is_some() {
-            errors.push("application.integration_log_file needs application.secret_file (the application API is off without it)".into());
-        }
+        let shared = shared_settings(cli, &file, listen.private, &mut errors);
+        let application = application_settings(cli, &file, &mut errors);
         let controlplane_url = cli
             .controlplane_url
             .clone()
@@ -857,30 +290,224 @@ impl Config {
             Some(f) => crate::audit::AuditTarget::File(PathBuf::from(f)),
             None => crate::audit::AuditTarget::File(data_dir.join("audit.jsonl")),
         };
-        let (limits, agent) = connection_settings(&file, &mut errors);
-        if errors.is_empty() {
-            Ok(Config {
-                data_dir,
-                listen_agent,
-                listen_api,
-                listen_k8s_proxy,
-                listen_observability,
-                agent_tls,
-                k8s_proxy_tls,
-                k8s_proxy_url,
-                agent_wait_timeout,
-                listen_private,
-                shared,
-                controlplane_url,
-                application,
-                audit,
-                limits,
-                agent,
-            })
-        } else {
-            Err(errors)
+        let (limits, agent) = limits::connection_settings(&file, &mut errors);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Config {
+            data_dir,
+            listen_agent: listen.agent,
+            listen_api: listen.api,
+            listen_k8s_proxy: listen.k8s_proxy,
+            listen_observability: listen.observability,
+            agent_tls: proxy.agent_tls,
+            k8s_proxy_tls: proxy.k8s_proxy_tls,
+            k8s_proxy_url: proxy.k8s_proxy_url,
+            agent_wait_timeout: proxy.agent_wait_timeout,
+            listen_private: listen.private,
+            shared,
+            controlplane_url,
+            application,
+            audit,
+            limits,
+            agent,
+        })
+    }
+}
+
+/// The listen addresses (flag, then file, then default), each parsed and none shared.
+fn listen_addresses(cli: &Cli, file: &FileConfig, errors: &mut Vec<String>) -> Listen {
+    let mut addr = |name: &str, flag: &Option<String>, file: &Option<String>, default: &str| {
+        let v = flag
+            .clone()
+            .or_else(|| file.clone())
+            .unwrap_or_else(|| default.to_string());
+        v.parse::<SocketAddr>().unwrap_or_else(|_| {
+            errors.push(format!(
+                "listen address for {name} `{v}` is not host:port (e.g. 127.0.0.1:8150)"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    };
+    let l = &file.listen;
+    let listen = Listen {
+        agent: addr("agent", &cli.listen_agent, &l.agent, "127.0.0.1:8150"),
+        api: addr("api", &cli.listen_api, &l.api, "127.0.0.1:8153"),
+        k8s_proxy: addr(
+            "k8s_proxy",
+            &cli.listen_k8s_proxy,
+            &l.k8s_proxy,
+            "127.0.0.1:8154",
+        ),
+        observability: addr(
+            "observability",
+            &cli.listen_observability,
+            &l.observability,
+            "127.0.0.1:8151",
+        ),
+        private: addr("private", &cli.listen_private, &l.private, "127.0.0.1:8155"),
+    };
+    let all = [
+        ("private", listen.private),
+        ("agent", listen.agent),
+        ("api", listen.api),
+        ("k8s_proxy", listen.k8s_proxy),
+        ("observability", listen.observability),
+    ];
+    for (i, (n1, a1)) in all.iter().enumerate() {
+        for (n2, a2) in &all[i + 1..] {
+            if a1 == a2 && a1.port() != 0 {
+                errors.push(format!(
+                    "listeners {n1} and {n2} both use {a1}; each listener needs its own socket"
+                ));
+            }
         }
     }
+    listen
+}
+
+/// A listener's TLS files, each checked to exist.
+fn tls_files(what: &str, t: &Option<FileTls>, errors: &mut Vec<String>) -> Option<TlsFiles> {
+    let t = t.as_ref()?;
+    let files = [
+        ("certificate_file", Some(&t.certificate_file)),
+        ("key_file", Some(&t.key_file)),
+        ("ca_file", t.ca_file.as_ref()),
+    ];
+    for (k, p) in files.into_iter().filter_map(|(k, p)| p.map(|p| (k, p))) {
+        if !Path::new(p).is_file() {
+            errors.push(format!(
+                "{what}.tls.{k}: {} does not exist or is not a file",
+                p.display()
+            ));
+        }
+    }
+    Some(TlsFiles {
+        certificate_file: t.certificate_file.clone(),
+        key_file: t.key_file.clone(),
+        ca_file: t.ca_file.clone(),
+    })
+}
+
+fn proxy_settings(cli: &Cli, file: &FileConfig, errors: &mut Vec<String>) -> ProxySettings {
+    let agent_tls = tls_files("agent", &file.agent.tls, errors);
+    let proxy_files = tls_files("k8s_proxy", &file.k8s_proxy.tls, errors);
+    let k8s_proxy_tls = match (proxy_files, file.k8s_proxy.plaintext) {
+        (Some(_), true) => {
+            errors.push("k8s_proxy: set either tls or plaintext, not both".into());
+            ProxyTls::Plaintext
+        }
+        (Some(f), false) => ProxyTls::Files(f),
+        (None, true) => ProxyTls::Plaintext,
+        (None, false) => ProxyTls::Generated,
+    };
+    let k8s_proxy_url = cli.k8s_proxy_url.clone().or(file.k8s_proxy.url.clone());
+    if let Some(u) = &k8s_proxy_url {
+        match u.parse::<http::Uri>() {
+            Ok(uri)
+                if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) =>
+            {
+                let tls = k8s_proxy_tls != ProxyTls::Plaintext;
+                if tls && uri.scheme_str() == Some("http") {
+                    errors.push(format!(
+                        "k8s proxy URL `{u}` is http but the proxy serves TLS; use https"
+                    ));
+                }
+            }
+            _ => errors.push(format!(
+                "k8s proxy URL `{u}` is not an absolute http(s) URL"
+            )),
+        }
+    }
+    let agent_wait_timeout = match &file.k8s_proxy.agent_wait_timeout {
+        None => Duration::from_secs(20),
+        Some(s) => parse_duration(s).unwrap_or_else(|e| {
+            errors.push(format!("k8s_proxy.agent_wait_timeout: {e}"));
+            Duration::from_secs(20)
+        }),
+    };
+    ProxySettings {
+        agent_tls,
+        k8s_proxy_tls,
+        k8s_proxy_url,
+        agent_wait_timeout,
+    }
+}
+
+/// Settings of several replicas sharing a Redis (None: a single kas).
+fn shared_settings(
+    cli: &Cli,
+    file: &FileConfig,
+    listen_private: SocketAddr,
+    errors: &mut Vec<String>,
+) -> Option<SharedConfig> {
+    let url = cli.redis_url.clone().or(file.redis.url.clone())?;
+    if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+        errors.push(format!(
+            "redis.url `{}` must start with redis:// (or unix:// for a socket)",
+            mask_url(&url)
+        ));
+    }
+    let expiry = match file.redis.expiry.as_deref().map(parse_duration) {
+        None => Duration::from_secs(60),
+        Some(Ok(d)) if d >= Duration::from_secs(1) => d,
+        Some(Ok(_)) => {
+            errors.push("redis.expiry must be at least 1s".into());
+            Duration::from_secs(60)
+        }
+        Some(Err(e)) => {
+            errors.push(format!("redis.expiry: {e}"));
+            Duration::from_secs(60)
+        }
+    };
+    let secret = match &file.private.secret_file {
+        None => {
+            errors.push("private.secret_file is required with redis.url: the kas replicas authenticate each other with it".into());
+            Vec::new()
+        }
+        Some(p) => read_secret("private.secret_file", p, errors),
+    };
+    let private_url = cli.private_url.clone().or(file.private.url.clone());
+    match &private_url {
+        Some(u) if !u.starts_with("http://") => errors.push(format!(
+            "private.url `{u}` must be an http:// URL (the private API is plain HTTP/2 on a private network)"
+        )),
+        None if listen_private.ip().is_unspecified() => errors.push(
+            "private.url is required when the private listener binds all interfaces: other replicas need an address they can reach".into(),
+        ),
+        _ => {}
+    }
+    Some(SharedConfig {
+        redis_url: url,
+        key_prefix: file
+            .redis
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| "kas".into()),
+        expiry,
+        private_url,
+        secret,
+    })
+}
+
+/// The application API (None: off without a secret).
+fn application_settings(
+    cli: &Cli,
+    file: &FileConfig,
+    errors: &mut Vec<String>,
+) -> Option<ApplicationConfig> {
+    let application = cli
+        .application_secret_file
+        .clone()
+        .or(file.application.secret_file.clone())
+        .map(|p| ApplicationConfig {
+            secret: read_secret("application.secret_file", &p, errors),
+            integration_log_file: file.application.integration_log_file.clone(),
+        });
+    if application.is_none() && file.application.integration_log_file.is_some() {
+        errors.push("application.integration_log_file needs application.secret_file (the application API is off without it)".into());
+    }
+    application
 }
 
 #[cfg(test)]
@@ -1050,6 +677,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("2").is_err());
         assert!(parse_duration("x").is_err());
     }

@@ -174,18 +174,7 @@ pub async fn page(
     headers: HeaderMap,
 ) -> Response {
     if let Some(t) = q.token.as_deref() {
-        if !s.token_ok(t) {
-            return (StatusCode::UNAUTHORIZED, "invalid admin token\n").into_response();
-        }
-        let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/ui", t.trim());
-        return (
-            StatusCode::SEE_OTHER,
-            [
-                (header::SET_COOKIE, cookie),
-                (header::LOCATION, "/ui/agents".to_string()),
-            ],
-        )
-            .into_response();
+        return sign_in(&s, t);
     }
     if !s.authorized(&headers) {
         return (
@@ -219,90 +208,130 @@ pub async fn page(
             }
             ls.get(&a.id).copied()
         };
-        let mut kas: Vec<&str> = reps.iter().filter_map(|r| r.kas.as_deref()).collect();
-        kas.sort_unstable();
-        kas.dedup();
-        let mut versions: Vec<&str> = reps.iter().map(|r| r.agent_version.as_str()).collect();
-        versions.sort_unstable();
-        versions.dedup();
-        let mut warnings: Vec<&str> = reps.iter().filter_map(|r| r.warning.as_deref()).collect();
-        warnings.dedup();
-        let mut clusters: Vec<&str> = reps
-            .iter()
-            .map(|r| r.meta.kubernetes_version.as_str())
-            .filter(|v| !v.is_empty())
-            .collect();
-        clusters.sort_unstable();
-        clusters.dedup();
-        let runs_on: Vec<String> = reps
-            .iter()
-            .filter(|r| !r.meta.pod_name.is_empty())
-            .map(|r| {
-                let node = if r.meta.node_name.is_empty() {
-                    String::new()
-                } else {
-                    format!(" on {}", esc(&r.meta.node_name))
-                };
-                format!(
-                    "<div>{}/{}{node}</div>",
-                    esc(&r.meta.pod_namespace),
-                    esc(&r.meta.pod_name)
-                )
-            })
-            .collect();
-        let (state, class) = if reps.is_empty() {
-            ("disconnected", "off")
-        } else {
-            ("connected", "on")
-        };
         let pods = if reps.is_empty() {
             "<span class=muted>-</span>".to_string()
         } else {
-            match s.pods.get(&a.id) {
-                Cached::Ready { value, .. } if value.is_empty() => "no pods".into(),
-                Cached::Ready { value, .. } => value
-                    .iter()
-                    .map(|(ns, n)| format!("<span class=ns>{}: {n}</span>", esc(ns)))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                Cached::NotReady => {
-                    loading = true;
-                    "<span class=muted>loading</span>".into()
-                }
-                Cached::Failed(e) => format!("<span class=err>{}</span>", esc(&e.to_string())),
-            }
+            pods_cell(s.pods.get(&a.id), &mut loading)
         };
-        let _ = write!(
-            rows,
-            "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}{runs_on}</td><td>{kas}</td><td>{seen}</td><td>{versions}{warning}</td><td>{cluster}</td><td class=pods>{pods}</td></tr>",
-            id = a.id,
-            name = esc(&a.name),
-            project = esc(&a.project_path),
-            replicas = reps.len(),
-            kas = match (reps.is_empty(), kas.is_empty()) {
-                (true, _) => "-".to_string(),
-                (false, true) => "this kas".to_string(),
-                (false, false) => esc(&kas.join(", ")),
-            },
-            seen = seen.map(|t| ago(t, now)).unwrap_or_else(|| "never (by this kas)".into()),
-            versions = esc(&versions.join(", ")),
-            runs_on = runs_on.join(""),
-            warning = warnings
-                .iter()
-                .map(|w| format!("<div class=err>{}</div>", esc(w)))
-                .collect::<String>(),
-            cluster = if clusters.is_empty() {
-                "<span class=muted>-</span>".to_string()
-            } else {
-                esc(&clusters.join(", "))
-            },
-        );
+        rows.push_str(&row(a, reps, seen, now, &pods));
     }
     if agents.is_empty() {
         rows.push_str("<tr><td colspan=9 class=muted>No agents yet: <code>kasctl agent create</code></td></tr>");
     }
     let refresh = if loading { 2 } else { 10 };
-    let html = format!(
+    Html(render(&rows, agents.len(), refresh)).into_response()
+}
+
+/// `?token=`: a valid admin token becomes a cookie, and the page reloads without it.
+fn sign_in(s: &PageState, t: &str) -> Response {
+    if !s.token_ok(t) {
+        return (StatusCode::UNAUTHORIZED, "invalid admin token\n").into_response();
+    }
+    let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/ui", t.trim());
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, cookie),
+            (header::LOCATION, "/ui/agents".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+/// The pods-per-namespace cell from the cache; `loading` is set while it fills.
+fn pods_cell(pods: Cached<BTreeMap<String, usize>, CountError>, loading: &mut bool) -> String {
+    match pods {
+        Cached::Ready { value, .. } if value.is_empty() => "no pods".into(),
+        Cached::Ready { value, .. } => value
+            .iter()
+            .map(|(ns, n)| format!("<span class=ns>{}: {n}</span>", esc(ns)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Cached::NotReady => {
+            *loading = true;
+            "<span class=muted>loading</span>".into()
+        }
+        Cached::Failed(e) => format!("<span class=err>{}</span>", esc(&e.to_string())),
+    }
+}
+
+/// Distinct values, sorted.
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = values.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// One agent's row.
+fn row(
+    a: &kas_api::records::Agent,
+    reps: &[kas_api::admin::ConnectedReplica],
+    seen: Option<u64>,
+    now: u64,
+    pods: &str,
+) -> String {
+    let kas = distinct(reps.iter().filter_map(|r| r.kas.as_deref()));
+    let versions = distinct(reps.iter().map(|r| r.agent_version.as_str()));
+    let mut warnings: Vec<&str> = reps.iter().filter_map(|r| r.warning.as_deref()).collect();
+    warnings.dedup();
+    let clusters = distinct(
+        reps.iter()
+            .map(|r| r.meta.kubernetes_version.as_str())
+            .filter(|v| !v.is_empty()),
+    );
+    let runs_on: String = reps
+        .iter()
+        .filter(|r| !r.meta.pod_name.is_empty())
+        .map(|r| {
+            let node = if r.meta.node_name.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", esc(&r.meta.node_name))
+            };
+            format!(
+                "<div>{}/{}{node}</div>",
+                esc(&r.meta.pod_namespace),
+                esc(&r.meta.pod_name)
+            )
+        })
+        .collect();
+    let (state, class) = if reps.is_empty() {
+        ("disconnected", "off")
+    } else {
+        ("connected", "on")
+    };
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}{runs_on}</td><td>{kas}</td><td>{seen}</td><td>{versions}{warning}</td><td>{cluster}</td><td class=pods>{pods}</td></tr>",
+        id = a.id,
+        name = esc(&a.name),
+        project = esc(&a.project_path),
+        replicas = reps.len(),
+        kas = match (reps.is_empty(), kas.is_empty()) {
+            (true, _) => "-".to_string(),
+            (false, true) => "this kas".to_string(),
+            (false, false) => esc(&kas.join(", ")),
+        },
+        seen = seen.map(|t| ago(t, now)).unwrap_or_else(|| "never (by this kas)".into()),
+        versions = esc(&versions.join(", ")),
+        warning = warnings
+            .iter()
+            .map(|w| format!("<div class=err>{}</div>", esc(w)))
+            .collect::<String>(),
+        cluster = if clusters.is_empty() {
+            "<span class=muted>-</span>".to_string()
+        } else {
+            esc(&clusters.join(", "))
+        },
+    );
+    out
+}
+
+/// The whole page around the rows.
+fn render(rows: &str, n: usize, refresh: u32) -> String {
+    format!(
         r#"<!doctype html>
 <html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content="{refresh}">
 <title>kas agents</title>
@@ -318,7 +347,5 @@ th{{background:#f6f8fa}} .on{{color:#1a7f37;font-weight:600}} .off{{color:#cf222
 <tbody>{rows}</tbody></table>
 <p class=muted>{n} agents. Pod counts are cached and refreshed in the background; this page never waits on a cluster.</p>
 </body></html>"#,
-        n = agents.len()
-    );
-    Html(html).into_response()
+    )
 }

@@ -211,95 +211,107 @@ async fn tar(files: &Files, pod: (String, String), args: &[&str], mut io: Stdio)
         }
     }
     match mode {
-        Some('x') => {
-            let data = io.read_all().await;
-            match untar(&data, &dir) {
-                Ok(entries) => {
-                    files.with(&pod, |fs| {
-                        for (path, content) in entries {
-                            match content {
-                                None => fs.mkdir_all(&path),
-                                Some(c) => fs.write(&path, c),
-                            }
-                        }
-                    });
-                    0
-                }
-                Err(e) => {
-                    io.err(format!("tar: {e}\n")).await;
-                    2
-                }
-            }
-        }
-        Some(_) => {
-            let mut code = 0;
-            let mut builder = tar::Builder::new(Vec::new());
-            for path in paths {
-                let Some(p) = resolve(&dir, path) else {
-                    continue;
-                };
-                let tree = files.with(&pod, |fs| fs.tree(&p));
-                if tree.is_empty() {
-                    io.err(format!(
-                        "tar: {path}: Cannot stat: No such file or directory\n"
-                    ))
-                    .await;
-                    code = 2;
-                    continue;
-                }
-                if path.starts_with('/') {
-                    io.err("tar: Removing leading `/' from member names\n".into())
-                        .await;
-                }
-                for (name, content) in tree {
-                    // Members are named as given (relative to -C), without a leading /.
-                    let rel = if dir == "/" || path.starts_with('/') {
-                        name.trim_start_matches('/').to_string()
-                    } else {
-                        name.strip_prefix(&format!("{dir}/"))
-                            .unwrap_or(&name)
-                            .to_string()
-                    };
-                    if rel.is_empty() {
-                        continue;
-                    }
-                    let mut h = tar::Header::new_gnu();
-                    h.set_mtime(0);
-                    let appended = match content {
-                        None => {
-                            h.set_entry_type(tar::EntryType::Directory);
-                            h.set_mode(0o755);
-                            h.set_size(0);
-                            builder.append_data(&mut h, format!("{rel}/"), &[][..])
-                        }
-                        Some(c) => {
-                            h.set_entry_type(tar::EntryType::Regular);
-                            h.set_mode(0o644);
-                            h.set_size(c.len() as u64);
-                            builder.append_data(&mut h, &rel, &c[..])
-                        }
-                    };
-                    if let Err(e) = appended {
-                        io.err(format!("tar: {rel}: {e}\n")).await;
-                        code = 2;
-                    }
-                }
-            }
-            match builder.into_inner() {
-                Ok(archive) => io.out(archive).await,
-                Err(e) => {
-                    io.err(format!("tar: {e}\n")).await;
-                    code = 2;
-                }
-            }
-            code
-        }
+        Some('x') => tar_extract(files, &pod, &dir, &mut io).await,
+        Some(_) => tar_create(files, &pod, &dir, &paths, &mut io).await,
         None => {
             io.err("tar: You must specify one of the '-Acdtrux' options\n".into())
                 .await;
             2
         }
     }
+}
+
+/// `tar -x`: the archive on stdin written under `dir`.
+async fn tar_extract(files: &Files, pod: &(String, String), dir: &str, io: &mut Stdio) -> i32 {
+    let data = io.read_all().await;
+    match untar(&data, dir) {
+        Ok(entries) => {
+            files.with(pod, |fs| {
+                for (path, content) in entries {
+                    match content {
+                        None => fs.mkdir_all(&path),
+                        Some(c) => fs.write(&path, c),
+                    }
+                }
+            });
+            0
+        }
+        Err(e) => {
+            io.err(format!("tar: {e}\n")).await;
+            2
+        }
+    }
+}
+
+/// `tar -c`: `paths` (relative to `dir`) as an archive on stdout.
+async fn tar_create(
+    files: &Files,
+    pod: &(String, String),
+    dir: &str,
+    paths: &[&str],
+    io: &mut Stdio,
+) -> i32 {
+    let mut code = 0;
+    let mut builder = tar::Builder::new(Vec::new());
+    for path in paths {
+        let Some(p) = resolve(dir, path) else {
+            continue;
+        };
+        let tree = files.with(pod, |fs| fs.tree(&p));
+        if tree.is_empty() {
+            io.err(format!(
+                "tar: {path}: Cannot stat: No such file or directory\n"
+            ))
+            .await;
+            code = 2;
+            continue;
+        }
+        if path.starts_with('/') {
+            io.err("tar: Removing leading `/' from member names\n".into())
+                .await;
+        }
+        for (name, content) in tree {
+            // Members are named as given (relative to -C), without a leading /.
+            let rel = if dir == "/" || path.starts_with('/') {
+                name.trim_start_matches('/').to_string()
+            } else {
+                name.strip_prefix(&format!("{dir}/"))
+                    .unwrap_or(&name)
+                    .to_string()
+            };
+            if rel.is_empty() {
+                continue;
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(0);
+            let appended = match content {
+                None => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    builder.append_data(&mut h, format!("{rel}/"), &[][..])
+                }
+                Some(c) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o644);
+                    h.set_size(c.len() as u64);
+                    builder.append_data(&mut h, &rel, &c[..])
+                }
+            };
+            if let Err(e) = appended {
+                io.err(format!("tar: {rel}: {e}\n")).await;
+                code = 2;
+            }
+        }
+    }
+    match builder.into_inner() {
+        Ok(archive) => io.out(archive).await,
+        Err(e) => {
+            io.err(format!("tar: {e}\n")).await;
+            code = 2;
+        }
+    }
+    code
 }
 
 /// The entries of an archive, placed under `dir`: (path, contents or `None` for a

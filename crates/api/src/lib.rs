@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod application;
 pub mod audit;
+pub mod clock;
 pub mod error;
 pub mod records;
 
@@ -36,4 +37,28 @@ pub struct ErrorBody {
     /// The HTTP status again (the application API adds it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<u16>,
+}
+
+/// The token of an `Authorization` header value `Bearer <token>` (the scheme
+/// case-insensitive, as RFC 9110 says; surrounding spaces ignored). `None` for another
+/// scheme or an empty token.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token(" BEARER abc"), Some("abc"));
+        for refused in ["Basic abc", "Bearer", "Bearer  ", "Bearerabc", "", "abc"] {
+            assert_eq!(bearer_token(refused), None, "{refused:?}");
+        }
+    }
 }

@@ -33,7 +33,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use kas_api::application::AgentState;
 use kas_api::application::{AUDIENCE, PREFIX};
@@ -119,12 +119,7 @@ struct Signer {
     current: Mutex<Option<(String, u64)>>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kas_api::clock::unix_secs as unix_now;
 
 impl Signer {
     fn token(&self) -> Result<String> {

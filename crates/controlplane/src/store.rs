@@ -11,7 +11,6 @@ use crate::{
 use async_trait::async_trait;
 use kas_authz::{AgentRef, Environment, JobContext, Named};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
 /// A control plane on a SQL database. Cloning shares the database.
@@ -28,10 +27,7 @@ impl<B> Clone for SqlControlPlane<B> {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    i64::try_from(kas_api::clock::unix_secs()).unwrap_or(i64::MAX)
 }
 
 fn validate_path(kind: &str, path: &str) -> Result<String> {

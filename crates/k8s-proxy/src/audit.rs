@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 pub use kas_api::audit::RequestRecord as AuditRecord;
 
@@ -17,13 +17,7 @@ pub trait AuditSink: Send + Sync {
     fn record(&self, record: AuditRecord);
 }
 
-/// Unix seconds now.
-pub fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
+pub use kas_api::clock::unix_secs_f64 as now_unix;
 
 /// The Kubernetes verb of a request (as the API server's audit log names it).
 pub fn verb(method: &str, path_and_query: &str) -> &'static str {

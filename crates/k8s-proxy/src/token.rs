@@ -33,11 +33,7 @@ pub enum TokenError {
 /// Parses the value of an `Authorization` header.
 pub fn parse_ci_token(header: Option<&str>) -> Result<CiToken<'_>, TokenError> {
     let h = header.ok_or(TokenError::Missing)?;
-    let (scheme, rest) = h.split_once(' ').ok_or(TokenError::Malformed)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(TokenError::Malformed);
-    }
-    let rest = rest.trim();
+    let rest = kas_api::bearer_token(h).ok_or(TokenError::Malformed)?;
     if rest.len() > MAX_TOKEN_LEN + 32 {
         return Err(TokenError::Malformed);
     }

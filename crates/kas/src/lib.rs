@@ -102,12 +102,7 @@ pub struct Kas {
     flush: Vec<kas_telemetry::batch::Flush>,
 }
 
-/// The bearer token of an `Authorization` header value (scheme case-insensitive).
-pub(crate) fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
+pub(crate) use kas_api::bearer_token as bearer;
 
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)

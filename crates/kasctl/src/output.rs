@@ -39,13 +39,7 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     println!("{}", t.trim_fmt());
 }
 
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use kas_api::clock::unix_secs as unix_now;
 
 /// How long ago `secs` (unix seconds) was, briefly: `42s`, `5m`, `3h`.
 pub fn since(secs: u64) -> String {

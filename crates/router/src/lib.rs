@@ -29,7 +29,7 @@ pub use redis::{Connection, Event, RedisError, RedisOptions, RedisRegistry};
 use kas_tunnel::{AcquireError, ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry};
 use rand::seq::SliceRandom;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Routing across replicas: this kas's identity, the registry and the peers.
 struct Shared {
@@ -79,12 +79,7 @@ impl Drop for Registration {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kas_api::clock::unix_secs as unix_now;
 
 impl Router {
     /// One kas on its own: only local connections.

@@ -5,7 +5,6 @@
 use crate::redis::RedisRegistry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Counts kept in memory before stale minutes are dropped.
 const LOCAL_MAX: usize = 100_000;
@@ -20,10 +19,7 @@ pub struct RateLimiter {
 }
 
 fn minute() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() / 60)
-        .unwrap_or(0)
+    kas_api::clock::unix_secs() / 60
 }
 
 impl RateLimiter {

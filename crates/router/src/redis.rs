@@ -25,7 +25,7 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 
 /// One agent connection as recorded in Redis.
@@ -139,12 +139,7 @@ impl Event {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use kas_api::clock::unix_millis as now_ms;
 
 enum Command {
     Register(Connection),

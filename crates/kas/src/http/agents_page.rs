@@ -20,7 +20,7 @@ use kas_router::Router as KasRouter;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 const COOKIE: &str = "kas_admin";
@@ -37,12 +37,7 @@ pub struct PageState {
     last_seen: Mutex<HashMap<u64, u64>>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kas_api::clock::unix_secs as unix_now;
 
 /// Why an agent's pods could not be counted: shown on the page as a code, never the
 /// cluster's words.

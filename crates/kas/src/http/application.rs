@@ -29,7 +29,7 @@ use kas_router::Router as KasRouter;
 use kas_tunnel::headers;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use kas_api::application::AUDIENCE;
 
@@ -300,12 +300,7 @@ async fn service(State(s): State<Arc<AppState>>, req: Request) -> Response {
     forward(s, id, target, Some(svc), None, path, req).await
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kas_api::clock::unix_secs as unix_now;
 
 async fn forward(
     s: Arc<AppState>,
@@ -392,12 +387,7 @@ async fn forward(
 mod tests {
     use super::*;
 
-    fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    }
+    use kas_api::clock::unix_secs as now;
 
     fn check(claims: serde_json::Value) -> bool {
         let key = b"application-secret-of-at-least-32-bytes!";

@@ -5,7 +5,7 @@
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const ISSUER: &str = "kas";
 const AUDIENCE: &str = "kas-private-api";
@@ -49,12 +49,7 @@ impl std::fmt::Debug for PrivateAuth {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use kas_api::clock::unix_secs as now;
 
 impl PrivateAuth {
     pub fn new(secret: &[u8], kas_id: &str) -> Result<Self, SecretError> {
@@ -104,7 +99,7 @@ impl PrivateAuth {
     /// kas's id.
     pub fn verify(&self, authorization: Option<&str>) -> Result<String, String> {
         let tok = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(kas_api::bearer_token)
             .ok_or("missing bearer token")?;
         jsonwebtoken::decode::<Claims>(tok.trim(), &self.decoding, &self.validation)
             .map(|d| d.claims.sub)

@@ -418,6 +418,15 @@ pub struct Tunnel {
     busy: BusyGuard,
 }
 
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("agent_id", &self.agent_id)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Counts a tunnel as busy while it lives.
 pub(crate) struct BusyGuard(Arc<AtomicUsize>);
 

@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-const CONFIG: &str = "ci_access:\n  groups:\n    - id: acme\n      access_as:\n        ci_job: {}\n";
+const CONFIG: &str =
+    "ci_access:\n  groups:\n    - id: acme\n      access_as:\n        ci_job: {}\n";
 
 struct World {
     proxy: Arc<K8sProxy>,

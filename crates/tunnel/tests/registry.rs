@@ -96,8 +96,7 @@ async fn an_agent_that_never_connects_is_not_connected_after_the_wait() {
     let err = reg
         .acquire(AGENT, Duration::from_secs(20))
         .await
-        .err()
-        .expect("no tunnel");
+        .expect_err("no tunnel");
     assert_eq!(err, AcquireError::NotConnected);
     assert_eq!(started.elapsed(), Duration::from_secs(20));
     // The waiter left nothing behind.
@@ -112,8 +111,7 @@ async fn a_connected_agent_without_free_tunnels_says_so() {
     let err = reg
         .acquire(AGENT, Duration::from_secs(1))
         .await
-        .err()
-        .expect("no tunnel");
+        .expect_err("no tunnel");
     assert_eq!(err, AcquireError::NoFreeTunnel);
     assert!(reg.is_connected(AGENT));
 }

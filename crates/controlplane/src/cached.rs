@@ -25,7 +25,7 @@ struct Maps {
 }
 
 /// Caching wrapper; see the module docs.
-pub struct Cached<C> {
+pub struct CachingControlPlane<C> {
     inner: C,
     maps: Arc<Mutex<Maps>>,
     generation: Arc<AtomicU64>,
@@ -35,7 +35,7 @@ pub struct Cached<C> {
     _invalidator: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl<C> Drop for Cached<C> {
+impl<C> Drop for CachingControlPlane<C> {
     fn drop(&mut self) {
         if let Some(h) = &self._invalidator {
             h.abort();
@@ -49,7 +49,7 @@ fn clear(maps: &Mutex<Maps>, generation: &AtomicU64) {
     *m = Maps::default();
 }
 
-impl<C: ControlPlane> Cached<C> {
+impl<C: ControlPlane> CachingControlPlane<C> {
     /// Wraps `inner`; must be called inside a tokio runtime (it listens for changes).
     pub fn new(inner: C) -> Self {
         let maps = Arc::new(Mutex::new(Maps::default()));
@@ -73,7 +73,7 @@ impl<C: ControlPlane> Cached<C> {
                 }
             }
         });
-        Cached {
+        CachingControlPlane {
             inner,
             maps,
             generation,
@@ -121,7 +121,7 @@ impl<C: ControlPlane> Cached<C> {
 }
 
 #[async_trait]
-impl<C: ControlPlane> ControlPlane for Cached<C> {
+impl<C: ControlPlane> ControlPlane for CachingControlPlane<C> {
     async fn create_group(&self, path: &str, id: Option<u64>) -> Result<Group> {
         self.inner.create_group(path, id).await
     }
@@ -243,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn finishing_a_job_invalidates_at_once() {
-        let cp = Cached::new(SqliteControlPlane::in_memory().expect("db"));
+        let cp = CachingControlPlane::new(SqliteControlPlane::in_memory().expect("db"));
         cp.create_project("a/b", None).await.expect("p");
         let (job, token) = cp
             .start_job(&StartJob {
@@ -278,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn subscribers_hear_changes_after_the_cache_dropped_them() {
         let db = SqliteControlPlane::in_memory().expect("db");
-        let cp = Cached::new(db.clone());
+        let cp = CachingControlPlane::new(db.clone());
         cp.create_project("a/agents", None).await.expect("p");
         let (agent, _) = cp.create_agent("a/agents", "x").await.expect("agent");
         let v0 = cp.agent_info(agent.id).await.expect("info").expect("found");

@@ -17,7 +17,7 @@ mod sqlite;
 mod store;
 mod token;
 
-pub use cached::Cached;
+pub use cached::CachingControlPlane;
 pub use model::*;
 pub use postgres::{Postgres, PostgresControlPlane};
 pub use slug::{environment_slug, guess_tier, TIERS};

@@ -443,7 +443,7 @@ async fn postgres_replicas_share_data_and_changes() {
 
     // A job finished through one replica stops working on another at once (its cache
     // is cleared by the notification, and the database says so anyway).
-    let cached_b = Cached::new(b.clone());
+    let cached_b = CachingControlPlane::new(b.clone());
     let (job, jt) = a
         .start_job(&StartJob {
             project: "acme/agents".into(),

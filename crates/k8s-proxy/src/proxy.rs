@@ -13,7 +13,7 @@ use kas_api::error::{Error, Failure};
 use kas_authz::{decide, Allowed, Decision, Identity, JobContext};
 use kas_controlplane::ControlPlane;
 use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, ResponseHead};
-use kas_router::Router;
+use kas_router::AgentRouter;
 use kas_tunnel::{headers, TunnelBody};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ pub trait ProxyObserver: Send + Sync {
 /// The Kubernetes API proxy for CI jobs.
 pub struct K8sProxy {
     cp: Arc<dyn ControlPlane>,
-    router: Arc<Router>,
+    router: Arc<AgentRouter>,
     opts: ProxyOptions,
 }
 
@@ -179,7 +179,11 @@ fn credentials<B>(req: &Request<B>) -> Option<String> {
 }
 
 impl K8sProxy {
-    pub fn new(cp: Arc<dyn ControlPlane>, router: Arc<Router>, opts: ProxyOptions) -> Arc<Self> {
+    pub fn new(
+        cp: Arc<dyn ControlPlane>,
+        router: Arc<AgentRouter>,
+        opts: ProxyOptions,
+    ) -> Arc<Self> {
         Arc::new(K8sProxy { cp, router, opts })
     }
 

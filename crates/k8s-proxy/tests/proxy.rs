@@ -11,7 +11,7 @@ use kas_k8s_proxy::{K8sProxy, ProxyOptions};
 use kas_proto::v1::{
     agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
 };
-use kas_router::Router;
+use kas_router::AgentRouter;
 use kas_tunnel::{
     outbound_channel, Inbound, OutboundStream, ReplicaGuard, ReplicaInfo, TunnelRegistry,
 };
@@ -59,7 +59,7 @@ async fn world() -> World {
         agent_wait: Duration::from_secs(5),
         ..Default::default()
     };
-    let proxy = K8sProxy::new(Arc::new(cp), Router::local(registry.clone()), opts);
+    let proxy = K8sProxy::new(Arc::new(cp), AgentRouter::local(registry.clone()), opts);
     World {
         proxy,
         registry,
@@ -112,7 +112,7 @@ fn connect(w: &World) -> (ReplicaGuard, FakeTunnel) {
     let (to_kas, rx) = mpsc::unbounded_channel();
     let inbound: Inbound = Box::pin(UnboundedReceiverStream::new(rx));
     w.registry
-        .offer(w.agent_id, guard.replica_key(), inbound, out);
+        .offer(w.agent_id, guard.connection_key(), inbound, out);
     (guard, FakeTunnel { from_kas, to_kas })
 }
 

@@ -16,7 +16,7 @@ use kas_controlplane::{AgentAuth, AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
 use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck};
 use kas_proto::{AGENT_VERSION_METADATA, REPLICA_ID_METADATA};
-use kas_router::{RateLimiter, Router};
+use kas_router::{AgentRouter, RateLimiter};
 use kas_tunnel::server::{check_protocol, first_message, Acceptor, Registered};
 use kas_tunnel::{ReplicaInfo, TunnelRegistry};
 use std::collections::HashMap;
@@ -45,7 +45,7 @@ pub struct AgentServiceOptions {
 /// Implements `kas.agent.v1.Agent`.
 pub struct AgentService {
     cp: Arc<dyn ControlPlane>,
-    router: Arc<Router>,
+    router: Arc<AgentRouter>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Takes the replicas' tunnels (and knows which replica each joins).
     tunnels: Arc<Acceptor>,
@@ -175,7 +175,7 @@ async fn recheck(cp: &dyn ControlPlane, connections: &Connections) {
 impl AgentService {
     pub fn new(
         cp: Arc<dyn ControlPlane>,
-        router: Arc<Router>,
+        router: Arc<AgentRouter>,
         metrics: Arc<crate::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
         opts: AgentServiceOptions,
@@ -475,7 +475,7 @@ impl Agent for AgentService {
                 meta,
             },
         );
-        let key = guard.replica_key().clone();
+        let key = guard.connection_key().clone();
         let registry = self.tunnels.registry().clone();
         registry.acknowledged(agent_id, &key, first.applied_version, None);
         let tunnels = self.tunnels.register(agent_id, &replica_id, key.clone());

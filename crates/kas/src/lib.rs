@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use kas_controlplane::ControlPlane;
 use kas_k8s_proxy::{K8sProxy, ProxyOptions};
 use kas_proto::v1::agent_server::AgentServer;
-use kas_router::{GatewayService, PrivateAuth, RedisOptions, RedisRegistry, Router};
+use kas_router::{AgentRouter, GatewayService, PrivateAuth, RedisOptions, RedisRegistry};
 use kas_tunnel::TunnelRegistry;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -93,7 +93,7 @@ pub struct Endpoints {
 /// A running kas. Dropping it does not stop it; call [`Kas::shutdown`].
 pub struct Kas {
     pub endpoints: Endpoints,
-    router: Arc<Router>,
+    router: Arc<AgentRouter>,
     shutdown: watch::Sender<bool>,
     /// The listeners; each task returns its listener's name.
     tasks: JoinSet<&'static str>,
@@ -231,7 +231,7 @@ impl Spawner {
         sh: &config::SharedConfig,
         private: TcpListener,
         registry: &Arc<TunnelRegistry>,
-    ) -> Result<(Arc<Router>, String), StartError> {
+    ) -> Result<(Arc<AgentRouter>, String), StartError> {
         let kas_id = format!("kas-{:08x}", rand::random::<u32>());
         let url = match &sh.private_url {
             Some(u) => u.clone(),
@@ -263,7 +263,7 @@ impl Spawner {
             svc,
             Serving::grpc(&config.limits.private, &config.agent),
         );
-        let router = Router::shared(registry.clone(), redis, &kas_id, &url, auth);
+        let router = AgentRouter::shared(registry.clone(), redis, &kas_id, &url, auth);
         Ok((router, kas_id))
     }
 
@@ -273,7 +273,7 @@ impl Spawner {
         &mut self,
         config: &Config,
         listener: TcpListener,
-        router: &Arc<Router>,
+        router: &Arc<AgentRouter>,
     ) -> Result<(), StartError> {
         let service = agents::AgentService::new(
             self.cp.clone(),
@@ -312,7 +312,7 @@ impl Spawner {
         config: &Config,
         listener: TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
-        router: &Arc<Router>,
+        router: &Arc<AgentRouter>,
     ) {
         let proxy = K8sProxy::new(
             self.cp.clone(),
@@ -366,7 +366,7 @@ impl Kas {
                 endpoints.kas_id = Some(kas_id);
                 router
             }
-            _ => Router::local(registry),
+            _ => AgentRouter::local(registry),
         };
         spawner.agent(&config, bound.agent, &router)?;
         spawner.proxy(&config, bound.proxy, proxy_tls, &router);

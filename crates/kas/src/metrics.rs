@@ -5,7 +5,7 @@
 use crate::listeners::{CloseReason, ListenerStats};
 use kas_api::error::Failure;
 use kas_k8s_proxy::{Observed, ProxyObserver};
-use kas_router::Router;
+use kas_router::AgentRouter;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -255,7 +255,7 @@ impl Metrics {
     }
 
     /// The text exposition, with the connection gauges read now.
-    pub fn render(&self, router: &Router) -> String {
+    pub fn render(&self, router: &AgentRouter) -> String {
         let snapshot = router.registry().snapshot();
         self.agents.set(snapshot.len() as i64);
         self.replicas

@@ -4,7 +4,9 @@
 use crate::config::{self, Config, ProxyTls};
 use crate::listeners::tls;
 use crate::StartError;
-use kas_controlplane::{Cached, ControlPlane, PostgresControlPlane, SqliteControlPlane};
+use kas_controlplane::{
+    CachingControlPlane, ControlPlane, PostgresControlPlane, SqliteControlPlane,
+};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,7 +139,7 @@ pub(crate) async fn open_control_plane(
             let pg = tokio::task::spawn_blocking(move || PostgresControlPlane::connect(&url))
                 .await
                 .map_err(|e| kas_controlplane::Error::Storage(Box::new(e)))??;
-            Arc::new(Cached::new(pg))
+            Arc::new(CachingControlPlane::new(pg))
         }
         None => {
             let path = config.data_dir.join("controlplane.sqlite");
@@ -146,7 +148,7 @@ pub(crate) async fn open_control_plane(
                 path: path.clone(),
                 source,
             })?;
-            let cp = Arc::new(Cached::new(SqliteControlPlane::open(&path)?));
+            let cp = Arc::new(CachingControlPlane::new(SqliteControlPlane::open(&path)?));
             restrict_data_files(&config.data_dir)?;
             cp
         }

@@ -1,7 +1,7 @@
 //! Which agents are connected, to this kas and (with a shared registry) to every other:
 //! what `kasctl agents`, the agents page and the application API list.
 
-use crate::Router;
+use crate::AgentRouter;
 use kas_api::admin::{ConnectedAgent, ConnectedReplica, ReplicaMeta};
 use kas_proto::v1::AgentMeta;
 
@@ -39,7 +39,7 @@ pub fn replica_meta(m: &AgentMeta) -> ReplicaMeta {
     }
 }
 
-impl Router {
+impl AgentRouter {
     /// Connected agents on this kas and, with a shared registry, on every other kas,
     /// each replica with a warning when its version is too far from kas's.
     pub async fn connected_agents(&self) -> Vec<ConnectedAgent> {

@@ -1,9 +1,9 @@
-//! Dispatching one request to an agent: a tunnel from [`Router::acquire`], the
+//! Dispatching one request to an agent: a tunnel from [`AgentRouter::acquire`], the
 //! exchange through it, and a retry on another tunnel when one breaks before the
 //! agent answered and the request can be sent again. Every surface that reaches an
 //! agent (the CI proxy, the application API, the agents page) goes through here.
 
-use crate::Router;
+use crate::AgentRouter;
 use bytes::Bytes;
 use http_body::Body;
 use http_body_util::Empty;
@@ -50,7 +50,7 @@ impl From<DispatchError> for Error {
     }
 }
 
-impl Router {
+impl AgentRouter {
     /// Sends one request to `agent_id` and waits for the response head. A request
     /// without a body (`replayable`) is retried on another tunnel when one breaks
     /// before the agent answered.

@@ -1,16 +1,16 @@
 //! Request routing: which kas holds which agent connection, and how a request that
 //! entered one kas reaches an agent connected to another.
 //!
-//! A single kas routes only to its own connections ([`Router::local`]). With Redis
-//! ([`Router::shared`]) every kas records its connections in a shared registry
+//! A single kas routes only to its own connections ([`AgentRouter::local`]). With Redis
+//! ([`AgentRouter::shared`]) every kas records its connections in a shared registry
 //! ([`redis`]); a kas that receives a request for an agent it does not hold (the
 //! routing kas) picks a connection from the registry and forwards the exchange over
 //! the private API to the kas holding it (the gateway kas, [`private`]), which uses
 //! exactly that connection. A request for an agent connected nowhere waits, woken by
 //! the registry's pub/sub event the moment the agent connects anywhere.
 //!
-//! [`Router::dispatch`] sends one request through the chosen tunnel (retrying on
-//! another when one breaks before the answer); [`Router::connected_agents`] lists the
+//! [`AgentRouter::dispatch`] sends one request through the chosen tunnel (retrying on
+//! another when one breaks before the answer); [`AgentRouter::connected_agents`] lists the
 //! agents connected anywhere. It does not authenticate clients or authorize jobs;
 //! that happens before routing.
 
@@ -40,7 +40,7 @@ struct Shared {
 }
 
 /// Picks a tunnel for a request: local first, then another kas; see the crate docs.
-pub struct Router {
+pub struct AgentRouter {
     local: Arc<TunnelRegistry>,
     shared: Option<Shared>,
 }
@@ -55,8 +55,8 @@ pub struct Registration {
 
 impl Registration {
     /// The connection key (what the private API names).
-    pub fn replica_key(&self) -> &Arc<str> {
-        self.local.replica_key()
+    pub fn connection_key(&self) -> &Arc<str> {
+        self.local.connection_key()
     }
 
     /// Records what the replica reported about itself (shared with the next refresh).
@@ -74,17 +74,17 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some((redis, c)) = &self.shared {
-            redis.unregister(c.agent_id, self.local.replica_key());
+            redis.unregister(c.agent_id, self.local.connection_key());
         }
     }
 }
 
 use kas_api::clock::unix_secs as unix_now;
 
-impl Router {
+impl AgentRouter {
     /// One kas on its own: only local connections.
-    pub fn local(registry: Arc<TunnelRegistry>) -> Arc<Router> {
-        Arc::new(Router {
+    pub fn local(registry: Arc<TunnelRegistry>) -> Arc<AgentRouter> {
+        Arc::new(AgentRouter {
             local: registry,
             shared: None,
         })
@@ -98,8 +98,8 @@ impl Router {
         kas_id: &str,
         kas_url: &str,
         auth: Arc<PrivateAuth>,
-    ) -> Arc<Router> {
-        Arc::new(Router {
+    ) -> Arc<AgentRouter> {
+        Arc::new(AgentRouter {
             local: registry,
             shared: Some(Shared {
                 kas_id: kas_id.to_string(),
@@ -125,7 +125,7 @@ impl Router {
         let shared = self.shared.as_ref().map(|s| {
             let c = Connection {
                 agent_id,
-                connection: local.replica_key().to_string(),
+                connection: local.connection_key().to_string(),
                 kas_id: s.kas_id.clone(),
                 kas_url: s.kas_url.clone(),
                 replica_id: info.replica_id.clone(),

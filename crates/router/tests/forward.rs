@@ -85,7 +85,7 @@ async fn gateway() -> Gw {
             meta: Default::default(),
         },
     );
-    let key = replica.replica_key().clone();
+    let key = replica.connection_key().clone();
     offer_tunnel(&registry, &key);
     offer_tunnel(&registry, &key);
     let (stop, stop_rx) = watch::channel(false);

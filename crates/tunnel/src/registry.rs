@@ -169,7 +169,7 @@ impl Drop for ReplicaGuard {
 }
 
 impl ReplicaGuard {
-    pub fn replica_key(&self) -> &Arc<str> {
+    pub fn connection_key(&self) -> &Arc<str> {
         &self.replica
     }
 }

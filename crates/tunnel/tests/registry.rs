@@ -68,7 +68,7 @@ fn offer(reg: &Arc<TunnelRegistry>, guard: &ReplicaGuard) -> FakeTunnel {
     let (out, from_kas) = outbound_channel(8);
     let (to_kas, rx) = mpsc::unbounded_channel();
     let inbound: Inbound = Box::pin(UnboundedReceiverStream::new(rx));
-    reg.offer(AGENT, guard.replica_key(), inbound, out);
+    reg.offer(AGENT, guard.connection_key(), inbound, out);
     FakeTunnel { from_kas, to_kas }
 }
 
@@ -153,8 +153,8 @@ async fn idle_tunnels_are_used_in_the_order_offered_across_replicas() {
     let wait = Duration::from_secs(1);
     let t1 = reg.acquire(AGENT, wait).await.expect("tunnel");
     let t2 = reg.acquire(AGENT, wait).await.expect("tunnel");
-    assert_eq!(t1.replica(), &**a.replica_key());
-    assert_eq!(t2.replica(), &**b.replica_key());
+    assert_eq!(t1.replica(), &**a.connection_key());
+    assert_eq!(t2.replica(), &**b.connection_key());
     assert_eq!(counts(&reg), (0, 2));
 }
 
@@ -255,7 +255,7 @@ async fn a_replica_that_disconnects_takes_its_idle_tunnels_along() {
     let b = reg.add_replica(AGENT, replica("b"));
     let _ta = offer(&reg, &a);
     let _tb = offer(&reg, &b);
-    let b_key = b.replica_key().clone();
+    let b_key = b.connection_key().clone();
     drop(a);
     assert_eq!(counts(&reg), (1, 0));
     assert_eq!(reg.connection_keys(AGENT), vec![b_key.clone()]);
@@ -265,7 +265,7 @@ async fn a_replica_that_disconnects_takes_its_idle_tunnels_along() {
     assert!(reg.snapshot().is_empty());
     // A tunnel offered for a replica that is gone is refused (and closed).
     let late = reg.add_replica(AGENT, replica("c"));
-    let key = late.replica_key().clone();
+    let key = late.connection_key().clone();
     drop(late);
     let (out, mut from_kas) = outbound_channel(8);
     let (_to_kas, rx) = mpsc::unbounded_channel();
@@ -282,10 +282,10 @@ async fn the_same_replica_reconnecting_gets_a_distinct_key() {
     let reg = TunnelRegistry::new();
     let old = reg.add_replica(AGENT, replica("a"));
     let new = reg.add_replica(AGENT, replica("a"));
-    assert_ne!(old.replica_key(), new.replica_key());
+    assert_ne!(old.connection_key(), new.connection_key());
     let _t = offer(&reg, &new);
     // The old connection's teardown does not take the new one's tunnels.
     drop(old);
     assert!(reg.is_connected(AGENT));
-    assert!(reg.try_acquire_from(AGENT, new.replica_key()).is_some());
+    assert!(reg.try_acquire_from(AGENT, new.connection_key()).is_some());
 }

@@ -16,7 +16,7 @@ use kas_api::audit::{AdminKind, AdminRecord, AuditEntry, AuditQuery};
 use kas_api::error::Error;
 use kas_api::{Agent, AgentToken, EnvironmentRecord, Group, Job, JobStatus, Project};
 use kas_controlplane::{ControlPlane, Error as CpError, StartJob};
-use kas_router::Router as KasRouter;
+use kas_router::AgentRouter;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 /// Shared state of the admin API.
 pub struct AdminState {
     pub cp: Arc<dyn ControlPlane>,
-    pub router: Arc<KasRouter>,
+    pub router: Arc<AgentRouter>,
     /// The audit trail: admin actions are recorded in it, and `kasctl audit` reads it.
     pub audit: Arc<crate::audit::AuditLog>,
     pub admin_token_hash: [u8; 32],

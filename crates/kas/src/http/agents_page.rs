@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use kas_cache::{CacheOptions, Cached, ReactiveCache};
 use kas_controlplane::ControlPlane;
 use kas_proto::v1::RequestHead;
-use kas_router::Router as KasRouter;
+use kas_router::AgentRouter;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,7 @@ type PodCounts = BTreeMap<String, usize>;
 /// What the page needs.
 pub struct PageState {
     pub cp: Arc<dyn ControlPlane>,
-    pub router: Arc<KasRouter>,
+    pub router: Arc<AgentRouter>,
     pub admin_token_hash: [u8; 32],
     pods: ReactiveCache<u64, PodCounts, CountError>,
     /// agent id -> unix seconds this kas last saw it connected (anywhere).
@@ -54,7 +54,7 @@ enum CountError {
 }
 
 /// Pods per namespace, listed through the agent as the agent itself.
-async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, CountError> {
+async fn count_pods(router: Arc<AgentRouter>, agent_id: u64) -> Result<PodCounts, CountError> {
     let head = RequestHead {
         method: "GET".into(),
         path_and_query: "/api/v1/pods".into(),
@@ -100,7 +100,7 @@ async fn count_pods(router: Arc<KasRouter>, agent_id: u64) -> Result<PodCounts, 
 impl PageState {
     pub fn new(
         cp: Arc<dyn ControlPlane>,
-        router: Arc<KasRouter>,
+        router: Arc<AgentRouter>,
         admin_token_hash: [u8; 32],
     ) -> Self {
         let r = router.clone();

@@ -25,7 +25,7 @@ use kas_api::application::AgentState;
 use kas_api::error::{Error, Failure};
 use kas_controlplane::ControlPlane;
 use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, Service};
-use kas_router::Router as KasRouter;
+use kas_router::AgentRouter;
 use kas_tunnel::headers;
 use serde::Serialize;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ pub use kas_api::application::AUDIENCE;
 /// What the application API needs.
 pub struct AppState {
     pub cp: Arc<dyn ControlPlane>,
-    pub router: Arc<KasRouter>,
+    pub router: Arc<AgentRouter>,
     pub decoding: DecodingKey,
     /// Built once: HS256, audience `kas-application`, `exp` required.
     pub validation: Validation,

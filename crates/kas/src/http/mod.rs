@@ -12,13 +12,13 @@ pub mod private;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use kas_controlplane::ControlPlane;
-use kas_router::Router as KasRouter;
+use kas_router::AgentRouter;
 use std::sync::Arc;
 
 /// What the API listener's routes share.
 pub struct ApiParts {
     pub cp: Arc<dyn ControlPlane>,
-    pub router: Arc<KasRouter>,
+    pub router: Arc<AgentRouter>,
     pub audit: Arc<AuditLog>,
     pub admin_token_hash: [u8; 32],
     pub k8s_proxy_url: String,

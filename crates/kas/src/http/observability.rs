@@ -5,12 +5,12 @@ use crate::metrics::Metrics;
 use axum::http::StatusCode;
 use axum::routing::get;
 use kas_controlplane::ControlPlane;
-use kas_router::Router as KasRouter;
+use kas_router::AgentRouter;
 use std::sync::Arc;
 
 pub fn router(
     cp: Arc<dyn ControlPlane>,
-    router: Arc<KasRouter>,
+    router: Arc<AgentRouter>,
     metrics: Arc<Metrics>,
 ) -> axum::Router {
     let r = router.clone();
@@ -34,7 +34,7 @@ pub fn router(
         .route("/readyz", get(move || ready(cp.clone(), router.clone())))
 }
 
-async fn ready(cp: Arc<dyn ControlPlane>, router: Arc<KasRouter>) -> (StatusCode, &'static str) {
+async fn ready(cp: Arc<dyn ControlPlane>, router: Arc<AgentRouter>) -> (StatusCode, &'static str) {
     if !router.ready().await {
         tracing::warn!("not ready: shared agent registry (Redis) unusable");
         return (

@@ -8,17 +8,11 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use kas_controlplane::{ControlPlane, SqliteControlPlane, StartJob};
 use kas_k8s_proxy::{K8sProxy, ProxyOptions};
-use kas_proto::v1::{
-    agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
-};
 use kas_router::AgentRouter;
-use kas_tunnel::{
-    outbound_channel, Inbound, OutboundStream, ReplicaGuard, ReplicaInfo, TunnelRegistry,
-};
+use kas_tunnel::testing::{self, FakeAgentEnd};
+use kas_tunnel::{ReplicaGuard, ReplicaInfo, TunnelRegistry};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 const CONFIG: &str =
@@ -69,36 +63,7 @@ async fn world() -> World {
     }
 }
 
-/// The agent's end of one tunnel.
-struct FakeTunnel {
-    from_kas: OutboundStream,
-    to_kas: mpsc::UnboundedSender<Result<AgentFrame, tonic::Status>>,
-}
-
-impl FakeTunnel {
-    async fn request(&mut self) -> RequestHead {
-        match self.from_kas.next().await {
-            Some(Ok(ServerFrame {
-                msg: Some(server_frame::Msg::RequestHead(h)),
-            })) => h,
-            other => panic!("expected a request head, got {other:?}"),
-        }
-    }
-
-    fn respond(&self, status: u32, body: &'static str) {
-        let head = ResponseHead {
-            status,
-            body: Bytes::from_static(body.as_bytes()),
-            end_of_body: true,
-            ..Default::default()
-        };
-        let _ = self.to_kas.send(Ok(AgentFrame {
-            msg: Some(agent_frame::Msg::ResponseHead(head)),
-        }));
-    }
-}
-
-fn connect(w: &World) -> (ReplicaGuard, FakeTunnel) {
+fn connect(w: &World) -> (ReplicaGuard, FakeAgentEnd) {
     let guard = w.registry.add_replica(
         w.agent_id,
         ReplicaInfo {
@@ -108,12 +73,10 @@ fn connect(w: &World) -> (ReplicaGuard, FakeTunnel) {
             meta: Default::default(),
         },
     );
-    let (out, from_kas) = outbound_channel(8);
-    let (to_kas, rx) = mpsc::unbounded_channel();
-    let inbound: Inbound = Box::pin(UnboundedReceiverStream::new(rx));
+    let (inbound, out, agent) = testing::tunnel();
     w.registry
         .offer(w.agent_id, guard.connection_key(), inbound, out);
-    (guard, FakeTunnel { from_kas, to_kas })
+    (guard, agent)
 }
 
 fn request(path: &str, authorization: Option<&str>) -> Request<Full<Bytes>> {

@@ -29,7 +29,11 @@ mod body;
 pub mod frame;
 pub mod headers;
 mod registry;
+#[cfg(test)]
+mod registry_tests;
 pub mod server;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use body::TunnelBody;
 pub use frame::{pump_body, splice, FrameSink, PumpError};

@@ -102,7 +102,7 @@ fn count_setting(
 }
 
 /// A duration setting: `default` when absent, the problem recorded when invalid.
-fn duration_setting(
+pub(super) fn duration_setting(
     name: &str,
     value: &Option<String>,
     default: Duration,
@@ -113,7 +113,10 @@ fn duration_setting(
         None => default,
         Some(Ok(d)) if d >= min => d,
         Some(Ok(_)) => {
-            errors.push(format!("{name} must be at least {min:?}"));
+            errors.push(format!(
+                "{name} must be at least {}",
+                humantime::format_duration(min)
+            ));
             default
         }
         Some(Err(e)) => {

@@ -419,13 +419,13 @@ fn proxy_settings(cli: &Cli, file: &FileConfig, errors: &mut Vec<String>) -> Pro
             )),
         }
     }
-    let agent_wait_timeout = match &file.k8s_proxy.agent_wait_timeout {
-        None => Duration::from_secs(20),
-        Some(s) => parse_duration(s).unwrap_or_else(|e| {
-            errors.push(format!("k8s_proxy.agent_wait_timeout: {e}"));
-            Duration::from_secs(20)
-        }),
-    };
+    let agent_wait_timeout = limits::duration_setting(
+        "k8s_proxy.agent_wait_timeout",
+        &file.k8s_proxy.agent_wait_timeout,
+        Duration::from_secs(20),
+        Duration::ZERO,
+        errors,
+    );
     ProxySettings {
         agent_tls,
         k8s_proxy_tls,
@@ -448,18 +448,13 @@ fn shared_settings(
             mask_url(&url)
         ));
     }
-    let expiry = match file.redis.expiry.as_deref().map(parse_duration) {
-        None => Duration::from_secs(60),
-        Some(Ok(d)) if d >= Duration::from_secs(1) => d,
-        Some(Ok(_)) => {
-            errors.push("redis.expiry must be at least 1s".into());
-            Duration::from_secs(60)
-        }
-        Some(Err(e)) => {
-            errors.push(format!("redis.expiry: {e}"));
-            Duration::from_secs(60)
-        }
-    };
+    let expiry = limits::duration_setting(
+        "redis.expiry",
+        &file.redis.expiry,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        errors,
+    );
     let secret = match &file.private.secret_file {
         None => {
             errors.push("private.secret_file is required with redis.url: the kas replicas authenticate each other with it".into());

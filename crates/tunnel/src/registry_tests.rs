@@ -1,58 +1,17 @@
-//! The tunnel registry in memory, with tokio's clock paused: agents are fake ends
+//! Tests of the tunnel registry in memory, with tokio's clock paused: agents are fake ends
 //! made of channels, so waiting, handing over, reuse, busy counts and cancellation are
 //! checked exactly, without sockets and without real time passing.
 
+use crate::testing::{self, FakeAgentEnd};
+use crate::{AcquireError, ReplicaGuard, ReplicaInfo, TunnelRegistry};
 use bytes::Bytes;
 use http_body_util::Empty;
-use kas_proto::v1::{
-    agent_frame, server_frame, AgentFrame, RequestHead, ResponseHead, ServerFrame,
-};
-use kas_tunnel::{
-    outbound_channel, AcquireError, Inbound, OutboundStream, ReplicaGuard, ReplicaInfo,
-    TunnelRegistry,
-};
+use kas_proto::v1::{agent_frame, RequestHead, ResponseHead};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 const AGENT: u64 = 7;
-
-/// The agent's end of one tunnel: what kas sends arrives on `from_kas`; frames sent
-/// on `to_kas` are what kas reads.
-struct FakeTunnel {
-    from_kas: OutboundStream,
-    to_kas: mpsc::UnboundedSender<Result<AgentFrame, tonic::Status>>,
-}
-
-impl FakeTunnel {
-    /// Reads the next request head kas sent.
-    async fn request(&mut self) -> RequestHead {
-        match self.from_kas.next().await {
-            Some(Ok(ServerFrame {
-                msg: Some(server_frame::Msg::RequestHead(h)),
-            })) => h,
-            other => panic!("expected a request head, got {other:?}"),
-        }
-    }
-
-    /// Answers with a whole small response in the head.
-    fn respond(&self, status: u32, body: &str) {
-        let head = ResponseHead {
-            status,
-            body: Bytes::copy_from_slice(body.as_bytes()),
-            end_of_body: true,
-            ..Default::default()
-        };
-        self.send(agent_frame::Msg::ResponseHead(head));
-    }
-
-    fn send(&self, msg: agent_frame::Msg) {
-        // The kas end may be gone already; that is what some tests check.
-        let _ = self.to_kas.send(Ok(AgentFrame { msg: Some(msg) }));
-    }
-}
 
 fn replica(id: &str) -> ReplicaInfo {
     ReplicaInfo {
@@ -64,12 +23,10 @@ fn replica(id: &str) -> ReplicaInfo {
 }
 
 /// Offers one tunnel of `guard`'s replica; returns the agent's end of it.
-fn offer(reg: &Arc<TunnelRegistry>, guard: &ReplicaGuard) -> FakeTunnel {
-    let (out, from_kas) = outbound_channel(8);
-    let (to_kas, rx) = mpsc::unbounded_channel();
-    let inbound: Inbound = Box::pin(UnboundedReceiverStream::new(rx));
+fn offer(reg: &Arc<TunnelRegistry>, guard: &ReplicaGuard) -> FakeAgentEnd {
+    let (inbound, out, agent) = testing::tunnel();
     reg.offer(AGENT, guard.connection_key(), inbound, out);
-    FakeTunnel { from_kas, to_kas }
+    agent
 }
 
 fn get(path: &str) -> RequestHead {
@@ -267,12 +224,11 @@ async fn a_replica_that_disconnects_takes_its_idle_tunnels_along() {
     let late = reg.add_replica(AGENT, replica("c"));
     let key = late.connection_key().clone();
     drop(late);
-    let (out, mut from_kas) = outbound_channel(8);
-    let (_to_kas, rx) = mpsc::unbounded_channel();
-    reg.offer(AGENT, &key, Box::pin(UnboundedReceiverStream::new(rx)), out);
+    let (inbound, out, mut agent) = testing::tunnel();
+    reg.offer(AGENT, &key, inbound, out);
     assert!(reg.snapshot().is_empty());
     assert!(
-        from_kas.next().await.is_none(),
+        agent.from_kas.next().await.is_none(),
         "the refused tunnel is closed"
     );
 }

@@ -18,6 +18,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use kas_api::admin;
 use kas_test_support::fixture::{wait_for, Env};
 use kas_test_support::http as tclient;
 use kas_test_support::procs::proc_status_kib;
@@ -449,16 +450,19 @@ impl Setup {
             .build_http::<Full<Bytes>>();
         let mut tokens = Vec::with_capacity(n);
         for i in 0..n {
-            let req = hyper::Request::post(format!("{api}/api/v1/agents"))
-                .header("authorization", format!("Bearer {admin}"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(format!(
-                    r#"{{"project":"bench/agents","name":"idle-{i}"}}"#
-                ))))?;
+            let create = admin::AgentName {
+                project: "bench/agents".into(),
+                name: format!("idle-{i}"),
+            };
+            let req =
+                hyper::Request::post(format!("{api}{}{}", admin::PREFIX, admin::paths::AGENTS))
+                    .header("authorization", format!("Bearer {admin}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(serde_json::to_vec(&create)?)))?;
             let resp = admin_c.request(req).await?;
-            let v: serde_json::Value =
+            let created: admin::CreatedAgent =
                 serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
-            tokens.push(v["token"].as_str().context("token")?.to_string());
+            tokens.push(created.token);
         }
         let access = agentk::ClusterAccess::from_kubeconfig(kubeconfig, None)?;
         let upstream = Arc::new(agentk::Upstream::new(access)?);
@@ -491,13 +495,13 @@ impl Setup {
                 || {
                     let out =
                         kas_test_support::procs::kasctl_raw(&check, &["agents", "-o", "json"]);
-                    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-                    let idle = v
-                        .as_array()?
+                    let agents: Vec<admin::NamedConnectedAgent> =
+                        serde_json::from_slice(&out.stdout).ok()?;
+                    let idle = agents
                         .iter()
                         .filter(|a| {
-                            a["name"].as_str().is_some_and(|s| s.starts_with("idle-"))
-                                && a["idle_tunnels"].as_u64() == Some(idle_per_agent)
+                            a.name.starts_with("idle-")
+                                && a.state.idle_tunnels as u64 == idle_per_agent
                         })
                         .count();
                     if progress_tick() {

@@ -31,6 +31,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use kas_api::clock::unix_secs;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,11 +120,9 @@ struct Signer {
     current: Mutex<Option<(String, u64)>>,
 }
 
-use kas_api::clock::unix_secs as unix_now;
-
 impl Signer {
     fn token(&self) -> Result<String> {
-        let now = unix_now();
+        let now = unix_secs();
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((t, exp)) = cur.as_ref() {
             if *exp > now + TOKEN_LIFETIME.as_secs() / 2 {

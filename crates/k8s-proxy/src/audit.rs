@@ -17,8 +17,6 @@ pub trait AuditSink: Send + Sync {
     fn record(&self, record: AuditRecord);
 }
 
-pub use kas_api::clock::unix_secs_f64 as now_unix;
-
 /// The Kubernetes verb of a request (as the API server's audit log names it).
 pub fn verb(method: &str, path_and_query: &str) -> &'static str {
     let (path, query) = path_and_query

@@ -209,7 +209,7 @@ impl K8sProxy {
     {
         let ctx = Ctx {
             started: Instant::now(),
-            arrived: crate::audit::now_unix(),
+            arrived: kas_api::clock::unix_secs_f64(),
             request_id: format!("{:016x}", rand::random::<u64>()),
         };
         let authorized = match self.authenticate(&req, &ctx).await {

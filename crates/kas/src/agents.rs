@@ -210,7 +210,7 @@ impl AgentService {
         let token = md
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::bearer)
+            .and_then(kas_api::bearer_token)
             .ok_or_else(|| {
                 Status::unauthenticated("missing agent token (authorization: Bearer <token>)")
             })?;

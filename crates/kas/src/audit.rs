@@ -90,11 +90,6 @@ impl AuditLog {
     }
 }
 
-/// Seconds since the epoch, with fractions.
-pub fn now_unix() -> f64 {
-    kas_k8s_proxy::audit::now_unix()
-}
-
 impl AuditSink for AuditLog {
     fn record(&self, record: AuditRecord) {
         self.write(&record);

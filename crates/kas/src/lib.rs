@@ -102,8 +102,6 @@ pub struct Kas {
     flush: Vec<kas_telemetry::batch::Flush>,
 }
 
-pub(crate) use kas_api::bearer_token as bearer;
-
 async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await

@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result};
 use comfy_table::{presets, Table};
+use kas_api::clock::unix_secs;
 use serde::Serialize;
 use std::path::Path;
 
@@ -39,11 +40,9 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     println!("{}", t.trim_fmt());
 }
 
-pub use kas_api::clock::unix_secs as unix_now;
-
 /// How long ago `secs` (unix seconds) was, briefly: `42s`, `5m`, `3h`.
 pub fn since(secs: u64) -> String {
-    let d = unix_now().saturating_sub(secs);
+    let d = unix_secs().saturating_sub(secs);
     match d {
         0..=119 => format!("{d}s"),
         120..=7199 => format!("{}m", d / 60),

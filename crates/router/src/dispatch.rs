@@ -79,7 +79,7 @@ impl AgentRouter {
                     AcquireError::NotConnected => DispatchError::NotConnected(agent_id),
                     AcquireError::NoFreeTunnel => DispatchError::NoFreeTunnel(agent_id),
                 })?;
-            let label: Arc<str> = Arc::from(tunnel.replica());
+            let label = tunnel.connection_key().clone();
             let res = if replayable {
                 tunnel.round_trip(head.clone(), Empty::<Bytes>::new()).await
             } else {

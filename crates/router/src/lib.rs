@@ -26,6 +26,7 @@ pub use private::{ForwardStats, GatewayService, OpenError, Peers, PrivateAuth};
 pub use rate::RateLimiter;
 pub use redis::{Connection, Event, RedisError, RedisOptions, RedisRegistry};
 
+use kas_api::clock::unix_secs;
 use kas_tunnel::{AcquireError, ReplicaGuard, ReplicaInfo, Tunnel, TunnelRegistry};
 use rand::seq::SliceRandom;
 use std::sync::Arc;
@@ -79,8 +80,6 @@ impl Drop for Registration {
     }
 }
 
-use kas_api::clock::unix_secs as unix_now;
-
 impl AgentRouter {
     /// One kas on its own: only local connections.
     pub fn local(registry: Arc<TunnelRegistry>) -> Arc<AgentRouter> {
@@ -130,7 +129,7 @@ impl AgentRouter {
                 kas_url: s.kas_url.clone(),
                 replica_id: info.replica_id.clone(),
                 agent_version: info.agent_version.clone(),
-                since: unix_now(),
+                since: unix_secs(),
                 meta: replica_meta(&info.meta),
             };
             s.redis.register(c.clone());

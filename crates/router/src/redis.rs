@@ -20,6 +20,7 @@
 //! keys or publish run as Lua scripts (atomic). Redis being down degrades routing to
 //! local connections; nothing on the request path polls.
 
+use kas_api::clock::unix_millis;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
@@ -139,8 +140,6 @@ impl Event {
     }
 }
 
-use kas_api::clock::unix_millis as now_ms;
-
 enum Command {
     Register(Connection),
     Unregister { agent_id: u64, connection: String },
@@ -233,7 +232,7 @@ impl RedisRegistry {
     }
 
     fn value(&self, c: &Connection) -> String {
-        let exp = now_ms() + self.opts.expiry.as_millis() as u64;
+        let exp = unix_millis() + self.opts.expiry.as_millis() as u64;
         format!("{exp} {}", serde_json::to_string(c).unwrap_or_default())
     }
 
@@ -407,7 +406,7 @@ impl RedisRegistry {
             let n: u64 = self
                 .sweep_script
                 .key(&key)
-                .arg(now_ms())
+                .arg(unix_millis())
                 .invoke_async(&mut conn)
                 .await?;
             removed += n;
@@ -480,7 +479,7 @@ impl RedisRegistry {
 }
 
 fn live(values: impl Iterator<Item = String>) -> Vec<Connection> {
-    let now = now_ms();
+    let now = unix_millis();
     values
         .filter_map(|v| {
             let (exp, json) = v.split_once(' ')?;

@@ -5,6 +5,7 @@ use crate::frame::{pump_body, PumpError};
 use crate::ExchangeError;
 use crate::Inbound;
 use bytes::Bytes;
+use kas_api::clock::unix_secs;
 use kas_proto::v1::{
     agent_frame, server_frame, AgentFrame, AgentMeta, RequestHead, ResponseHead, ServerFrame,
 };
@@ -174,8 +175,6 @@ impl ReplicaGuard {
     }
 }
 
-use kas_api::clock::unix_secs as unix_now;
-
 impl TunnelRegistry {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
@@ -196,7 +195,7 @@ impl TunnelRegistry {
             key.clone(),
             ReplicaState {
                 info,
-                since: unix_now(),
+                since: unix_secs(),
                 config_version: 0,
             },
         );
@@ -486,8 +485,8 @@ impl Tunnel {
         self.agent_id
     }
 
-    /// The replica key the tunnel belongs to.
-    pub fn replica(&self) -> &str {
+    /// The connection key the tunnel belongs to (for a pooled tunnel, its label).
+    pub fn connection_key(&self) -> &Arc<str> {
         &self.replica
     }
 

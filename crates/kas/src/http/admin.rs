@@ -106,7 +106,7 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::bearer)
+        .and_then(kas_api::bearer_token)
         .ok_or_else(|| {
             ApiError(Error::unauthenticated(
                 "missing admin token (Authorization: Bearer <token>)",
@@ -203,7 +203,7 @@ async fn audit_admin(
         .unwrap_or_default();
     let code = resp.status().as_u16();
     let r = AdminRecord {
-        time: crate::audit::now_unix(),
+        time: kas_api::clock::unix_secs_f64(),
         kind: AdminKind::Admin,
         actor: actor.as_ref().map(|a| a.token_id.clone()),
         peer: actor.and_then(|a| a.peer),

@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use kas_api::clock::unix_secs;
 use kas_cache::{CacheOptions, Cached, ReactiveCache};
 use kas_controlplane::ControlPlane;
 use kas_proto::v1::RequestHead;
@@ -36,8 +37,6 @@ pub struct PageState {
     /// agent id -> unix seconds this kas last saw it connected (anywhere).
     last_seen: Mutex<HashMap<u64, u64>>,
 }
-
-use kas_api::clock::unix_secs as unix_now;
 
 /// Why an agent's pods could not be counted: shown on the page as a code, never the
 /// cluster's words.
@@ -129,7 +128,7 @@ impl PageState {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::bearer);
+            .and_then(kas_api::bearer_token);
         let cookie = headers
             .get_all(header::COOKIE)
             .iter()
@@ -190,7 +189,7 @@ pub async fn page(
         }
     };
     let connected = s.router.connected_agents().await;
-    let now = unix_now();
+    let now = unix_secs();
     let mut rows = String::new();
     let mut loading = false;
     for a in &agents {

@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use kas_api::application::AgentState;
+use kas_api::clock::unix_secs;
 use kas_api::error::{Error, Failure};
 use kas_controlplane::ControlPlane;
 use kas_proto::v1::{ExtraValues, Impersonation, RequestHead, Service};
@@ -147,7 +148,7 @@ async fn auth(
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::bearer);
+        .and_then(kas_api::bearer_token);
     match token.map(|t| {
         jsonwebtoken::decode::<serde_json::Value>(t.trim(), &state.decoding, &state.validation)
     }) {
@@ -300,8 +301,6 @@ async fn service(State(s): State<Arc<AppState>>, req: Request) -> Response {
     forward(s, id, target, Some(svc), None, path, req).await
 }
 
-use kas_api::clock::unix_secs as unix_now;
-
 async fn forward(
     s: Arc<AppState>,
     agent_id: u64,
@@ -321,7 +320,7 @@ async fn forward(
         .to_string();
     let record = |status: u16, code: Option<&str>| {
         s.log.record(&Record {
-            time: unix_now(),
+            time: unix_secs(),
             agent_id,
             target: &target,
             method: &method,
@@ -387,8 +386,6 @@ async fn forward(
 mod tests {
     use super::*;
 
-    use kas_api::clock::unix_secs as now;
-
     fn check(claims: serde_json::Value) -> bool {
         let key = b"application-secret-of-at-least-32-bytes!";
         let t = jsonwebtoken::encode(
@@ -403,7 +400,7 @@ mod tests {
 
     #[test]
     fn tokens_are_refused_before_their_nbf_and_after_their_exp() {
-        let (n, aud) = (now(), AUDIENCE);
+        let (n, aud) = (unix_secs(), AUDIENCE);
         assert!(check(serde_json::json!({"aud": aud, "exp": n + 60})));
         assert!(check(
             serde_json::json!({"aud": aud, "exp": n + 60, "nbf": n - 5})

@@ -2,9 +2,10 @@
 
 use crate::cli::AuditArgs;
 use crate::client::AdminClient;
-use crate::output::{since, table, unix_now, Out};
+use crate::output::{since, table, Out};
 use anyhow::{bail, Result};
 use kas_api::audit::{AdminRecord, AuditEntry, AuditQuery, RequestRecord};
+use kas_api::clock::unix_secs;
 
 pub async fn audit(api: &AdminClient, a: AuditArgs, out: Out) -> Result<()> {
     let q = AuditQuery {
@@ -88,5 +89,5 @@ fn parse_since(v: &str) -> Result<f64> {
         Ok(d) => d,
         Err(_) => bail!(bad()),
     };
-    Ok(unix_now().saturating_sub(d.as_secs()) as f64)
+    Ok(unix_secs().saturating_sub(d.as_secs()) as f64)
 }

@@ -3,6 +3,7 @@
 //! replica's.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use kas_api::clock::unix_secs;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -49,8 +50,6 @@ impl std::fmt::Debug for PrivateAuth {
     }
 }
 
-use kas_api::clock::unix_secs as now;
-
 impl PrivateAuth {
     pub fn new(secret: &[u8], kas_id: &str) -> Result<Self, SecretError> {
         if secret.len() < 32 {
@@ -73,7 +72,7 @@ impl PrivateAuth {
 
     /// A token for calls to other replicas (cached while comfortably valid).
     pub fn token(&self) -> String {
-        let t = now();
+        let t = unix_secs();
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((tok, exp)) = cur.as_ref() {
             if *exp > t + LIFETIME.as_secs() / 2 {
@@ -134,20 +133,23 @@ mod tests {
                 iss: ISSUER.into(),
                 aud: AUDIENCE.into(),
                 sub: "kas-a".into(),
-                iat: now(),
-                exp: now() + 600,
+                iat: unix_secs(),
+                exp: unix_secs() + 600,
                 nbf: Some(nbf),
             };
             let t = jsonwebtoken::encode(&Header::default(), &c, &EncodingKey::from_secret(&key))
                 .expect("sign");
             format!("Bearer {t}")
         };
-        assert!(v.verify(Some(&sign(now() + 300))).is_err(), "future nbf");
         assert!(
-            v.verify(Some(&sign(now() + 2))).is_ok(),
+            v.verify(Some(&sign(unix_secs() + 300))).is_err(),
+            "future nbf"
+        );
+        assert!(
+            v.verify(Some(&sign(unix_secs() + 2))).is_ok(),
             "within the leeway"
         );
-        assert!(v.verify(Some(&sign(now() - 10))).is_ok());
+        assert!(v.verify(Some(&sign(unix_secs() - 10))).is_ok());
     }
 
     #[test]
@@ -167,13 +169,19 @@ mod tests {
                 .expect("sign")
         };
         assert!(v
-            .verify(Some(&format!("Bearer {}", sign(AUDIENCE, now() + 60))))
+            .verify(Some(&format!(
+                "Bearer {}",
+                sign(AUDIENCE, unix_secs() + 60)
+            )))
             .is_ok());
         assert!(v
-            .verify(Some(&format!("Bearer {}", sign(AUDIENCE, now() - 600))))
+            .verify(Some(&format!(
+                "Bearer {}",
+                sign(AUDIENCE, unix_secs() - 600)
+            )))
             .is_err());
         assert!(v
-            .verify(Some(&format!("Bearer {}", sign("other", now() + 60))))
+            .verify(Some(&format!("Bearer {}", sign("other", unix_secs() + 60))))
             .is_err());
     }
 }

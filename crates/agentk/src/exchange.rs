@@ -1,13 +1,12 @@
 //! Serving one request that arrived through a tunnel against the cluster API (or an
 //! in-cluster service): [`Upstream`] is agentk's [`Handler`] of tunnel exchanges.
 
-use crate::cluster::{ClusterAccess, UpstreamBody};
+use crate::cluster::{ClusterAccess, ClusterClient, UpstreamBody};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderName, HeaderValue, Request, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioIo;
 use kas_proto::v1::ServiceAccess;
 use kas_proto::v1::{tunnel_error::Code, Impersonation, RequestHead, ResponseHead};
@@ -16,15 +15,13 @@ use kas_tunnel::{headers, pump_body, splice};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::mpsc;
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
-
 /// What the agent needs to serve requests.
 pub struct Upstream {
     pub access: ClusterAccess,
     /// The cluster API, with the agent's credentials.
-    pub client: HttpsClient,
+    pub client: ClusterClient,
     /// In-cluster services, without credentials.
-    pub service_client: HttpsClient,
+    pub service_client: ClusterClient,
     /// The services the configuration allows (replaced on every configuration).
     services: std::sync::RwLock<std::sync::Arc<Vec<ServiceAccess>>>,
     /// What the observability endpoint reports.
@@ -86,12 +83,8 @@ impl Upstream {
     }
 
     async fn cluster_version(&self) -> Result<String, String> {
-        let uri = target_uri(&self.access.server, "/version").map_err(|(_, m)| m)?;
-        let mut req = Request::get(uri);
-        if let Some(a) = self.access.auth.header() {
-            req = req.header(http::header::AUTHORIZATION, a);
-        }
-        let req = req
+        let uri = target_uri(self.access.server(), "/version").map_err(|(_, m)| m)?;
+        let req = Request::get(uri)
             .body(
                 Empty::<Bytes>::new()
                     .map_err(|never| match never {})
@@ -315,17 +308,15 @@ impl Upstream {
         body_rx: mpsc::Receiver<Bytes>,
     ) -> Result<(Request<UpstreamBody>, mpsc::Receiver<Bytes>), (Code, String)> {
         let uri = match &head.service {
-            None => target_uri(&self.access.server, &head.path_and_query)?,
+            None => target_uri(self.access.server(), &head.path_and_query)?,
             Some(svc) => service_uri(&self.allowed_services(), svc, &head.path_and_query)?,
         };
         let to_service = head.service.is_some();
         let method = http::Method::from_bytes(head.method.as_bytes())
             .map_err(|_| (Code::BadRequest, "invalid method".to_string()))?;
         let mut req_headers = headers::from_wire(&head.headers, true);
-        // Services never see the agent's credentials or an impersonation.
-        if let Some(a) = self.access.auth.header().filter(|_| !to_service) {
-            req_headers.insert(http::header::AUTHORIZATION, a);
-        }
+        // Services never see the agent's credentials (their client has none) or an
+        // impersonation.
         if let Some(i) = head.impersonation.as_ref().filter(|_| !to_service) {
             for (n, v) in impersonation_headers(i).map_err(|m| (Code::BadRequest, m))? {
                 req_headers.append(n, v);

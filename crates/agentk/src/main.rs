@@ -140,11 +140,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .into());
     }
     let access = match &cli.kubeconfig {
-        Some(p) => ClusterAccess::from_kubeconfig(p, cli.context.as_deref()),
+        Some(p) => ClusterAccess::from_kubeconfig(p, cli.context.as_deref()).await,
         None => ClusterAccess::in_cluster(),
     }
     .map_err(|e| Fatal(e.to_string()))?;
-    tracing::info!(cluster = %access.server, kas = ?cli.kas_address, "agentk starting");
+    tracing::info!(cluster = %access.server(), kas = ?cli.kas_address, "agentk starting");
     // Set by the Deployment from the downward API; empty outside a cluster.
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let meta = kas_proto::v1::AgentMeta {

@@ -2,7 +2,7 @@
 //! reaches kas on every stream, the certificate must name the host (or
 //! `--kas-tls-server-name`), and `--kas-insecure-skip-tls-verify` accepts any.
 
-use agentk::cluster::{Auth, ClusterAccess};
+use agentk::cluster::ClusterAccess;
 use agentk::{ConnectOptions, Upstream};
 use kas_proto::v1::agent_server::{Agent, AgentServer};
 use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck, ServerFrame};
@@ -68,13 +68,8 @@ async fn fake_kas(tls: &LocalhostCert) -> (FakeKas, u16) {
 
 /// Runs agentk's connection with `opts` for a moment; the streams kas saw.
 async fn connect(opts: ConnectOptions, kas: &FakeKas) -> usize {
-    let access = ClusterAccess {
-        server: "http://127.0.0.1:9".parse().expect("uri"),
-        ca_pem: None,
-        insecure: false,
-        auth: Auth::None,
-        client_identity: None,
-    };
+    let config = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+    let access = ClusterAccess::new(config).expect("access");
     let upstream = Arc::new(Upstream::new(access).expect("upstream"));
     let (config_tx, _) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);

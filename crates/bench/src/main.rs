@@ -464,7 +464,7 @@ impl Setup {
                 serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
             tokens.push(created.token);
         }
-        let access = agentk::ClusterAccess::from_kubeconfig(kubeconfig, None)?;
+        let access = agentk::ClusterAccess::from_kubeconfig(kubeconfig, None).await?;
         let upstream = Arc::new(agentk::Upstream::new(access)?);
         let kas_pid = env.kas.pid();
         let before = proc_status_kib(kas_pid, "VmRSS:");

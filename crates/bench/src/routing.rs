@@ -58,7 +58,7 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
     );
 
     // (e) a request waits; an agent dials; how long until the response arrives.
-    let access = agentk::ClusterAccess::from_kubeconfig(&r.cluster_kubeconfig, None)?;
+    let access = agentk::ClusterAccess::from_kubeconfig(&r.cluster_kubeconfig, None).await?;
     let upstream = Arc::new(agentk::Upstream::new(access)?);
     println!("(e) agent dial -> first routed response of a waiting request, 20 runs each");
     for (label, via, target_ms) in [("local", 1usize, 10), ("cross", 0usize, 20)] {

@@ -11,13 +11,13 @@ async fn sqlite() -> SqliteControlPlane {
 /// A fresh PostgreSQL server and a control plane on it (the server lives as long as
 /// the returned guard).
 async fn postgres() -> (Postgres, PostgresControlPlane) {
-    tokio::task::spawn_blocking(|| {
-        let pg = Postgres::start();
-        let cp = PostgresControlPlane::connect(&pg.url()).expect("connect");
-        (pg, cp)
-    })
-    .await
-    .expect("start postgres")
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .expect("start postgres");
+    let cp = PostgresControlPlane::connect(&pg.url())
+        .await
+        .expect("connect");
+    (pg, cp)
 }
 
 macro_rules! on_both {
@@ -403,20 +403,14 @@ async fn postgres_replicas_share_data_and_changes() {
         .await
         .expect("start");
     let url = pg.url();
-    let replicas: Vec<PostgresControlPlane> = tokio::task::spawn_blocking(move || {
-        let starts: Vec<_> = (0..4)
-            .map(|_| {
-                let url = url.clone();
-                std::thread::spawn(move || PostgresControlPlane::connect(&url))
-            })
-            .collect();
-        starts
-            .into_iter()
-            .map(|h| h.join().expect("thread").expect("connect"))
-            .collect()
-    })
-    .await
-    .expect("connect all");
+    let starts = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { PostgresControlPlane::connect(&url).await })
+    });
+    let mut replicas: Vec<PostgresControlPlane> = Vec::new();
+    for start in starts.collect::<Vec<_>>() {
+        replicas.push(start.await.expect("task").expect("connect"));
+    }
     let (a, b) = (&replicas[0], &replicas[1]);
     let mut changes_b = b.subscribe();
     a.create_project("acme/agents", None).await.expect("p");
@@ -473,4 +467,90 @@ async fn postgres_replicas_share_data_and_changes() {
     tokio::time::timeout(std::time::Duration::from_secs(5), revoked)
         .await
         .expect("revoked on the other replica");
+}
+
+async fn plain_connection(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url).await.expect("connect")
+}
+
+/// The LISTEN connection dies (a restart, a proxy timeout): the backend reconnects and
+/// only then announces a resync, and changes keep coming.
+#[tokio::test]
+async fn postgres_listener_reconnects_and_announces_resync() {
+    let (pg, cp) = postgres().await;
+    let mut changes = cp.subscribe();
+    let mut admin = plain_connection(&format!("{}?sslmode=disable", pg.url())).await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate the listener");
+    assert_eq!(killed, 1);
+    let within = std::time::Duration::from_secs(10);
+    let resync = tokio::time::timeout(within, changes.recv()).await;
+    assert_eq!(resync.expect("resync").expect("open"), Change::Resync);
+    cp.create_project("acme/agents", None).await.expect("p");
+    cp.create_agent("acme/agents", "prod").await.expect("agent");
+    cp.set_agent_config(
+        "acme/agents",
+        "prod",
+        "ci_access: {}\n",
+        &Default::default(),
+    )
+    .await
+    .expect("config");
+    let after = tokio::time::timeout(within, changes.recv()).await;
+    assert!(matches!(
+        after.expect("a change after the resync").expect("open"),
+        Change::AgentConfig { .. }
+    ));
+}
+
+/// TLS to PostgreSQL as the URL's libpq `sslmode` asks: `verify-full` checks the
+/// server's certificate against `sslrootcert`; a wrong CA, or `require` against a
+/// server without TLS, is refused rather than falling back to plain text.
+#[tokio::test]
+async fn postgres_over_tls_as_sslmode_asks() {
+    use kas_test_support::certs::LocalhostCert;
+    let dir = tempfile::tempdir().expect("dir");
+    let cert = LocalhostCert::generate();
+    let (ca, wrong_ca) = (dir.path().join("ca.pem"), dir.path().join("wrong.pem"));
+    std::fs::write(&ca, &cert.ca).expect("ca");
+    std::fs::write(&wrong_ca, LocalhostCert::generate().ca).expect("wrong ca");
+    let (tls, plain) =
+        tokio::task::spawn_blocking(move || (Postgres::start_tls(&cert), Postgres::start()))
+            .await
+            .expect("start postgres");
+
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        tls.url(),
+        ca.display()
+    );
+    let cp = PostgresControlPlane::connect(&url)
+        .await
+        .expect("verify-full");
+    cp.create_project("acme/tls", None).await.expect("write");
+    let mut admin = plain_connection(&format!("{}?sslmode=disable", tls.url())).await;
+    let (with_tls, without): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .expect("pg_stat_ssl");
+    assert!(with_tls >= 2, "pool and listener use TLS ({with_tls})");
+    assert_eq!(without, 0, "no plain-text connection besides this check");
+
+    let wrong = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        tls.url(),
+        wrong_ca.display()
+    );
+    assert!(PostgresControlPlane::connect(&wrong).await.is_err());
+    let require = format!("{}?sslmode=require", plain.url());
+    assert!(PostgresControlPlane::connect(&require).await.is_err());
 }

@@ -134,11 +134,7 @@ pub(crate) async fn open_control_plane(
 ) -> Result<Arc<dyn ControlPlane>, StartError> {
     Ok(match &config.controlplane_url {
         Some(url) => {
-            let url = url.clone();
-            // Connecting and migrating block; keep them off the async workers.
-            let pg = tokio::task::spawn_blocking(move || PostgresControlPlane::connect(&url))
-                .await
-                .map_err(|e| kas_controlplane::Error::Storage(Box::new(e)))??;
+            let pg = PostgresControlPlane::connect(url).await?;
             Arc::new(CachingControlPlane::new(pg))
         }
         None => {

@@ -150,6 +150,8 @@ pub struct Postgres {
     bin: PathBuf,
     data: PathBuf,
     user: Option<(u32, u32)>,
+    /// `-c` settings added to the defaults.
+    settings: Vec<String>,
     child: Option<Child>,
     _dir: TempDir,
 }
@@ -192,6 +194,15 @@ fn is_root() -> bool {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Self::start_with(None)
+    }
+
+    /// A server that also offers TLS with `cert` (certificate and key PEM).
+    pub fn start_tls(cert: &crate::certs::LocalhostCert) -> Postgres {
+        Self::start_with(Some(cert))
+    }
+
+    fn start_with(tls: Option<&crate::certs::LocalhostCert>) -> Postgres {
         let bin = pg_bin_dir();
         let dir = tempfile::tempdir().expect("temp dir");
         let user = if is_root() {
@@ -217,11 +228,35 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = Vec::new();
+        if let Some(tls) = tls {
+            for (name, pem) in [("server.crt", &tls.cert), ("server.key", &tls.key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).expect("write TLS file");
+                // PostgreSQL refuses a key others can read, or one it does not own.
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .expect("chmod TLS file");
+                if let Some((uid, gid)) = user {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown TLS file");
+                }
+            }
+            settings = [
+                "ssl=on",
+                "ssl_cert_file=server.crt",
+                "ssl_key_file=server.key",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
         let mut pg = Postgres {
             port: free_port(),
             bin,
             data,
             user,
+            settings,
             child: None,
             _dir: dir,
         };
@@ -249,6 +284,7 @@ impl Postgres {
             .arg(&sock)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "max_connections=300", "-c", "full_page_writes=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(&sock)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

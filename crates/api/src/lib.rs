@@ -13,7 +13,10 @@ pub mod clock;
 pub mod error;
 pub mod records;
 
-pub use records::{Agent, AgentToken, EnvironmentRecord, Group, Job, JobStatus, Project};
+pub use records::{
+    Agent, AgentToken, AppOperation, AppState, ClusterApp, EnvironmentRecord, Group, Job,
+    JobStatus, Project,
+};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

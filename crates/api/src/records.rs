@@ -108,3 +108,108 @@ pub struct Job {
     /// Whether the job runs for a protected branch or tag.
     pub protected_ref: bool,
 }
+
+/// An operation on a managed application, run by a one-off pod `<operation>-<app>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppOperation {
+    Install,
+    Upgrade,
+    Uninstall,
+}
+
+impl AppOperation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppOperation::Install => "install",
+            AppOperation::Upgrade => "upgrade",
+            AppOperation::Uninstall => "uninstall",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "install" => AppOperation::Install,
+            "upgrade" => AppOperation::Upgrade,
+            "uninstall" => AppOperation::Uninstall,
+            _ => return None,
+        })
+    }
+
+    /// The state while it runs.
+    pub fn running_state(self) -> AppState {
+        match self {
+            AppOperation::Install => AppState::Installing,
+            AppOperation::Upgrade => AppState::Upgrading,
+            AppOperation::Uninstall => AppState::Uninstalling,
+        }
+    }
+}
+
+/// Where a managed application stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    Installing,
+    Upgrading,
+    Uninstalling,
+    Installed,
+    Errored,
+    Uninstalled,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Installing => "installing",
+            AppState::Upgrading => "upgrading",
+            AppState::Uninstalling => "uninstalling",
+            AppState::Installed => "installed",
+            AppState::Errored => "errored",
+            AppState::Uninstalled => "uninstalled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            AppState::Installing,
+            AppState::Upgrading,
+            AppState::Uninstalling,
+            AppState::Installed,
+            AppState::Errored,
+            AppState::Uninstalled,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
+    /// Whether an operation is running.
+    pub fn is_running(self) -> bool {
+        matches!(
+            self,
+            AppState::Installing | AppState::Upgrading | AppState::Uninstalling
+        )
+    }
+}
+
+/// A managed application in an agent's cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterApp {
+    pub agent_id: u64,
+    /// The catalogue name (`ingress-nginx`, ...).
+    pub name: String,
+    pub state: AppState,
+    /// The last operation (the running one while the state says so).
+    pub operation: AppOperation,
+    /// The chart version asked for (installed, once `installed`).
+    pub version: Option<String>,
+    /// Why the last operation failed (a code, never the cluster's words).
+    pub error_code: Option<String>,
+    /// The operation's pod in `gitlab-managed-apps`.
+    pub pod: String,
+    pub updated_at: i64,
+    /// The values given with the last install or upgrade (may hold secrets: never
+    /// shown by the API).
+    #[serde(skip)]
+    pub values_yaml: String,
+}

@@ -22,6 +22,8 @@ pub struct AgentConfig {
     /// In-cluster services the application may reach through the agent.
     pub service_access: Vec<crate::services::ServiceEntry>,
     pub observability: Observability,
+    /// Namespaces kas creates for CI jobs' environments (absent: none).
+    pub managed_namespaces: Option<ManagedNamespaces>,
     /// Top-level keys kas does not implement, in file order.
     pub ignored: Vec<String>,
 }
@@ -68,6 +70,11 @@ impl<'de> Deserialize<'de> for AgentConfig {
                         "observability" => {
                             c.observability = map.next_value::<Option<_>>()?.unwrap_or_default()
                         }
+                        "managed_namespaces" => {
+                            // `managed_namespaces:` with no value turns it on with defaults.
+                            let v: Option<ManagedNamespaces> = map.next_value()?;
+                            c.managed_namespaces = Some(v.unwrap_or_default());
+                        }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                             c.ignored.push(key);
@@ -101,7 +108,54 @@ const GITLAB_SECTIONS: [(&str, &str); 8] = [
 ];
 
 /// The top-level sections kas implements: a key close to one of these is a misspelling.
-const KAS_SECTIONS: [&str; 3] = ["ci_access", "service_access", "observability"];
+const KAS_SECTIONS: [&str; 4] = [
+    "ci_access",
+    "service_access",
+    "observability",
+    "managed_namespaces",
+];
+
+/// `managed_namespaces`: when a CI job starts for project P in environment E, kas
+/// ensures the namespace `<project-path-slug>-<project-id>-<environment-slug>` in the
+/// agent's cluster, with a RoleBinding of `cluster_role` there to the group
+/// `gitlab:project_env:<project id>:<environment slug>`, and makes it the namespace of
+/// the job's kubeconfig. With `access_as: ci_job` a job can then change only its own
+/// environment's namespace.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedNamespaces {
+    /// The ClusterRole bound in each namespace.
+    #[serde(default = "default_cluster_role")]
+    pub cluster_role: String,
+}
+
+fn default_cluster_role() -> String {
+    "admin".into()
+}
+
+impl Default for ManagedNamespaces {
+    fn default() -> Self {
+        ManagedNamespaces {
+            cluster_role: default_cluster_role(),
+        }
+    }
+}
+
+/// A ClusterRole name kas can put in a RoleBinding and a URL path.
+fn check_cluster_role(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a ClusterRole name (letters, digits, '-', '.', ':', '_'; at most 253)"
+        ))
+    }
+}
 
 /// `observability`: agentk's log levels, as GitLab's agent takes them.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -394,6 +448,11 @@ pub fn parse_agent_config_with(
             problems.push(problem(format!("service_access[{i}].url"), m));
         }
     }
+    if let Some(m) = &config.managed_namespaces {
+        if let Err(msg) = check_cluster_role(&m.cluster_role) {
+            problems.push(problem("managed_namespaces.cluster_role", msg));
+        }
+    }
     let mut seen = HashSet::new();
     for (at, id, ns, envs, access_as) in entries {
         if let Err(m) = validate_path(id) {
@@ -625,6 +684,27 @@ mod tests {
         parse_agent_config(yaml, "acme/platform/agents")
             .expect_err("should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn managed_namespaces_default_to_admin_and_refuse_bad_roles() {
+        let parse = |yaml: &str| {
+            parse_agent_config(yaml, "acme/platform/agents")
+                .expect("valid")
+                .0
+                .managed_namespaces
+        };
+        assert_eq!(parse("ci_access: {}\n"), None);
+        let admin = Some(ManagedNamespaces::default());
+        assert_eq!(parse("managed_namespaces:\n"), admin);
+        assert_eq!(parse("managed_namespaces: {}\n"), admin);
+        assert_eq!(
+            parse("managed_namespaces: {cluster_role: edit}\n").map(|m| m.cluster_role),
+            Some("edit".to_string())
+        );
+        assert!(err("managed_namespaces: {cluster_role: a/b}\n")
+            .contains("managed_namespaces.cluster_role"));
+        assert!(err("managed_namespaces: {role: edit}\n").contains("unknown field `role`"));
     }
 
     #[test]

@@ -16,8 +16,8 @@ pub mod services;
 
 pub use config::{
     parse_agent_config, parse_agent_config_with, AccessAs, AgentConfig, CiAccess, CiAccessLimits,
-    ConfigError, ConfigWarning, GroupEntry, ImpersonateIdentity, Logging, Observability,
-    ProjectEntry, LOG_LEVELS, MAX_GROUPS, MAX_PROJECTS,
+    ConfigError, ConfigWarning, GroupEntry, ImpersonateIdentity, Logging, ManagedNamespaces,
+    Observability, ProjectEntry, LOG_LEVELS, MAX_GROUPS, MAX_PROJECTS,
 };
 pub use decide::{
     decide, AgentRef, Allowed, Decision, DenyReason, EntryKind, Environment, Identity, JobContext,

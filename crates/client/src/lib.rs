@@ -106,6 +106,45 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// An error of a [`Transport`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// A response body a [`Transport`] hands back.
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// How a [`KasClient`] reaches kas's application API: over HTTP ([`KasClient::new`]),
+/// or in process for kas's own background work ([`KasClient::with_transport`]). The
+/// rules (signed tokens, timeouts, no redirects, error codes only, the integration
+/// log) are the client's, whatever the transport.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `req` (its URI is a path and query) and returns the response head with
+    /// its body still streaming.
+    fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> futures::future::BoxFuture<'static, Result<http::Response<ResponseBody>, BoxError>>;
+}
+
+/// The HTTP transport: `base` is kas's API listener.
+struct HttpTransport {
+    http: HttpsClient,
+    base: Arc<str>,
+}
+
+impl Transport for HttpTransport {
+    fn send(
+        &self,
+        mut req: Request<Full<Bytes>>,
+    ) -> futures::future::BoxFuture<'static, Result<http::Response<ResponseBody>, BoxError>> {
+        let uri = format!("{}{}", self.base, req.uri());
+        let http = self.http.clone();
+        Box::pin(async move {
+            *req.uri_mut() = uri.parse()?;
+            let resp = http.request(req).await?;
+            Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+        })
+    }
+}
+
 #[derive(Serialize)]
 struct Claims {
     aud: &'static str,
@@ -145,8 +184,7 @@ impl Signer {
 /// The client. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct KasClient {
-    http: HttpsClient,
-    base: Arc<str>,
+    transport: Arc<dyn Transport>,
     signer: Arc<Signer>,
     timeout: Duration,
 }
@@ -191,15 +229,28 @@ impl KasClient {
             .wrap_connector(http);
         // hyper's client never follows redirects: "max redirects: 0" by construction.
         let http = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(KasClient {
+        let transport = HttpTransport {
             http,
             base: Arc::from(opts.url.trim_end_matches('/')),
+        };
+        Ok(Self::with_transport(
+            Arc::new(transport),
+            secret,
+            opts.timeout,
+        ))
+    }
+
+    /// A client over `transport`, signing its tokens with `secret`; `timeout` as in
+    /// [`ClientOptions`].
+    pub fn with_transport(transport: Arc<dyn Transport>, secret: &[u8], timeout: Duration) -> Self {
+        KasClient {
+            transport,
             signer: Arc::new(Signer {
                 key: jsonwebtoken::EncodingKey::from_secret(secret),
                 current: Mutex::new(None),
             }),
-            timeout: opts.timeout,
-        })
+            timeout,
+        }
     }
 
     /// Every agent kas knows, with its connection state.
@@ -260,20 +311,17 @@ impl KasClient {
         headers: &[(String, String)],
         body: Bytes,
     ) -> Result<Streamed> {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.signer.token()?),
-            );
+        let mut b = Request::builder().method(method).uri(path).header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", self.signer.token()?),
+        );
         for (k, v) in headers {
             b = b.header(k.as_str(), v.as_str());
         }
         let req = b
             .body(Full::new(body))
             .map_err(|_| Error::kind(ErrorKind::Invalid))?;
-        let resp = tokio::time::timeout(self.timeout, self.http.request(req))
+        let resp = tokio::time::timeout(self.timeout, self.transport.send(req))
             .await
             .map_err(|_| Error::kind(ErrorKind::Timeout))?
             .map_err(|_| Error::kind(ErrorKind::Transport))?;
@@ -292,7 +340,7 @@ impl KasClient {
 /// A successful response whose body is still streaming.
 pub struct Streamed {
     pub status: u16,
-    body: hyper::body::Incoming,
+    body: ResponseBody,
 }
 
 impl Streamed {

@@ -4,8 +4,8 @@
 //! (another kas on a shared database) clear it when their notification arrives.
 
 use crate::{
-    Agent, AgentAuth, AgentInfo, AgentToken, Change, ControlPlane, EnvironmentRecord, Group, Job,
-    JobStatus, Project, Result, Secret, StartJob,
+    Agent, AgentAuth, AgentInfo, AgentToken, AppOutcome, Change, ClusterApp, ControlPlane,
+    EnvironmentRecord, Group, Job, JobStatus, Project, Result, Secret, StartAppOperation, StartJob,
 };
 use async_trait::async_trait;
 use kas_authz::JobContext;
@@ -231,6 +231,37 @@ impl<C: ControlPlane> ControlPlane for CachingControlPlane<C> {
         self.cached(key, |m| &mut m.jobs, || self.inner.authenticate_job(token))
             .await
     }
+    async fn begin_app_operation(&self, op: &StartAppOperation) -> Result<ClusterApp> {
+        self.inner.begin_app_operation(op).await
+    }
+    async fn finish_app_operation(
+        &self,
+        agent_id: u64,
+        name: &str,
+        outcome: &AppOutcome,
+    ) -> Result<ClusterApp> {
+        self.inner
+            .finish_app_operation(agent_id, name, outcome)
+            .await
+    }
+    async fn renew_app_lease(
+        &self,
+        agent_id: u64,
+        name: &str,
+        owner: &str,
+        until: i64,
+    ) -> Result<bool> {
+        self.inner
+            .renew_app_lease(agent_id, name, owner, until)
+            .await
+    }
+    async fn claim_app_operations(&self, owner: &str, until: i64) -> Result<Vec<ClusterApp>> {
+        self.inner.claim_app_operations(owner, until).await
+    }
+    async fn list_apps(&self, agent_id: Option<u64>) -> Result<Vec<ClusterApp>> {
+        self.inner.list_apps(agent_id).await
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }

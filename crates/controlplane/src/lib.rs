@@ -8,6 +8,7 @@
 //! Tokens are generated here, returned once, and stored only as SHA-256 hashes.
 
 mod agent_tokens;
+mod apps;
 mod cached;
 mod model;
 mod postgres;
@@ -155,6 +156,30 @@ pub trait ControlPlane: Send + Sync + 'static {
         project: &str,
         environment: Option<&str>,
     ) -> Result<kas_authz::JobContext>;
+
+    /// Starts an operation on a managed application, unless one is running or the
+    /// application's state does not allow it ([`Error::Conflict`]).
+    async fn begin_app_operation(&self, op: &StartAppOperation) -> Result<ClusterApp>;
+    /// Records how the running operation ended, and drops its lease.
+    async fn finish_app_operation(
+        &self,
+        agent_id: u64,
+        name: &str,
+        outcome: &AppOutcome,
+    ) -> Result<ClusterApp>;
+    /// Extends `owner`'s lease on a running operation until `until` (0 releases it);
+    /// false when the operation no longer runs under `owner`.
+    async fn renew_app_lease(
+        &self,
+        agent_id: u64,
+        name: &str,
+        owner: &str,
+        until: i64,
+    ) -> Result<bool>;
+    /// Takes over, for `owner` until `until`, running operations whose lease ran out.
+    async fn claim_app_operations(&self, owner: &str, until: i64) -> Result<Vec<ClusterApp>>;
+    /// Managed applications of one agent, or of every agent.
+    async fn list_apps(&self, agent_id: Option<u64>) -> Result<Vec<ClusterApp>>;
 
     /// Changes made from now on.
     fn subscribe(&self) -> broadcast::Receiver<Change>;

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-pub use kas_api::records::{Agent, AgentToken, EnvironmentRecord, Group, Job, JobStatus, Project};
+pub use kas_api::records::{
+    Agent, AgentToken, AppOperation, AppState, ClusterApp, EnvironmentRecord, Group, Job,
+    JobStatus, Project,
+};
 
 /// An agent authenticated by one of its tokens.
 #[derive(Debug, Clone)]
@@ -32,4 +35,25 @@ pub struct StartJob {
     pub pipeline_id: Option<u64>,
     /// Whether the job runs for a protected branch or tag.
     pub protected_ref: bool,
+}
+
+/// An operation to start on a managed application.
+#[derive(Debug, Clone)]
+pub struct StartAppOperation {
+    pub agent_id: u64,
+    pub name: String,
+    pub operation: AppOperation,
+    pub version: Option<String>,
+    pub values_yaml: String,
+    /// The kas instance that runs it, and until when (unix seconds) unless renewed.
+    pub owner: String,
+    pub lease_until: i64,
+}
+
+/// How an operation on a managed application ended.
+#[derive(Debug, Clone)]
+pub struct AppOutcome {
+    pub state: AppState,
+    pub version: Option<String>,
+    pub error_code: Option<String>,
 }

@@ -111,6 +111,8 @@ impl SqlControlPlane<Sqlite> {
         }
         conn.execute_batch(crate::agent_tokens::MIGRATE)
             .map_err(storage)?;
+        conn.execute_batch(&crate::apps::schema("id INTEGER PRIMARY KEY"))
+            .map_err(storage)?;
         let (changes, _) = broadcast::channel(1024);
         Ok(SqlControlPlane::with_backend(Sqlite {
             conn: Mutex::new(conn),

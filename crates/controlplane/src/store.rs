@@ -1,12 +1,12 @@
 //! The control plane's logic over SQL, shared by the SQLite and PostgreSQL backends so
 //! both behave the same. Every operation is one transaction on the blocking pool.
 
-use crate::agent_tokens;
 use crate::sql::{conflict, Backend, Row, Tx, TxExt, Val};
 use crate::token::{hash_token, new_token, Secret, TokenKind};
+use crate::{agent_tokens, apps};
 use crate::{
-    slug, Agent, AgentAuth, AgentInfo, AgentToken, Change, ControlPlane, EnvironmentRecord, Error,
-    Group, Job, JobStatus, Project, Result, StartJob,
+    slug, Agent, AgentAuth, AgentInfo, AgentToken, AppOutcome, Change, ClusterApp, ControlPlane,
+    EnvironmentRecord, Error, Group, Job, JobStatus, Project, Result, StartAppOperation, StartJob,
 };
 use async_trait::async_trait;
 use kas_authz::{AgentRef, Environment, JobContext, Named};
@@ -72,7 +72,7 @@ fn validate_agent_name(name: &str) -> Result<()> {
     }
 }
 
-fn to_i64(kind: &str, v: u64) -> Result<i64> {
+pub(crate) fn to_i64(kind: &str, v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Invalid(format!("{kind} id {v} is too large")))
 }
 
@@ -435,6 +435,7 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
             let (agent, _) = agent_where(tx, "a.id = $1", &[id.into()])?
                 .ok_or_else(|| Error::NotFound(format!("agent {agent_id} not found")))?;
             agent_tokens::delete_all(tx, id)?;
+            apps::delete_all(tx, id)?;
             tx.execute("DELETE FROM agents WHERE id = $1", &[id.into()])?;
             tx.announce(Change::AgentDeleted { agent_id })?;
             Ok(agent)
@@ -793,6 +794,47 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
             })
         })
         .await
+    }
+
+    async fn begin_app_operation(&self, op: &StartAppOperation) -> Result<ClusterApp> {
+        let op = op.clone();
+        self.run(move |tx| apps::begin(tx, &op, now())).await
+    }
+
+    async fn finish_app_operation(
+        &self,
+        agent_id: u64,
+        name: &str,
+        outcome: &AppOutcome,
+    ) -> Result<ClusterApp> {
+        let id = to_i64("agent", agent_id)?;
+        let (name, outcome) = (name.to_string(), outcome.clone());
+        self.run(move |tx| apps::finish(tx, id, &name, &outcome, now()))
+            .await
+    }
+
+    async fn renew_app_lease(
+        &self,
+        agent_id: u64,
+        name: &str,
+        owner: &str,
+        until: i64,
+    ) -> Result<bool> {
+        let id = to_i64("agent", agent_id)?;
+        let (name, owner) = (name.to_string(), owner.to_string());
+        self.run(move |tx| apps::renew(tx, id, &name, &owner, until))
+            .await
+    }
+
+    async fn claim_app_operations(&self, owner: &str, until: i64) -> Result<Vec<ClusterApp>> {
+        let owner = owner.to_string();
+        self.run(move |tx| apps::claim(tx, &owner, now(), until))
+            .await
+    }
+
+    async fn list_apps(&self, agent_id: Option<u64>) -> Result<Vec<ClusterApp>> {
+        let id = agent_id.map(|a| to_i64("agent", a)).transpose()?;
+        self.run(move |tx| apps::list(tx, id)).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {

@@ -45,7 +45,74 @@ on_both!(
     explicit_ids_do_not_collide_with_generated_ones,
     paths_compare_case_insensitively,
     agent_tokens_rotate_revoke_and_die_with_the_agent,
+    managed_apps_run_one_operation_at_a_time_under_a_lease,
 );
+
+async fn managed_apps_run_one_operation_at_a_time_under_a_lease(cp: &dyn ControlPlane) {
+    cp.create_project("acme/agents", None).await.expect("p");
+    let (agent, _) = cp.create_agent("acme/agents", "prod").await.expect("agent");
+    let op = |operation, owner: &str, lease_until| StartAppOperation {
+        agent_id: agent.id,
+        name: "ingress-nginx".into(),
+        operation,
+        version: Some("4.12.1".into()),
+        values_yaml: "controller: {}\n".into(),
+        owner: owner.into(),
+        lease_until,
+    };
+    let far = i64::MAX / 2;
+    let conflict = |r: Result<ClusterApp>| match r {
+        Err(Error::Conflict(m)) => m,
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    let m = conflict(cp.begin_app_operation(&op(AppOperation::Upgrade, "a", far)).await);
+    assert!(m.contains("not installed"), "{m}");
+    let started = cp
+        .begin_app_operation(&op(AppOperation::Install, "a", far))
+        .await
+        .expect("install");
+    assert_eq!(started.state, AppState::Installing);
+    assert_eq!(started.pod, "install-ingress-nginx");
+    let m = conflict(cp.begin_app_operation(&op(AppOperation::Uninstall, "b", far)).await);
+    assert!(m.contains("installing (pod install-ingress-nginx)"), "{m}");
+
+    // Only the owner renews; a live lease is not claimed; a released one is.
+    assert!(cp.renew_app_lease(agent.id, "ingress-nginx", "a", far).await.expect("renew"));
+    assert!(!cp.renew_app_lease(agent.id, "ingress-nginx", "b", far).await.expect("renew"));
+    assert!(cp.claim_app_operations("b", far).await.expect("claim").is_empty());
+    assert!(cp.renew_app_lease(agent.id, "ingress-nginx", "a", 0).await.expect("release"));
+    let claimed = cp.claim_app_operations("b", far).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].values_yaml, "controller: {}\n");
+    assert!(cp.claim_app_operations("c", far).await.expect("claim").is_empty());
+
+    let done = cp
+        .finish_app_operation(
+            agent.id,
+            "ingress-nginx",
+            &AppOutcome {
+                state: AppState::Installed,
+                version: Some("4.12.1".into()),
+                error_code: None,
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!(done.state, AppState::Installed);
+    assert!(!cp.renew_app_lease(agent.id, "ingress-nginx", "b", far).await.expect("renew"));
+    let m = conflict(cp.begin_app_operation(&op(AppOperation::Install, "a", far)).await);
+    assert!(m.contains("already installed (version 4.12.1)"), "{m}");
+    let up = cp
+        .begin_app_operation(&op(AppOperation::Upgrade, "a", far))
+        .await
+        .expect("upgrade");
+    assert_eq!((up.state, up.pod.as_str()), (AppState::Upgrading, "upgrade-ingress-nginx"));
+    let listed = cp.list_apps(Some(agent.id)).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(cp.list_apps(Some(agent.id + 1)).await.expect("list").len(), 0);
+    cp.delete_agent(agent.id).await.expect("the agent goes with its applications");
+    assert!(cp.list_apps(None).await.expect("list").is_empty());
+}
 
 async fn agent_tokens_rotate_revoke_and_die_with_the_agent(cp: &dyn ControlPlane) {
     cp.create_project("acme/agents", None).await.expect("p");

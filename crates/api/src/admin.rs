@@ -36,6 +36,9 @@ pub mod paths {
     pub const EXPLAIN: &str = "/access/explain";
     /// GET with [`crate::audit::AuditQuery`]: [`crate::audit::AuditEntry`]s.
     pub const AUDIT: &str = "/audit";
+    /// GET with [`super::AppsQuery`]: [`super::ClusterApps`]. POST [`super::AppRequest`]:
+    /// starts an operation ([`crate::records::ClusterApp`], 202).
+    pub const CLUSTER_APPS: &str = "/cluster-apps";
 
     /// POST [`super::FinishJob`]: finishes job `id`.
     pub fn finish_job(id: u64) -> String {
@@ -261,4 +264,46 @@ pub struct Explanation {
     /// Denied: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// Which agent's managed applications to list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppsQuery {
+    /// An agent id or `<configuration project>:<name>`.
+    pub agent: String,
+}
+
+/// An application of kas's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogueEntry {
+    pub name: String,
+    pub description: String,
+    /// The Helm chart (`<repo> <chart>`, an OCI reference, or one bundled with kas).
+    pub chart: String,
+    /// The version installed when none is asked for.
+    pub default_version: String,
+}
+
+/// An agent's managed applications and what the catalogue offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterApps {
+    pub agent_id: u64,
+    pub catalogue: Vec<CatalogueEntry>,
+    /// Applications installed (or being or once installed) in the agent's cluster.
+    pub apps: Vec<crate::records::ClusterApp>,
+}
+
+/// An operation to start on a managed application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRequest {
+    /// An agent id or `<configuration project>:<name>`.
+    pub agent: String,
+    pub app: String,
+    pub operation: crate::records::AppOperation,
+    /// The chart version (install, upgrade); the catalogue's when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Helm values (YAML) over the catalogue's defaults (install, upgrade).
+    #[serde(default)]
+    pub values: Option<String>,
 }

@@ -318,6 +318,13 @@ impl KasClient {
         for (k, v) in headers {
             b = b.header(k.as_str(), v.as_str());
         }
+        // Kubernetes takes JSON bodies and refuses untyped ones (415).
+        let typed = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+        if !body.is_empty() && !typed {
+            b = b.header(http::header::CONTENT_TYPE, "application/json");
+        }
         let req = b
             .body(Full::new(body))
             .map_err(|_| Error::kind(ErrorKind::Invalid))?;

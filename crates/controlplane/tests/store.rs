@@ -65,7 +65,10 @@ async fn managed_apps_run_one_operation_at_a_time_under_a_lease(cp: &dyn Control
         Err(Error::Conflict(m)) => m,
         other => panic!("expected a conflict, got {other:?}"),
     };
-    let m = conflict(cp.begin_app_operation(&op(AppOperation::Upgrade, "a", far)).await);
+    let m = conflict(
+        cp.begin_app_operation(&op(AppOperation::Upgrade, "a", far))
+            .await,
+    );
     assert!(m.contains("not installed"), "{m}");
     let started = cp
         .begin_app_operation(&op(AppOperation::Install, "a", far))
@@ -73,18 +76,38 @@ async fn managed_apps_run_one_operation_at_a_time_under_a_lease(cp: &dyn Control
         .expect("install");
     assert_eq!(started.state, AppState::Installing);
     assert_eq!(started.pod, "install-ingress-nginx");
-    let m = conflict(cp.begin_app_operation(&op(AppOperation::Uninstall, "b", far)).await);
+    let m = conflict(
+        cp.begin_app_operation(&op(AppOperation::Uninstall, "b", far))
+            .await,
+    );
     assert!(m.contains("installing (pod install-ingress-nginx)"), "{m}");
 
     // Only the owner renews; a live lease is not claimed; a released one is.
-    assert!(cp.renew_app_lease(agent.id, "ingress-nginx", "a", far).await.expect("renew"));
-    assert!(!cp.renew_app_lease(agent.id, "ingress-nginx", "b", far).await.expect("renew"));
-    assert!(cp.claim_app_operations("b", far).await.expect("claim").is_empty());
-    assert!(cp.renew_app_lease(agent.id, "ingress-nginx", "a", 0).await.expect("release"));
+    assert!(cp
+        .renew_app_lease(agent.id, "ingress-nginx", "a", far)
+        .await
+        .expect("renew"));
+    assert!(!cp
+        .renew_app_lease(agent.id, "ingress-nginx", "b", far)
+        .await
+        .expect("renew"));
+    assert!(cp
+        .claim_app_operations("b", far)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert!(cp
+        .renew_app_lease(agent.id, "ingress-nginx", "a", 0)
+        .await
+        .expect("release"));
     let claimed = cp.claim_app_operations("b", far).await.expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].values_yaml, "controller: {}\n");
-    assert!(cp.claim_app_operations("c", far).await.expect("claim").is_empty());
+    assert!(cp
+        .claim_app_operations("c", far)
+        .await
+        .expect("claim")
+        .is_empty());
 
     let done = cp
         .finish_app_operation(
@@ -99,18 +122,32 @@ async fn managed_apps_run_one_operation_at_a_time_under_a_lease(cp: &dyn Control
         .await
         .expect("finish");
     assert_eq!(done.state, AppState::Installed);
-    assert!(!cp.renew_app_lease(agent.id, "ingress-nginx", "b", far).await.expect("renew"));
-    let m = conflict(cp.begin_app_operation(&op(AppOperation::Install, "a", far)).await);
+    assert!(!cp
+        .renew_app_lease(agent.id, "ingress-nginx", "b", far)
+        .await
+        .expect("renew"));
+    let m = conflict(
+        cp.begin_app_operation(&op(AppOperation::Install, "a", far))
+            .await,
+    );
     assert!(m.contains("already installed (version 4.12.1)"), "{m}");
     let up = cp
         .begin_app_operation(&op(AppOperation::Upgrade, "a", far))
         .await
         .expect("upgrade");
-    assert_eq!((up.state, up.pod.as_str()), (AppState::Upgrading, "upgrade-ingress-nginx"));
+    assert_eq!(
+        (up.state, up.pod.as_str()),
+        (AppState::Upgrading, "upgrade-ingress-nginx")
+    );
     let listed = cp.list_apps(Some(agent.id)).await.expect("list");
     assert_eq!(listed.len(), 1);
-    assert_eq!(cp.list_apps(Some(agent.id + 1)).await.expect("list").len(), 0);
-    cp.delete_agent(agent.id).await.expect("the agent goes with its applications");
+    assert_eq!(
+        cp.list_apps(Some(agent.id + 1)).await.expect("list").len(),
+        0
+    );
+    cp.delete_agent(agent.id)
+        .await
+        .expect("the agent goes with its applications");
     assert!(cp.list_apps(None).await.expect("list").is_empty());
 }
 

@@ -39,27 +39,10 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}
 subjects: [{kind: User, name: deployer}]
 ";
 
-/// kubectl as the cluster's administrator.
-fn admin(env: &Env, args: &[&str]) -> String {
-    let kubeconfig = env.path("admin.yaml");
-    if !kubeconfig.exists() {
-        std::fs::write(&kubeconfig, env.api.admin_kubeconfig()).expect("kubeconfig");
-    }
-    let out = kas_test_support::procs::kubectl(&env.path("home"), &kubeconfig, "test", args)
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn apply(env: &Env, name: &str, yaml: &str) {
     let f = env.path(name);
     std::fs::write(&f, yaml).expect("write");
-    admin(env, &["apply", "-f", f.to_str().expect("path")]);
+    env.admin_kubectl(&["apply", "-f", f.to_str().expect("path")]);
 }
 
 /// kas, the agent registered with [`CONFIG`], and a job of each project.
@@ -132,8 +115,7 @@ async fn the_chart_rbac_makes_every_access_as_mode_work() {
         .all(|r| r.authenticated_as == "system:serviceaccount:gitlab-agent:prod-agentk"));
 
     // Without the impersonation role, the cluster refuses ci_job (and the job sees why).
-    admin(
-        &env,
+    env.admin_kubectl(
         &[
             "delete",
             "clusterrolebinding",

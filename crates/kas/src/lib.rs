@@ -10,6 +10,7 @@
 
 mod agents;
 pub mod audit;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod listeners;
@@ -94,6 +95,10 @@ pub struct Endpoints {
 pub struct Kas {
     pub endpoints: Endpoints,
     router: Arc<AgentRouter>,
+    /// Managed application operations this kas follows.
+    apps: Arc<cluster::apps::Apps>,
+    /// Takes over operations other kas left (stopped first on shutdown).
+    resume_apps: Option<AbortOnDrop>,
     shutdown: watch::Sender<bool>,
     /// The listeners; each task returns its listener's name.
     tasks: JoinSet<&'static str>,
@@ -377,7 +382,8 @@ impl Kas {
             k8s_proxy_url: endpoints.k8s_proxy_url.clone(),
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
         };
-        let (api, log_flush) = http::api_router(parts, &config);
+        let (api, apps, log_flush) = http::api_router(parts, &config);
+        let resume_apps = Some(apps.resume_in_background());
         flush.extend(log_flush);
         let mut serving = Serving::http(&config.limits.api);
         serving.conn_control = true;
@@ -392,6 +398,8 @@ impl Kas {
         Ok(Kas {
             endpoints,
             router,
+            apps,
+            resume_apps,
             shutdown,
             tasks: spawner.tasks,
             flush,
@@ -403,6 +411,9 @@ impl Kas {
     pub async fn shutdown(mut self) {
         // Leave the shared registry first so other replicas stop routing here.
         self.router.shutdown().await;
+        // Hand managed application operations over to the next kas at once.
+        self.resume_apps = None;
+        self.apps.release().await;
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         // Joins the writer threads after their last write (a few milliseconds at most).

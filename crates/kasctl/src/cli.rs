@@ -68,6 +68,9 @@ pub enum Cmd {
     /// Access questions: may jobs of a project use an agent, and as whom?
     #[command(subcommand)]
     Access(AccessCmd),
+    /// kas's work in agents' clusters: managed applications.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
     /// `source <(kasctl completion bash)`.
     Completion { shell: clap_complete::Shell },
@@ -243,4 +246,45 @@ pub struct AuditArgs {
     /// At most this many (the newest).
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Managed applications: Helm charts from kas's catalogue, installed by pods
+    /// `install-<app>` (`upgrade-`, `uninstall-`) in the namespace gitlab-managed-apps.
+    #[command(subcommand)]
+    App(AppCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCmd {
+    /// Install an application of the catalogue (returns at once; see `list`).
+    Install(AppChange),
+    /// Upgrade an installed application (a new version, new values or both).
+    Upgrade(AppChange),
+    /// Uninstall an application.
+    Uninstall {
+        /// The agent: id or <configuration project>:<name>.
+        agent: String,
+        app: String,
+    },
+    /// The catalogue and the agent's applications with their state.
+    List {
+        /// The agent: id or <configuration project>:<name>.
+        agent: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AppChange {
+    /// The agent: id or <configuration project>:<name>.
+    pub agent: String,
+    /// The application's catalogue name (see `kasctl cluster app list`).
+    pub app: String,
+    /// Helm values (YAML) over the catalogue's defaults.
+    #[arg(long)]
+    pub values: Option<std::path::PathBuf>,
+    /// The chart version (default: the catalogue's).
+    #[arg(long)]
+    pub version: Option<String>,
 }

@@ -180,4 +180,12 @@ impl AdminClient {
     pub async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
         self.get(&with_query(paths::AUDIT, q)?).await
     }
+
+    pub async fn cluster_apps(&self, q: &admin::AppsQuery) -> Result<admin::ClusterApps> {
+        self.get(&with_query(paths::CLUSTER_APPS, q)?).await
+    }
+
+    pub async fn start_cluster_app(&self, r: &admin::AppRequest) -> Result<kas_api::ClusterApp> {
+        self.send(Method::POST, paths::CLUSTER_APPS, r).await
+    }
 }

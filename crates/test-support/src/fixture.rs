@@ -275,6 +275,24 @@ impl Env {
             .expect("run kubectl")
     }
 
+    /// kubectl as the cluster's administrator, straight to the test API server; panics
+    /// with kubectl's error when it fails.
+    pub fn admin_kubectl(&self, args: &[&str]) -> String {
+        let kubeconfig = self.path("admin.yaml");
+        if !kubeconfig.exists() {
+            std::fs::write(&kubeconfig, self.api.admin_kubeconfig()).expect("kubeconfig");
+        }
+        let out = procs::kubectl(&self.path("home"), &kubeconfig, "test", args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The CA of the proxy, as kas generated it.
     pub fn proxy_ca(&self) -> Vec<u8> {
         std::fs::read(self.dir.path().join("kas-data").join("k8s-proxy-ca.crt")).expect("CA file")

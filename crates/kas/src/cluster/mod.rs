@@ -32,11 +32,17 @@ impl Transport for InProcess {
         req: Request<Full<Bytes>>,
     ) -> futures::future::BoxFuture<'static, Result<Response<ResponseBody>, BoxError>> {
         let router = self.0.clone();
+        let mut req = req;
+        // What an HTTP client would add: the body's length.
+        if let Some(n) = http_body::Body::size_hint(req.body()).exact() {
+            req.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, n.into());
+        }
         Box::pin(async move {
-            let resp = router
-                .oneshot(req.map(axum::body::Body::new))
-                .await
-                .map_err(|never| match never {})?;
+            let resp = match router.oneshot(req.map(axum::body::Body::new)).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
             Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
         })
     }
@@ -187,4 +193,100 @@ fn split_api_path(path: &str) -> Option<(GroupOf, &str)> {
         return Some((kas_client::AgentClient::rbac_v1, rest));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::application::{validation, AppState, IntegrationLog};
+    use kas_controlplane::SqliteControlPlane;
+    use std::sync::Arc;
+
+    async fn clusters() -> (Clusters, Arc<dyn kas_controlplane::ControlPlane>) {
+        let (c, cp, _) = world().await;
+        (c, cp)
+    }
+
+    async fn world() -> (
+        Clusters,
+        Arc<dyn kas_controlplane::ControlPlane>,
+        Arc<kas_tunnel::TunnelRegistry>,
+    ) {
+        let cp: Arc<dyn kas_controlplane::ControlPlane> =
+            Arc::new(SqliteControlPlane::in_memory().expect("db"));
+        let registry = kas_tunnel::TunnelRegistry::new();
+        let secret = [7u8; 32];
+        let state = Arc::new(AppState {
+            cp: cp.clone(),
+            router: kas_router::AgentRouter::local(registry.clone()),
+            decoding: jsonwebtoken::DecodingKey::from_secret(&secret),
+            validation: validation(),
+            agent_wait: Duration::from_millis(50),
+            log: IntegrationLog::new(None).0,
+        });
+        let router = crate::http::application::router(state);
+        (Clusters::new(router, &secret), cp, registry)
+    }
+
+    #[tokio::test]
+    async fn a_json_body_reaches_the_agent_with_its_type_and_end() {
+        use futures::StreamExt;
+        let (c, cp, registry) = world().await;
+        cp.create_project("acme/agents", None).await.expect("p");
+        let (agent, _) = cp.create_agent("acme/agents", "prod").await.expect("a");
+        let guard = registry.add_replica(
+            agent.id,
+            kas_tunnel::ReplicaInfo {
+                replica_id: "r1".into(),
+                agent_version: "test".into(),
+                peer: "memory".into(),
+                meta: Default::default(),
+            },
+        );
+        let (inbound, out, mut end) = kas_tunnel::testing::tunnel();
+        registry.offer(agent.id, guard.connection_key(), inbound, out);
+        let ns = serde_json::json!({"kind": "Namespace"});
+        let call = c.ensure(agent.id, "/api/v1/namespaces", &ns);
+        let served = async {
+            let head = end.request().await;
+            let mut frames = Vec::new();
+            while let Some(Ok(f)) = end.from_kas.next().await {
+                frames.push(format!("{:?}", f.msg));
+                if frames.len() == 2 {
+                    break;
+                }
+            }
+            end.respond(201, "{}");
+            (head, frames)
+        };
+        let (result, (head, frames)) = tokio::join!(call, served);
+        assert_eq!(result, Ok(()));
+        assert_eq!(head.method, "POST");
+        let typed = head.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("content-type") && h.value.as_ref() == b"application/json"
+        });
+        assert!(typed, "{:?}", head.headers);
+        assert!(frames[0].contains("Namespace"), "{frames:?}");
+        assert!(frames[1].contains("EndOfBody"), "{frames:?}");
+    }
+
+    #[tokio::test]
+    async fn calls_go_through_the_application_api_and_fail_with_codes_only() {
+        let (c, cp) = clusters().await;
+        let e = c.delete(9, "/api/v1/namespaces/x").await;
+        assert_eq!(
+            e,
+            Ok(()),
+            "an unknown agent answers 404, as a missing object does"
+        );
+        cp.create_project("acme/agents", None).await.expect("p");
+        let (agent, _) = cp.create_agent("acme/agents", "prod").await.expect("a");
+        let e = c
+            .ensure(agent.id, "/api/v1/namespaces", &serde_json::json!({}))
+            .await
+            .expect_err("not connected");
+        assert_eq!(e.code, "cluster_status_503");
+        let e = c.get(agent.id, "/apis/apps/v1/x").await.expect_err("path");
+        assert_eq!(e.code, "invalid_path");
+    }
 }

@@ -33,7 +33,11 @@ fn slug(path: &str) -> String {
 /// `environment_slug`: a valid DNS label, cut and suffixed with a hash of the whole
 /// name when longer than 63 characters (so two long names stay apart).
 pub fn namespace_name(project_path: &str, project_id: u64, environment_slug: &str) -> String {
-    let full = format!("{}-{project_id}-{}", slug(project_path), slug(environment_slug));
+    let full = format!(
+        "{}-{project_id}-{}",
+        slug(project_path),
+        slug(environment_slug)
+    );
     let full = full.trim_matches('-').to_string();
     if full.len() <= MAX_NAME {
         return full;
@@ -81,7 +85,8 @@ pub async fn ensure(
         "metadata": {"name": namespace, "labels": {"app.kubernetes.io/managed-by": "kas"}},
     });
     clusters.ensure(agent, "/api/v1/namespaces", &ns).await?;
-    let collection = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings");
+    let collection =
+        format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings");
     let path = format!("{collection}/{BINDING}");
     let wanted = binding(namespace, cluster_role, group);
     match clusters.get(agent, &path).await? {
@@ -102,15 +107,22 @@ mod tests {
     fn is_dns_label(s: &str) -> bool {
         !s.is_empty()
             && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-')
             && !s.ends_with('-')
     }
 
     #[test]
     fn names_are_dns_labels_and_long_ones_keep_apart() {
-        assert_eq!(namespace_name("acme/web/shop", 7, "production"), "acme-web-shop-7-production");
-        assert_eq!(namespace_name("Acme/Web.Shop", 7, "review-x1"), "acme-web-shop-7-review-x1");
+        assert_eq!(
+            namespace_name("acme/web/shop", 7, "production"),
+            "acme-web-shop-7-production"
+        );
+        assert_eq!(
+            namespace_name("Acme/Web.Shop", 7, "review-x1"),
+            "acme-web-shop-7-review-x1"
+        );
         let long = "acme/".repeat(20) + "shop";
         let a = namespace_name(&long, 7, "production");
         let b = namespace_name(&long, 8, "production");
@@ -125,7 +137,13 @@ mod tests {
     fn a_binding_to_another_role_or_group_is_not_the_same_grant() {
         let want = binding("ns", "admin", "gitlab:project_env:7:production");
         assert!(same_grant(&want.clone(), &want));
-        assert!(!same_grant(&binding("ns", "edit", "gitlab:project_env:7:production"), &want));
-        assert!(!same_grant(&binding("ns", "admin", "gitlab:project_env:8:production"), &want));
+        assert!(!same_grant(
+            &binding("ns", "edit", "gitlab:project_env:7:production"),
+            &want
+        ));
+        assert!(!same_grant(
+            &binding("ns", "admin", "gitlab:project_env:8:production"),
+            &want
+        ));
     }
 }

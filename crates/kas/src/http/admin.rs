@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
+mod cluster;
+
 /// Shared state of the admin API.
 pub struct AdminState {
     pub cp: Arc<dyn ControlPlane>,
@@ -33,6 +35,10 @@ pub struct AdminState {
     pub k8s_proxy_ca_pem: Option<String>,
     /// Limits on `ci_access` entries of agent configurations (kas settings).
     pub ci_access_limits: kas_authz::CiAccessLimits,
+    /// kas's own calls to agents' clusters (managed namespaces).
+    pub clusters: crate::cluster::Clusters,
+    /// Managed applications.
+    pub apps: Arc<crate::cluster::apps::Apps>,
 }
 
 /// An admin API failure: kas's one error type, answered as `{"error": ...}`.
@@ -147,6 +153,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route(paths::CONNECTED_AGENTS, get(connected_agents))
         .route(paths::EXPLAIN, get(explain))
         .route(paths::AUDIT, get(audit))
+        .route(
+            paths::CLUSTER_APPS,
+            get(cluster::list_apps).post(cluster::start_app),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit_admin,
@@ -413,7 +423,14 @@ async fn start_job(
         s.cp.authenticate_job(token.expose())
             .await?
             .ok_or_else(|| ApiError(Error::internal("the new job is not running")))?;
-    let authorized = kas_k8s_proxy::authorized_agents(&ctx, &s.cp.all_agent_infos().await?);
+    let mut authorized = kas_k8s_proxy::authorized_agents(&ctx, &s.cp.all_agent_infos().await?);
+    if let Err(e) = cluster::prepare_namespaces(&s, &ctx, &mut authorized).await {
+        // The job never gets a kubeconfig: it ends here.
+        if let Err(f) = s.cp.finish_job(job.id, JobStatus::Failed).await {
+            tracing::error!(error = %f, job_id = job.id, "cannot end a job whose start failed");
+        }
+        return Err(e);
+    }
     let contexts: Vec<String> = authorized
         .iter()
         .map(|(a, _)| kas_k8s_proxy::context_name(a))
@@ -512,18 +529,7 @@ async fn explain(
     job.pipeline_id = q.pipeline_id.unwrap_or(1);
     job.username = q.user.clone().unwrap_or_else(|| "user".into());
     job.protected_ref = q.protected;
-    let agent_id = match q.agent.parse::<u64>() {
-        Ok(id) => id,
-        Err(_) => {
-            let (proj, name) = q.agent.rsplit_once(':').ok_or_else(|| {
-                ApiError(Error::bad_request(format!(
-                    "agent `{}`: use an id or <configuration project>:<name>",
-                    q.agent
-                )))
-            })?;
-            s.cp.get_agent(proj, name).await?.id
-        }
-    };
+    let agent_id = cluster::resolve_agent(s.cp.as_ref(), &q.agent).await?;
     let agent =
         s.cp.agent_info(agent_id)
             .await?

@@ -62,6 +62,16 @@ pub struct IntegrationLog {
     file: Option<kas_telemetry::batch::Batched>,
 }
 
+/// The log of a pod kas ran.
+#[derive(Debug, Serialize)]
+struct PodLog<'a> {
+    time: u64,
+    agent_id: u64,
+    target: &'a str,
+    pod: &'a str,
+    log: &'a str,
+}
+
 /// One cluster call made for the application.
 #[derive(Debug, Serialize)]
 struct Record<'a> {
@@ -92,6 +102,27 @@ impl IntegrationLog {
                     "Kubernetes integration log",
                 );
                 (IntegrationLog { file: Some(out) }, flush)
+            }
+        }
+    }
+
+    /// Copies the log of a pod kas ran (a managed application's install pod).
+    pub fn pod_log(&self, agent_id: u64, pod: &str, log: &str) {
+        tracing::info!(
+            target: "k8s_integration",
+            agent_id, pod, log, "pod log"
+        );
+        if let Some(out) = &self.file {
+            let r = PodLog {
+                time: unix_secs(),
+                agent_id,
+                target: "pod_log",
+                pod,
+                log,
+            };
+            if let Ok(mut line) = serde_json::to_string(&r) {
+                line.push('\n');
+                out.append(line.as_bytes());
             }
         }
     }

@@ -3,6 +3,7 @@
 mod access;
 mod agents;
 mod audit;
+mod cluster;
 mod jobs;
 mod paths;
 
@@ -46,5 +47,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Job(c) => jobs::job(&api, c, out).await,
         Cmd::Audit(a) => audit::audit(&api, a, out).await,
         Cmd::Access(c) => access::access(&api, c, out).await,
+        Cmd::Cluster(c) => cluster::cluster(&api, c, out).await,
     }
 }

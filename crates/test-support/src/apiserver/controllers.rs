@@ -45,9 +45,15 @@ fn names(o: &Value) -> (String, String) {
 
 /// The phases of a pod: (phase, delay after creation).
 pub fn phases(o: &Value) -> Vec<(String, Duration)> {
-    let spec = o["metadata"]["annotations"][PHASES_ANNOTATION]
-        .as_str()
-        .unwrap_or("Running@50");
+    parse_phases(
+        o["metadata"]["annotations"][PHASES_ANNOTATION]
+            .as_str()
+            .unwrap_or("Running@50"),
+    )
+}
+
+/// `<Phase>@<ms>,...` as (phase, delay after creation).
+pub fn parse_phases(spec: &str) -> Vec<(String, Duration)> {
     spec.split(',')
         .filter_map(|p| {
             let (phase, ms) = p.trim().split_once('@')?;
@@ -59,7 +65,7 @@ pub fn phases(o: &Value) -> Vec<(String, Duration)> {
         .collect()
 }
 
-fn pod_status(phase: &str, o: &Value) -> Value {
+pub(crate) fn pod_status(phase: &str, o: &Value) -> Value {
     let ready = phase == "Running";
     let containers: Vec<Value> = o["spec"]["containers"]
         .as_array()
@@ -85,7 +91,12 @@ fn pod_status(phase: &str, o: &Value) -> Value {
 fn pod_lifecycle(state: &Arc<State>, o: &Value) {
     let (ns, name) = names(o);
     let uid = o["metadata"]["uid"].clone();
-    let steps = phases(o);
+    // The annotation wins; then what the test planned for this pod's name.
+    let planned = state.planned(&ns, &name).and_then(|p| p.phases);
+    let steps = match (&o["metadata"]["annotations"][PHASES_ANNOTATION], planned) {
+        (Value::Null, Some(spec)) => parse_phases(&spec),
+        _ => phases(o),
+    };
     let state = state.clone();
     tokio::spawn(async move {
         let start = tokio::time::Instant::now();

@@ -38,23 +38,42 @@ pub(super) fn logs(state: &Arc<State>, ns: &str, name: &str, follow: bool) -> Re
     if let Some(r) = missing_pod(state, ns, name) {
         return r;
     }
+    let planned = state.planned(ns, name).and_then(|p| p.log);
     if !follow {
-        return full(
-            StatusCode::OK,
-            "text/plain",
-            format!("{name}: line 1\n{name}: line 2\n"),
-        );
+        let text = planned.unwrap_or_else(|| format!("{name}: line 1\n{name}: line 2\n"));
+        return full(StatusCode::OK, "text/plain", text);
     }
     let guard = StreamGuard::new(state);
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    let name = name.to_string();
+    let (state, ns, name) = (state.clone(), ns.to_string(), name.to_string());
     tokio::spawn(async move {
         let _guard = guard;
+        // As the kubelet does: the log so far, then lines as they come, until the
+        // container ends (the pod finished or is gone).
+        if let Some(text) = planned {
+            if tx.send(Ok(Frame::data(Bytes::from(text)))).await.is_err() {
+                return;
+            }
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for i in 1.. {
             tokio::select! {
-                _ = tick.tick() => if tx.send(Ok(Frame::data(Bytes::from(format!("{name}: line {i}\n"))))).await.is_err() { return },
+                _ = tick.tick() => {}
                 _ = tx.closed() => return,
+            }
+            let phase = state
+                .lock()
+                .get("/pods", &ns, &name)
+                .map(|p| p["status"]["phase"].as_str().unwrap_or("").to_string());
+            match phase.as_deref() {
+                None | Some("Succeeded" | "Failed") => return,
+                _ if state.planned(&ns, &name).is_some() => {}
+                _ => {
+                    let line = Bytes::from(format!("{name}: line {i}\n"));
+                    if tx.send(Ok(Frame::data(line))).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     });

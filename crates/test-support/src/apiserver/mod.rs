@@ -88,11 +88,30 @@ pub(crate) struct State {
     active_streams: watch::Sender<usize>,
     files: process::Files,
     bytes_served: std::sync::atomic::AtomicU64,
+    /// What tests planned for pods they expect others to create, by namespace and name.
+    pod_plans: Mutex<HashMap<(String, String), PodPlan>>,
+}
+
+/// What a pod created later will do (see [`TestApiServer::plan_pod`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PodPlan {
+    /// `<Phase>@<ms>,...`, as the phases annotation takes it.
+    pub phases: Option<String>,
+    /// The container's whole log.
+    pub log: Option<String>,
 }
 
 impl State {
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn planned(&self, ns: &str, name: &str) -> Option<PodPlan> {
+        self.pod_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
     }
 }
 
@@ -192,6 +211,7 @@ impl TestApiServer {
             active_streams: watch::channel(0).0,
             files: Default::default(),
             bytes_served: Default::default(),
+            pod_plans: Default::default(),
         });
         let cert = opts.tls.then(crate::certs::LocalhostCert::generate);
         let acceptor = match &cert {
@@ -329,6 +349,46 @@ impl TestApiServer {
             change: "ADDED",
             object: o,
         });
+    }
+
+    /// Plans a pod someone else will create as `ns/name`: its phases (`<Phase>@<ms after
+    /// creation>,...`, e.g. `Running@50,Failed@300`; `Running@50` runs until
+    /// [`TestApiServer::set_pod_phase`]) and its log. Each creation under the name follows
+    /// the plan in force then.
+    pub fn plan_pod(&self, ns: &str, name: &str, phases: &str, log: &str) {
+        self.state
+            .pod_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (ns.to_string(), name.to_string()),
+                PodPlan {
+                    phases: Some(phases.to_string()),
+                    log: Some(log.to_string()),
+                },
+            );
+    }
+
+    /// Moves an existing pod to `phase` now (`Succeeded`, `Failed`...).
+    pub fn set_pod_phase(&self, ns: &str, name: &str, phase: &str) -> bool {
+        let Some(rt) = resources::find("", "pods") else {
+            return false;
+        };
+        let Some(current) = self.state.lock().get(&rt.key(), ns, name).cloned() else {
+            return false;
+        };
+        let status = controllers::pod_status(phase, &current);
+        store::write(
+            &self.state,
+            rt,
+            ns,
+            name,
+            json!({"status": status}),
+            store::Write::Replace,
+            true,
+            false,
+        )
+        .is_ok()
     }
 
     /// An object as stored (`group` empty for the core group), if it exists.

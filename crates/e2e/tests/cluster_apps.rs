@@ -119,6 +119,16 @@ async fn managed_apps_install_fail_upgrade_and_uninstall_through_pods() {
         )
         .expect("installer binding");
     assert_eq!(binding["subjects"][0]["name"], "kas-installer");
+    // The agents page shows it.
+    let admin = std::fs::read_to_string(&env.kas_info.admin_token_file).expect("admin token");
+    let http = kas_test_support::http::client(b"", false);
+    let page_url = format!("{}/ui/agents", env.kas_info.api);
+    let (status, page) = kas_test_support::http::get(&http, &page_url, Some(admin.trim())).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("ingress-nginx: <span class=on>installed</span> 4.12.1"),
+        "{page}"
+    );
     let kas_log = env.kas.logs();
     assert!(
         kas_log.contains("STATUS: deployed"),

@@ -115,13 +115,11 @@ async fn the_chart_rbac_makes_every_access_as_mode_work() {
         .all(|r| r.authenticated_as == "system:serviceaccount:gitlab-agent:prod-agentk"));
 
     // Without the impersonation role, the cluster refuses ci_job (and the job sees why).
-    env.admin_kubectl(
-        &[
-            "delete",
-            "clusterrolebinding",
-            "gitlab-agent-prod-agentk-impersonate",
-        ],
-    );
+    env.admin_kubectl(&[
+        "delete",
+        "clusterrolebinding",
+        "gitlab-agent-prod-agentk-impersonate",
+    ]);
     let err = get_pods(&env, &ci).expect_err("no impersonation allowed");
     assert!(
         err.contains("cannot impersonate resource \"users\""),

@@ -189,6 +189,10 @@ pub async fn page(
         }
     };
     let connected = s.router.connected_agents().await;
+    let apps = s.cp.list_apps(None).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "agents page: cannot read managed applications");
+        Vec::new()
+    });
     let now = unix_secs();
     let mut rows = String::new();
     let mut loading = false;
@@ -207,10 +211,14 @@ pub async fn page(
         } else {
             pods_cell(s.pods.get(&a.id), &mut loading)
         };
-        rows.push_str(&row(a, reps, seen, now, &pods));
+        let cells = Cells {
+            pods,
+            apps: apps_cell(apps.iter().filter(|p| p.agent_id == a.id)),
+        };
+        rows.push_str(&row(a, reps, seen, now, &cells));
     }
     if agents.is_empty() {
-        rows.push_str("<tr><td colspan=9 class=muted>No agents yet: <code>kasctl agent create</code></td></tr>");
+        rows.push_str("<tr><td colspan=10 class=muted>No agents yet: <code>kasctl agent create</code></td></tr>");
     }
     let refresh = if loading { 2 } else { 10 };
     Html(render(&rows, agents.len(), refresh)).into_response()
@@ -249,6 +257,40 @@ fn pods_cell(pods: Cached<BTreeMap<String, usize>, CountError>, loading: &mut bo
     }
 }
 
+/// The managed applications cell: each application with its state.
+fn apps_cell<'a>(apps: impl Iterator<Item = &'a kas_api::ClusterApp>) -> String {
+    let cells: Vec<String> = apps
+        .map(|a| {
+            let class = match a.state {
+                kas_api::AppState::Errored => "err",
+                kas_api::AppState::Installed => "on",
+                _ => "muted",
+            };
+            let detail = match (&a.error_code, &a.version) {
+                (Some(code), _) => format!(" ({})", esc(code)),
+                (None, Some(v)) => format!(" {}", esc(v)),
+                (None, None) => String::new(),
+            };
+            format!(
+                "<div class=app>{}: <span class={class}>{}</span>{detail}</div>",
+                esc(&a.name),
+                a.state.as_str()
+            )
+        })
+        .collect();
+    if cells.is_empty() {
+        "<span class=muted>-</span>".into()
+    } else {
+        cells.concat()
+    }
+}
+
+/// Cells of a row filled from caches and other records.
+struct Cells {
+    pods: String,
+    apps: String,
+}
+
 /// Distinct values, sorted.
 fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut v: Vec<&str> = values.collect();
@@ -263,7 +305,7 @@ fn row(
     reps: &[kas_api::admin::ConnectedReplica],
     seen: Option<u64>,
     now: u64,
-    pods: &str,
+    cells: &Cells,
 ) -> String {
     let kas = distinct(reps.iter().filter_map(|r| r.kas.as_deref()));
     let versions = distinct(reps.iter().map(|r| r.agent_version.as_str()));
@@ -298,7 +340,7 @@ fn row(
     let mut out = String::new();
     let _ = write!(
         out,
-        "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}{runs_on}</td><td>{kas}</td><td>{seen}</td><td>{versions}{warning}</td><td>{cluster}</td><td class=pods>{pods}</td></tr>",
+        "<tr data-agent=\"{id}\"><td>{name}</td><td>{project}</td><td class={class}>{state}</td><td>{replicas}{runs_on}</td><td>{kas}</td><td>{seen}</td><td>{versions}{warning}</td><td>{cluster}</td><td class=pods>{pods}</td><td class=apps>{apps}</td></tr>",
         id = a.id,
         name = esc(&a.name),
         project = esc(&a.project_path),
@@ -319,6 +361,8 @@ fn row(
         } else {
             esc(&clusters.join(", "))
         },
+        pods = cells.pods,
+        apps = cells.apps,
     );
     out
 }
@@ -337,7 +381,7 @@ th{{background:#f6f8fa}} .on{{color:#1a7f37;font-weight:600}} .off{{color:#cf222
 .muted{{color:#6e7781}} .err{{color:#cf222e}} .ns{{display:inline-block;background:#ddf4ff;border-radius:4px;padding:0 .35rem;margin:0 .2rem .2rem 0}}
 </style></head><body>
 <h1>Agents</h1>
-<table><thead><tr><th>Agent</th><th>Config project</th><th>State</th><th>Replicas</th><th>kas</th><th>Last seen</th><th>Version</th><th>Kubernetes</th><th>Pods per namespace</th></tr></thead>
+<table><thead><tr><th>Agent</th><th>Config project</th><th>State</th><th>Replicas</th><th>kas</th><th>Last seen</th><th>Version</th><th>Kubernetes</th><th>Pods per namespace</th><th>Applications</th></tr></thead>
 <tbody>{rows}</tbody></table>
 <p class=muted>{n} agents. Pod counts are cached and refreshed in the background; this page never waits on a cluster.</p>
 </body></html>"#,

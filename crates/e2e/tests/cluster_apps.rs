@@ -244,6 +244,24 @@ async fn a_restarted_kas_goes_on_following_a_running_install_pod() {
     let a = wait_state(&env, "cert-manager", "installed");
     assert_eq!(a["version"], "v1.17.2");
     assert!(pod(&env, "install-cert-manager").is_none());
+
+    // Killed, kas cannot hand over: the next one takes over once the lease runs out.
+    env.api.plan_pod(NS, "install-prometheus", "Running@50", "");
+    env.kasctl(&["cluster", "app", "install", AGENT, "prometheus"]);
+    wait_for(Duration::from_secs(10), "install pod running", || {
+        pod(&env, "install-prometheus").filter(|p| p["status"]["phase"] == "Running")
+    });
+    env.restart_kas(true);
+    assert!(env.api.set_pod_phase(NS, "install-prometheus", "Failed"));
+    let a = wait_for(Duration::from_secs(45), "taken over after a crash", || {
+        let a = app(&env, "prometheus");
+        (a["state"] == "errored").then_some(a)
+    });
+    assert_eq!(a["error_code"], "helm_exit_1");
+    assert!(
+        pod(&env, "install-prometheus").is_some(),
+        "kept for its log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

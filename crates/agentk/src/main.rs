@@ -110,6 +110,8 @@ struct Fatal(String);
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // kube's TLS takes the process's crypto provider: ring, as the rest of agentk.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // One thread by default: agentk forwards bytes and does little else, and a single
     // thread avoids cross-thread wake-ups on every frame (lower latency, measured).
     let runtime = kas_telemetry::runtime(cli.worker_threads)?;

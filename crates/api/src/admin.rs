@@ -39,6 +39,12 @@ pub mod paths {
     /// GET with [`super::AppsQuery`]: [`super::ClusterApps`]. POST [`super::AppRequest`]:
     /// starts an operation ([`crate::records::ClusterApp`], 202).
     pub const CLUSTER_APPS: &str = "/cluster-apps";
+    /// POST [`super::EksPrepare`]: [`super::EksPrepared`] (201).
+    pub const EKS_PREPARE: &str = "/eks/prepare";
+    /// GET (optionally with [`super::EksName`] as the query): [`crate::records::EksCluster`]s.
+    /// POST [`super::EksCreate`]: starts creating (202). DELETE with [`super::EksName`]:
+    /// starts deleting (202).
+    pub const EKS_CLUSTERS: &str = "/eks/clusters";
 
     /// POST [`super::FinishJob`]: finishes job `id`.
     pub fn finish_job(id: u64) -> String {
@@ -306,4 +312,36 @@ pub struct AppRequest {
     /// Helm values (YAML) over the catalogue's defaults (install, upgrade).
     #[serde(default)]
     pub values: Option<String>,
+}
+
+/// POST to [`paths::EKS_PREPARE`]: a new EKS cluster record and its external id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksPrepare {
+    pub name: String,
+    /// The project the cluster (and its agent) belongs to.
+    pub project: String,
+}
+
+/// What the user needs to create the provisioning role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksPrepared {
+    pub cluster: crate::records::EksCluster,
+    /// kas's own AWS account, which the role must trust.
+    pub account_id: String,
+    pub external_id: String,
+    /// The role's trust policy, ready to paste.
+    pub trust_policy: String,
+}
+
+/// POST to [`paths::EKS_CLUSTERS`]: create the prepared cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksCreate {
+    pub name: String,
+    pub spec: crate::records::EksSpec,
+}
+
+/// GET or DELETE [`paths::EKS_CLUSTERS`] with this query: one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksName {
+    pub name: String,
 }

@@ -14,8 +14,8 @@ pub mod error;
 pub mod records;
 
 pub use records::{
-    Agent, AgentToken, AppOperation, AppState, ClusterApp, EnvironmentRecord, Group, Job,
-    JobStatus, Project,
+    Agent, AgentToken, AppOperation, AppState, ClusterApp, EksCluster, EksEvent, EksSpec, EksState,
+    EnvironmentRecord, Group, Job, JobStatus, Project,
 };
 
 use serde::{Deserialize, Serialize};

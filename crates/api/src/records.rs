@@ -213,3 +213,115 @@ pub struct ClusterApp {
     #[serde(skip)]
     pub values_yaml: String,
 }
+
+/// Where the creation (or deletion) of an EKS cluster stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EksState {
+    /// Prepared: waiting for the user to create the provisioning role.
+    AwaitingRole,
+    AssumingRole,
+    CreatingStack,
+    /// The CloudFormation stack is being created (10-15 minutes on AWS).
+    StackInProgress,
+    /// Writing aws-auth and kas's ServiceAccount into the new cluster.
+    Configuring,
+    /// Registering an agent and installing agentk into the cluster.
+    InstallingAgent,
+    Ready,
+    Errored,
+    Deleting,
+    Deleted,
+}
+
+impl EksState {
+    const ALL: [EksState; 10] = [
+        EksState::AwaitingRole,
+        EksState::AssumingRole,
+        EksState::CreatingStack,
+        EksState::StackInProgress,
+        EksState::Configuring,
+        EksState::InstallingAgent,
+        EksState::Ready,
+        EksState::Errored,
+        EksState::Deleting,
+        EksState::Deleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EksState::AwaitingRole => "awaiting_role",
+            EksState::AssumingRole => "assuming_role",
+            EksState::CreatingStack => "creating_stack",
+            EksState::StackInProgress => "stack_in_progress",
+            EksState::Configuring => "configuring",
+            EksState::InstallingAgent => "installing_agent",
+            EksState::Ready => "ready",
+            EksState::Errored => "errored",
+            EksState::Deleting => "deleting",
+            EksState::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Whether kas has background work to do for the cluster in this state.
+    pub fn is_active(self) -> bool {
+        !matches!(
+            self,
+            EksState::AwaitingRole | EksState::Ready | EksState::Errored | EksState::Deleted
+        )
+    }
+}
+
+/// What the user asks for (`kasctl cluster create eks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksSpec {
+    pub region: String,
+    /// The provisioning role in the customer's account (trusting kas's account with
+    /// the cluster's external id).
+    pub role_arn: String,
+    pub vpc_id: String,
+    pub subnet_ids: Vec<String>,
+    pub security_group_id: String,
+    /// The cluster management role EKS assumes.
+    pub cluster_role_arn: String,
+    pub kubernetes_version: String,
+    pub instance_type: String,
+    pub node_count: u32,
+}
+
+/// One event of the cluster's CloudFormation stack (no AWS-written reason: only what
+/// happened to which resource).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksEvent {
+    pub time: i64,
+    pub resource: String,
+    pub status: String,
+}
+
+/// An EKS cluster kas creates in a customer's account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EksCluster {
+    pub id: u64,
+    pub name: String,
+    pub project_path: String,
+    pub state: EksState,
+    /// Why it failed: a code, never AWS's or the cluster's words.
+    pub error_code: Option<String>,
+    /// The external id the provisioning role's trust policy must require.
+    pub external_id: String,
+    pub spec: Option<EksSpec>,
+    pub stack_name: String,
+    pub stack_status: Option<String>,
+    pub endpoint: Option<String>,
+    /// The agent registered for the cluster, once it is.
+    pub agent_id: Option<u64>,
+    /// Whether temporary AWS credentials are held now (wiped when no longer needed).
+    pub holds_credentials: bool,
+    pub events: Vec<EksEvent>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}

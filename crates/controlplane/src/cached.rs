@@ -7,6 +7,7 @@ use crate::{
     Agent, AgentAuth, AgentInfo, AgentToken, AppOutcome, Change, ClusterApp, ControlPlane,
     EnvironmentRecord, Group, Job, JobStatus, Project, Result, Secret, StartAppOperation, StartJob,
 };
+use crate::{EksCluster, EksSpec, EksWork};
 use async_trait::async_trait;
 use kas_authz::JobContext;
 use std::collections::HashMap;
@@ -260,6 +261,34 @@ impl<C: ControlPlane> ControlPlane for CachingControlPlane<C> {
     }
     async fn list_apps(&self, agent_id: Option<u64>) -> Result<Vec<ClusterApp>> {
         self.inner.list_apps(agent_id).await
+    }
+
+    async fn prepare_eks(&self, name: &str, project: &str) -> Result<EksCluster> {
+        self.inner.prepare_eks(name, project).await
+    }
+    async fn request_eks(
+        &self,
+        name: &str,
+        spec: &EksSpec,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<EksWork> {
+        self.inner.request_eks(name, spec, owner, lease_until).await
+    }
+    async fn delete_eks(&self, name: &str, owner: &str, lease_until: i64) -> Result<EksWork> {
+        self.inner.delete_eks(name, owner, lease_until).await
+    }
+    async fn save_eks(&self, owner: &str, work: &EksWork, lease_until: i64) -> Result<bool> {
+        self.inner.save_eks(owner, work, lease_until).await
+    }
+    async fn claim_eks(&self, owner: &str, until: i64) -> Result<Vec<EksWork>> {
+        self.inner.claim_eks(owner, until).await
+    }
+    async fn get_eks(&self, name: &str) -> Result<EksCluster> {
+        self.inner.get_eks(name).await
+    }
+    async fn list_eks(&self) -> Result<Vec<EksCluster>> {
+        self.inner.list_eks().await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {

@@ -10,6 +10,7 @@
 mod agent_tokens;
 mod apps;
 mod cached;
+mod eks;
 mod model;
 mod postgres;
 mod slug;
@@ -180,6 +181,26 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn claim_app_operations(&self, owner: &str, until: i64) -> Result<Vec<ClusterApp>>;
     /// Managed applications of one agent, or of every agent.
     async fn list_apps(&self, agent_id: Option<u64>) -> Result<Vec<ClusterApp>>;
+
+    /// A new EKS cluster record in `project`, with a fresh external id, waiting for its
+    /// provisioning role.
+    async fn prepare_eks(&self, name: &str, project: &str) -> Result<EksCluster>;
+    /// Starts creating a prepared (or errored) cluster under `owner`'s lease.
+    async fn request_eks(
+        &self,
+        name: &str,
+        spec: &EksSpec,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<EksWork>;
+    /// Starts deleting a cluster under `owner`'s lease.
+    async fn delete_eks(&self, name: &str, owner: &str, lease_until: i64) -> Result<EksWork>;
+    /// Saves the worker's progress; false when `owner` no longer holds the lease.
+    async fn save_eks(&self, owner: &str, work: &EksWork, lease_until: i64) -> Result<bool>;
+    /// Takes over, for `owner` until `until`, clusters with work whose lease ran out.
+    async fn claim_eks(&self, owner: &str, until: i64) -> Result<Vec<EksWork>>;
+    async fn get_eks(&self, name: &str) -> Result<EksCluster>;
+    async fn list_eks(&self) -> Result<Vec<EksCluster>>;
 
     /// Changes made from now on.
     fn subscribe(&self) -> broadcast::Receiver<Change>;

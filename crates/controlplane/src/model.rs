@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 pub use kas_api::records::{
-    Agent, AgentToken, AppOperation, AppState, ClusterApp, EnvironmentRecord, Group, Job,
-    JobStatus, Project,
+    Agent, AgentToken, AppOperation, AppState, ClusterApp, EksCluster, EksEvent, EksSpec, EksState,
+    EnvironmentRecord, Group, Job, JobStatus, Project,
 };
 
 /// An agent authenticated by one of its tokens.
@@ -56,4 +56,38 @@ pub struct AppOutcome {
     pub state: AppState,
     pub version: Option<String>,
     pub error_code: Option<String>,
+}
+
+/// Temporary AWS credentials from AssumeRole (masked in `Debug`; wiped from the
+/// record once no longer needed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AwsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for AwsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsCredentials")
+            .field("access_key_id", &"****")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An EKS cluster as the kas working on it sees it: the record and what only the
+/// worker needs.
+#[derive(Debug, Clone)]
+pub struct EksWork {
+    pub cluster: EksCluster,
+    pub stack_id: Option<String>,
+    /// The cluster's CA (base64 PEM, as EKS gives it).
+    pub ca_data: Option<String>,
+    pub node_role_arn: Option<String>,
+    pub credentials: Option<AwsCredentials>,
+    /// Polls of the current step (for backoff).
+    pub polls: u32,
 }

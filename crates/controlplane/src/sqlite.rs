@@ -113,6 +113,8 @@ impl SqlControlPlane<Sqlite> {
             .map_err(storage)?;
         conn.execute_batch(&crate::apps::schema("id INTEGER PRIMARY KEY"))
             .map_err(storage)?;
+        conn.execute_batch(&crate::eks::schema("id INTEGER PRIMARY KEY"))
+            .map_err(storage)?;
         let (changes, _) = broadcast::channel(1024);
         Ok(SqlControlPlane::with_backend(Sqlite {
             conn: Mutex::new(conn),

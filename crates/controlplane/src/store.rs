@@ -3,11 +3,12 @@
 
 use crate::sql::{conflict, Backend, Row, Tx, TxExt, Val};
 use crate::token::{hash_token, new_token, Secret, TokenKind};
-use crate::{agent_tokens, apps};
+use crate::{agent_tokens, apps, eks};
 use crate::{
     slug, Agent, AgentAuth, AgentInfo, AgentToken, AppOutcome, Change, ClusterApp, ControlPlane,
     EnvironmentRecord, Error, Group, Job, JobStatus, Project, Result, StartAppOperation, StartJob,
 };
+use crate::{EksCluster, EksSpec, EksWork};
 use async_trait::async_trait;
 use kas_authz::{AgentRef, Environment, JobContext, Named};
 use std::sync::Arc;
@@ -835,6 +836,57 @@ impl<B: Backend> ControlPlane for SqlControlPlane<B> {
     async fn list_apps(&self, agent_id: Option<u64>) -> Result<Vec<ClusterApp>> {
         let id = agent_id.map(|a| to_i64("agent", a)).transpose()?;
         self.run(move |tx| apps::list(tx, id)).await
+    }
+
+    async fn prepare_eks(&self, name: &str, project: &str) -> Result<EksCluster> {
+        let (name, project) = (name.to_string(), project.to_string());
+        // Not a secret (it is in the trust policy), but unguessable per cluster.
+        let external_id = format!("kas-{:032x}", rand::random::<u128>());
+        self.run(move |tx| {
+            let p = project_by_path(tx, &project)?;
+            let id = to_i64("project", p.id)?;
+            eks::prepare(tx, &name, id, &external_id, now())
+        })
+        .await
+    }
+
+    async fn request_eks(
+        &self,
+        name: &str,
+        spec: &EksSpec,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<EksWork> {
+        let (name, spec, owner) = (name.to_string(), spec.clone(), owner.to_string());
+        self.run(move |tx| eks::request(tx, &name, &spec, (&owner, lease_until), now()))
+            .await
+    }
+
+    async fn delete_eks(&self, name: &str, owner: &str, lease_until: i64) -> Result<EksWork> {
+        let (name, owner) = (name.to_string(), owner.to_string());
+        self.run(move |tx| eks::delete(tx, &name, (&owner, lease_until), now()))
+            .await
+    }
+
+    async fn save_eks(&self, owner: &str, work: &EksWork, lease_until: i64) -> Result<bool> {
+        let (owner, work) = (owner.to_string(), work.clone());
+        self.run(move |tx| eks::save(tx, &owner, &work, lease_until, now()))
+            .await
+    }
+
+    async fn claim_eks(&self, owner: &str, until: i64) -> Result<Vec<EksWork>> {
+        let owner = owner.to_string();
+        self.run(move |tx| eks::claim(tx, &owner, now(), until))
+            .await
+    }
+
+    async fn get_eks(&self, name: &str) -> Result<EksCluster> {
+        let name = name.to_string();
+        self.run(move |tx| eks::get(tx, &name)).await
+    }
+
+    async fn list_eks(&self) -> Result<Vec<EksCluster>> {
+        self.run(eks::list).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {

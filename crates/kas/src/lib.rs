@@ -99,6 +99,9 @@ pub struct Kas {
     apps: Arc<cluster::apps::Apps>,
     /// Takes over operations other kas left (stopped first on shutdown).
     resume_apps: Option<AbortOnDrop>,
+    /// EKS clusters this kas works on (None: `--eks` is off).
+    eks: Option<Arc<cluster::eks::Eks>>,
+    resume_eks: Option<AbortOnDrop>,
     shutdown: watch::Sender<bool>,
     /// The listeners; each task returns its listener's name.
     tasks: JoinSet<&'static str>,
@@ -374,6 +377,23 @@ impl Kas {
         spawner.agent(&config, bound.agent, &router)?;
         spawner.proxy(&config, bound.proxy, proxy_tls, &router);
 
+        let eks = match &config.eks {
+            Some(e) => {
+                let aws = cluster::eks::aws::Aws::load(e.template.clone()).await;
+                let scheme = if endpoints.agent_tls { "grpcs" } else { "grpc" };
+                let opts = cluster::eks::EksOptions {
+                    poll: e.poll,
+                    agent_url: e
+                        .agent_url
+                        .clone()
+                        .unwrap_or_else(|| format!("{scheme}://{}", endpoints.agent)),
+                    agentk_image: e.agentk_image.clone(),
+                };
+                Some(cluster::eks::Eks::new(cp.clone(), aws, opts))
+            }
+            None => None,
+        };
+        let resume_eks = eks.as_ref().map(|e| e.resume_in_background());
         let parts = http::ApiParts {
             cp: cp.clone(),
             router: router.clone(),
@@ -381,6 +401,7 @@ impl Kas {
             admin_token_hash,
             k8s_proxy_url: endpoints.k8s_proxy_url.clone(),
             k8s_proxy_ca_pem: ca.map(|(pem, _)| pem),
+            eks: eks.clone(),
         };
         let (api, apps, log_flush) = http::api_router(parts, &config);
         let resume_apps = Some(apps.resume_in_background());
@@ -400,6 +421,8 @@ impl Kas {
             router,
             apps,
             resume_apps,
+            eks,
+            resume_eks,
             shutdown,
             tasks: spawner.tasks,
             flush,
@@ -414,6 +437,12 @@ impl Kas {
         // Hand managed application operations over to the next kas at once.
         self.resume_apps = None;
         self.apps.release().await;
+        // EKS work stops here; its leases run out and another kas (or the next
+        // start) takes it over.
+        self.resume_eks = None;
+        if let Some(e) = &self.eks {
+            e.stop();
+        }
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         // Joins the writer threads after their last write (a few milliseconds at most).

@@ -254,6 +254,21 @@ pub enum ClusterCmd {
     /// `install-<app>` (`upgrade-`, `uninstall-`) in the namespace gitlab-managed-apps.
     #[command(subcommand)]
     App(AppCmd),
+    /// EKS: prepare a cluster's provisioning role (external id, trust policy).
+    #[command(subcommand)]
+    Eks(EksCmd),
+    /// Create a cluster (returns at once; follow it with `kasctl cluster show --watch`).
+    #[command(subcommand)]
+    Create(CreateCmd),
+    /// A cluster kas creates (or all of them), with its stack's events.
+    Show {
+        name: Option<String>,
+        /// Follow it until it is ready, errored or deleted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Delete a cluster: its CloudFormation stack, and its agent.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,4 +302,48 @@ pub struct AppChange {
     /// The chart version (default: the catalogue's).
     #[arg(long)]
     pub version: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EksCmd {
+    /// A new cluster record: prints kas's AWS account, the cluster's external id and
+    /// the trust policy to give the provisioning role in your account.
+    Prepare {
+        name: String,
+        /// The project the cluster (and its agent) belongs to.
+        #[arg(long)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreateCmd {
+    /// An Amazon EKS cluster in your AWS account (prepared with `kasctl cluster eks prepare`).
+    Eks(EksCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EksCreateArgs {
+    pub name: String,
+    /// The provisioning role kas assumes (trusting kas's account with the external id).
+    #[arg(long)]
+    pub role_arn: String,
+    #[arg(long)]
+    pub region: String,
+    #[arg(long)]
+    pub vpc: String,
+    /// Subnet ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub subnets: Vec<String>,
+    #[arg(long)]
+    pub security_group: String,
+    /// The cluster management role EKS assumes.
+    #[arg(long)]
+    pub cluster_role_arn: String,
+    #[arg(long, default_value = "1.32")]
+    pub kubernetes_version: String,
+    #[arg(long, default_value = "m5.large")]
+    pub instance_type: String,
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
 }

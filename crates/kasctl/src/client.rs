@@ -188,4 +188,29 @@ impl AdminClient {
     pub async fn start_cluster_app(&self, r: &admin::AppRequest) -> Result<kas_api::ClusterApp> {
         self.send(Method::POST, paths::CLUSTER_APPS, r).await
     }
+
+    pub async fn eks_prepare(&self, r: &admin::EksPrepare) -> Result<admin::EksPrepared> {
+        self.send(Method::POST, paths::EKS_PREPARE, r).await
+    }
+
+    pub async fn eks_create(&self, r: &admin::EksCreate) -> Result<kas_api::EksCluster> {
+        self.send(Method::POST, paths::EKS_CLUSTERS, r).await
+    }
+
+    pub async fn eks_delete(&self, r: &admin::EksName) -> Result<kas_api::EksCluster> {
+        self.call::<(), _>(Method::DELETE, &with_query(paths::EKS_CLUSTERS, r)?, None)
+            .await
+    }
+
+    pub async fn eks_clusters(&self, name: Option<&str>) -> Result<Vec<kas_api::EksCluster>> {
+        match name {
+            Some(n) => {
+                let q = admin::EksName {
+                    name: n.to_string(),
+                };
+                self.get(&with_query(paths::EKS_CLUSTERS, &q)?).await
+            }
+            None => self.get(paths::EKS_CLUSTERS).await,
+        }
+    }
 }

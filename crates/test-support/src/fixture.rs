@@ -40,6 +40,8 @@ pub struct Env {
     pub agents: Vec<Proc>,
     pub cluster_kubeconfig: PathBuf,
     kas_args: Vec<String>,
+    /// Environment variables kas runs with (again on restart).
+    kas_envs: Vec<(String, String)>,
 }
 
 impl Env {
@@ -56,7 +58,7 @@ impl Env {
     /// Like [`Env::start_with`], kas run through `wrapper` (e.g. `prlimit
     /// --nofile=256:256 --`).
     pub async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Env {
-        Self::start_custom(wrapper, extra, crate::apiserver::Options::default()).await
+        Self::start_custom(wrapper, extra, crate::apiserver::Options::default(), &[]).await
     }
 
     /// kas serving TLS on its agent listener with a certificate for `localhost` from a
@@ -87,11 +89,26 @@ impl Env {
         let api = crate::apiserver::Options {
             rbac: true,
             tls: true,
+            ..Default::default()
         };
-        Self::start_custom(&[], extra, api).await
+        Self::start_custom(&[], extra, api, &[]).await
     }
 
-    async fn start_custom(wrapper: &[&str], extra: &[&str], api: crate::apiserver::Options) -> Env {
+    /// A test API server made with `api`, and kas with extra arguments and environment.
+    pub async fn start_full(
+        api: crate::apiserver::Options,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Env {
+        Self::start_custom(&[], extra, api, envs).await
+    }
+
+    async fn start_custom(
+        wrapper: &[&str],
+        extra: &[&str],
+        api: crate::apiserver::Options,
+        envs: &[(&str, &str)],
+    ) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
         let api = TestApiServer::start_with(api)
             .await
@@ -113,7 +130,12 @@ impl Env {
         };
         cmd.arg("--data-dir")
             .arg(dir.path().join("kas-data"))
-            .args(&kas_args);
+            .args(&kas_args)
+            .envs(envs.iter().copied());
+        let kas_envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let (kas, kas_info) = procs::start_kas_cmd(cmd, &dir.path().join("logs"));
         Env {
             dir,
@@ -123,6 +145,7 @@ impl Env {
             agents: Vec::new(),
             cluster_kubeconfig,
             kas_args,
+            kas_envs,
         }
     }
 
@@ -180,12 +203,12 @@ impl Env {
                 all.push(a.clone());
             }
         }
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        let (kas, info) = procs::start_kas(
-            &self.dir.path().join("kas-data"),
-            &refs,
-            &self.dir.path().join("logs"),
-        );
+        let mut cmd = Command::new(procs::bin("kas"));
+        cmd.arg("--data-dir")
+            .arg(self.dir.path().join("kas-data"))
+            .args(&all)
+            .envs(self.kas_envs.iter().map(|(k, v)| (k, v)));
+        let (kas, info) = procs::start_kas_cmd(cmd, &self.dir.path().join("logs"));
         self.kas = kas;
         self.kas_info = info;
     }

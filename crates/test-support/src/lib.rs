@@ -8,6 +8,7 @@ pub mod certs;
 pub mod fixture;
 pub mod grpc;
 pub mod http;
+pub mod moto;
 pub mod pods;
 pub mod procs;
 pub mod prometheus;
@@ -15,6 +16,6 @@ pub mod replicas;
 pub mod services;
 pub mod sockets;
 pub mod story;
-mod time;
+pub mod time;
 
 pub use apiserver::{Recorded, TestApiServer, User};

@@ -70,6 +70,67 @@ pub struct Cli {
     /// Runtime threads: 0 (default) uses one per core; 1 runs everything on one thread.
     #[arg(long, env = "KAS_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+    /// Create EKS clusters in customers' AWS accounts (kas's own AWS credentials come
+    /// from the standard chain: environment, profile, web identity, instance role).
+    #[arg(long, env = "KAS_EKS")]
+    pub eks: bool,
+    /// The CloudFormation template EKS clusters are created with (default: the one
+    /// shipped, deploy/eks/cluster.yaml).
+    #[arg(long, env = "KAS_EKS_TEMPLATE_FILE")]
+    pub eks_template_file: Option<PathBuf>,
+    /// The first delay between polls of a cluster's stack (it doubles, up to 16 times).
+    #[arg(long, env = "KAS_EKS_POLL_INTERVAL", default_value = "15s")]
+    pub eks_poll_interval: String,
+    /// How agentk installed by kas (in new EKS clusters) reaches kas, e.g.
+    /// grpcs://kas.example.com:8150 (default: from the agent listener).
+    #[arg(long, env = "KAS_AGENT_URL")]
+    pub agent_url: Option<String>,
+    /// The agentk image installed into new EKS clusters.
+    #[arg(
+        long,
+        env = "KAS_AGENTK_IMAGE",
+        default_value = "registry.example.com/kas:0.1.0"
+    )]
+    pub agentk_image: String,
+}
+
+/// Creating EKS clusters (`--eks`).
+#[derive(Debug, Clone)]
+pub struct EksConfig {
+    pub template: String,
+    pub poll: Duration,
+    pub agent_url: Option<String>,
+    pub agentk_image: String,
+}
+
+fn eks_settings(cli: &Cli, errors: &mut Vec<String>) -> Option<EksConfig> {
+    if !cli.eks {
+        return None;
+    }
+    let template = match &cli.eks_template_file {
+        None => crate::cluster::eks::TEMPLATE.to_string(),
+        Some(p) => std::fs::read_to_string(p).unwrap_or_else(|e| {
+            errors.push(format!("--eks-template-file {}: {e}", p.display()));
+            String::new()
+        }),
+    };
+    let poll = parse_duration(&cli.eks_poll_interval).unwrap_or_else(|e| {
+        errors.push(format!("--eks-poll-interval: {e}"));
+        Duration::from_secs(15)
+    });
+    if let Some(u) = &cli.agent_url {
+        if !(u.starts_with("grpc://") || u.starts_with("grpcs://")) {
+            errors.push(format!(
+                "--agent-url `{u}` must be a grpc:// or grpcs:// URL"
+            ));
+        }
+    }
+    Some(EksConfig {
+        template,
+        poll,
+        agent_url: cli.agent_url.clone(),
+        agentk_image: cli.agentk_image.clone(),
+    })
 }
 
 impl Default for Cli {
@@ -92,6 +153,11 @@ impl Default for Cli {
             log_level: None,
             log_format: "text".into(),
             worker_threads: 0,
+            eks: false,
+            eks_template_file: None,
+            eks_poll_interval: "15s".into(),
+            agent_url: None,
+            agentk_image: "registry.example.com/kas:0.1.0".into(),
         }
     }
 }
@@ -139,6 +205,8 @@ pub struct Config {
     pub limits: ListenerLimits,
     /// The agent connection's own settings.
     pub agent: AgentSettings,
+    /// Creating EKS clusters (None: off).
+    pub eks: Option<EksConfig>,
 }
 
 /// The application API's settings.
@@ -291,6 +359,7 @@ impl Config {
             None => crate::audit::AuditTarget::File(data_dir.join("audit.jsonl")),
         };
         let (limits, agent) = limits::connection_settings(&file, &mut errors);
+        let eks = eks_settings(cli, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -311,6 +380,7 @@ impl Config {
             audit,
             limits,
             agent,
+            eks,
         })
     }
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 mod cluster;
+mod eks;
 
 /// Shared state of the admin API.
 pub struct AdminState {
@@ -39,6 +40,8 @@ pub struct AdminState {
     pub clusters: crate::cluster::Clusters,
     /// Managed applications.
     pub apps: Arc<crate::cluster::apps::Apps>,
+    /// EKS clusters (None: `--eks` is off).
+    pub eks: Option<Arc<crate::cluster::eks::Eks>>,
 }
 
 /// An admin API failure: kas's one error type, answered as `{"error": ...}`.
@@ -156,6 +159,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route(
             paths::CLUSTER_APPS,
             get(cluster::list_apps).post(cluster::start_app),
+        )
+        .route(paths::EKS_PREPARE, post(eks::prepare))
+        .route(
+            paths::EKS_CLUSTERS,
+            get(eks::show).post(eks::create).delete(eks::delete),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -23,6 +23,8 @@ pub struct ApiParts {
     pub admin_token_hash: [u8; 32],
     pub k8s_proxy_url: String,
     pub k8s_proxy_ca_pem: Option<String>,
+    /// EKS clusters (None: off).
+    pub eks: Option<Arc<crate::cluster::eks::Eks>>,
 }
 
 /// The API listener's routes: the admin API, the agents page and (when configured) the
@@ -67,6 +69,7 @@ pub fn api_router(
         ci_access_limits: config.agent.ci_access_limits,
         clusters,
         apps: apps.clone(),
+        eks: parts.eks,
     });
     let page = Arc::new(agents_page::PageState::new(
         parts.cp.clone(),

@@ -70,13 +70,118 @@ pub struct Recorded {
 }
 
 /// How the server behaves.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Authorize requests and impersonation with RBAC (as kube-apiserver does).
     pub rbac: bool,
     /// Serve HTTPS (with a CA of its own, in its kubeconfigs): kubectl sends bearer
     /// tokens only over TLS.
     pub tls: bool,
+    /// Accept EKS tokens, as an EKS cluster's API does.
+    pub eks: Option<EksAuth>,
+}
+
+/// How the test API server authenticates EKS bearer tokens (`k8s-aws-v1.` and the
+/// base64url of a presigned STS GetCallerIdentity URL). EKS calls that URL; moto cannot
+/// answer presigned requests with its authentication on, so this server checks the
+/// token itself, as strictly: the URL is a GetCallerIdentity at `sts_url`, presigned
+/// for 60 s with the `x-k8s-aws-id: <cluster>` header signed, not expired, and its
+/// SigV4 signature is right for an assumed role's credentials recorded by moto
+/// (`moto_state`: its `/moto-api/data.json`). The caller is the cluster's creator,
+/// so `system:masters`.
+#[derive(Debug, Clone)]
+pub struct EksAuth {
+    pub sts_url: String,
+    pub cluster: String,
+    pub moto_state: String,
+}
+
+async fn eks_user(auth: &EksAuth, token: &str) -> Option<User> {
+    use base64::Engine;
+    let raw = token.strip_prefix("k8s-aws-v1.")?;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()?;
+    let url = String::from_utf8(url).ok()?;
+    let query: HashMap<String, String> =
+        url::form_urlencoded::parse(url.split_once('?')?.1.as_bytes())
+            .into_owned()
+            .collect();
+    let q = |k: &str| query.get(k).map(String::as_str);
+    let signed_at = crate::time::from_amz_date(q("X-Amz-Date")?)?;
+    let fresh = (0..=60).contains(&(crate::time::now_secs() - signed_at));
+    let shaped = url.starts_with(&format!(
+        "{}?Action=GetCallerIdentity&Version=2011-06-15&",
+        auth.sts_url
+    )) && q("X-Amz-Expires") == Some("60")
+        && q("X-Amz-SignedHeaders") == Some("host;x-k8s-aws-id");
+    if !fresh || !shaped {
+        return None;
+    }
+    let key_id = q("X-Amz-Credential")?.split('/').next()?;
+    let region = q("X-Amz-Credential")?.split('/').nth(2)?;
+    // The assumed role's credentials, as moto recorded them.
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let resp = client.get(auth.moto_state.parse().ok()?).await.ok()?;
+    let state: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.ok()?.to_bytes()).ok()?;
+    let role = state["sts"]["AssumedRole"]
+        .as_array()?
+        .iter()
+        .find(|r| r["access_key_id"] == key_id)?
+        .clone();
+    let expected = presign(&auth.sts_url, &auth.cluster, region, &role, signed_at)?;
+    (expected == url).then(|| User {
+        name: role["arn"].as_str().unwrap_or_default().to_string(),
+        uid: String::new(),
+        groups: vec!["system:masters".into(), "system:authenticated".into()],
+        extra: BTreeMap::new(),
+    })
+}
+
+/// The presigned URL the credentials of `role` give at `at`.
+fn presign(sts_url: &str, cluster: &str, region: &str, role: &Value, at: i64) -> Option<String> {
+    use aws_sigv4::http_request::{
+        sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
+    };
+    let identity: aws_smithy_runtime_api::client::identity::Identity =
+        aws_credential_types::Credentials::new(
+            role["access_key_id"].as_str()?,
+            role["secret_access_key"].as_str()?,
+            role["session_token"].as_str().map(str::to_string),
+            None,
+            "moto",
+        )
+        .into();
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(Duration::from_secs(60));
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(at).ok()?);
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("sts")
+        .time(time)
+        .settings(settings)
+        .build()
+        .ok()?
+        .into();
+    let base = format!("{sts_url}?Action=GetCallerIdentity&Version=2011-06-15");
+    let signable = SignableRequest::new(
+        "GET",
+        &base,
+        std::iter::once(("x-k8s-aws-id", cluster)),
+        SignableBody::Bytes(&[]),
+    )
+    .ok()?;
+    let (instructions, _) = sign(signable, &params).ok()?.into_parts();
+    let mut req = Request::get(&base)
+        .header("x-k8s-aws-id", cluster)
+        .body(())
+        .ok()?;
+    instructions.apply_to_request_http1x(&mut req);
+    Some(req.uri().to_string())
 }
 
 pub(crate) struct State {
@@ -90,6 +195,7 @@ pub(crate) struct State {
     bytes_served: std::sync::atomic::AtomicU64,
     /// What tests planned for pods they expect others to create, by namespace and name.
     pod_plans: Mutex<HashMap<(String, String), PodPlan>>,
+    eks: Option<EksAuth>,
 }
 
 /// What a pod created later will do (see [`TestApiServer::plan_pod`]).
@@ -212,6 +318,7 @@ impl TestApiServer {
             files: Default::default(),
             bytes_served: Default::default(),
             pod_plans: Default::default(),
+            eks: opts.eks.clone(),
         });
         let cert = opts.tls.then(crate::certs::LocalhostCert::generate);
         let acceptor = match &cert {
@@ -259,6 +366,11 @@ impl TestApiServer {
             state,
             task,
         })
+    }
+
+    /// The CA of its certificate (PEM), when it serves HTTPS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// Base URL (`http://127.0.0.1:port`, or https).
@@ -547,19 +659,22 @@ fn verb(method: &Method, target: &Target, p: &Params) -> &'static str {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    let user = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| {
-            state
-                .tokens
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(t.trim())
-                .cloned()
-        });
+        .map(|t| t.trim().to_string());
+    let user = match (bearer, &state.eks) {
+        (Some(t), Some(eks)) if t.starts_with("k8s-aws-v1.") => eks_user(eks, &t).await,
+        (Some(t), _) => state
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&t)
+            .cloned(),
+        (None, _) => None,
+    };
     let imp = requested(&req);
     record(&state, &req, user.as_ref(), &imp);
     let Some(user) = user else {

@@ -301,7 +301,7 @@ mod tests {
             .await
             .expect_err("not connected");
         assert_eq!(e.code, "cluster_status_503");
-        let e = c.get(agent.id, "/apis/apps/v1/x").await.expect_err("path");
+        let e = c.get(agent.id, "/apis/batch/v1/x").await.expect_err("path");
         assert_eq!(e.code, "invalid_path");
     }
 }

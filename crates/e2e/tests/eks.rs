@@ -259,6 +259,13 @@ async fn an_eks_cluster_is_created_configured_and_joined_by_its_agent() {
         "{events:?}"
     );
 
+    let watched = w.env.kasctl(&["cluster", "show", "prod", "--watch"]);
+    assert!(
+        watched.contains("prod [######] ready stack CREATE_COMPLETE")
+            && watched.contains(" kas-eks-prod CREATE_COMPLETE"),
+        "{watched}"
+    );
+
     // The external id kas sent is the one stored for the cluster.
     let assumed: Vec<String> = w
         .aws

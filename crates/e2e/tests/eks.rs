@@ -237,6 +237,8 @@ async fn an_eks_cluster_is_created_configured_and_joined_by_its_agent() {
         .contains(&external_id));
     assert_eq!(show(&w.env, "prod")["state"], "awaiting_role");
 
+    // AWS throttles kas for a while: the SDK's retries, then kas's, get through.
+    w.aws.throttle("CreateStack", 4);
     create(&w, "prod", w.setup["role"].as_str().expect("role"));
     let ready = wait_state(&w, "prod", "ready", Duration::from_secs(60));
     assert_eq!(ready["stack_status"], "CREATE_COMPLETE");
@@ -265,6 +267,14 @@ async fn an_eks_cluster_is_created_configured_and_joined_by_its_agent() {
             && watched.contains(" kas-eks-prod CREATE_COMPLETE"),
         "{watched}"
     );
+
+    let throttled = w
+        .aws
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("400 ") && l.contains("Action=CreateStack&"))
+        .count();
+    assert_eq!(throttled, 4);
 
     // The external id kas sent is the one stored for the cluster.
     let assumed: Vec<String> = w

@@ -90,12 +90,42 @@ pub struct Recorder {
     pub url: String,
     seen: Arc<Mutex<Vec<String>>>,
     rewrite: Rewrite,
+    throttle: Throttle,
     task: tokio::task::JoinHandle<()>,
 }
 
 /// Text replaced in responses (what AWS would answer where moto cannot, e.g. a stack
 /// that rolled back).
 type Rewrite = Arc<Mutex<Option<(String, String)>>>;
+
+/// Requests of an action answered with AWS's throttling error instead of being
+/// forwarded, and how many more times.
+type Throttle = Arc<Mutex<Option<(String, usize)>>>;
+
+/// Whether to throttle a request with `body`, counting it.
+fn throttled(throttle: &Throttle, body: &[u8]) -> bool {
+    let mut t = throttle.lock().unwrap_or_else(|p| p.into_inner());
+    match t.as_mut() {
+        Some((action, left)) if *left > 0 => {
+            let hit = String::from_utf8_lossy(body).contains(&format!("Action={action}&"));
+            if hit {
+                *left -= 1;
+            }
+            hit
+        }
+        _ => false,
+    }
+}
+
+/// AWS's answer to a request over its rate.
+fn throttling() -> Forwarded {
+    let body = "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>0</RequestId></ErrorResponse>";
+    hyper::Response::builder()
+        .status(400)
+        .header(http::header::CONTENT_TYPE, "text/xml")
+        .body(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed())
+        .expect("response")
+}
 
 type Forwarded = hyper::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>;
 
@@ -158,15 +188,23 @@ impl Recorder {
         let url = format!("http://{}", l.local_addr().expect("addr"));
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let rewrite: Rewrite = Arc::default();
+        let throttle: Throttle = Arc::default();
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        let (s, t, rw) = (seen.clone(), Arc::new(target), rewrite.clone());
+        let (s, t, rw, th) = (
+            seen.clone(),
+            Arc::new(target),
+            rewrite.clone(),
+            throttle.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = l.accept().await {
-                let (s, t, rw, client) = (s.clone(), t.clone(), rw.clone(), client.clone());
+                let (s, t, rw, th, client) =
+                    (s.clone(), t.clone(), rw.clone(), th.clone(), client.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                        let (s, t, rw, client) = (s.clone(), t.clone(), rw.clone(), client.clone());
+                        let (s, t, rw, th, client) =
+                            (s.clone(), t.clone(), rw.clone(), th.clone(), client.clone());
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body
@@ -186,7 +224,11 @@ impl Recorder {
                                 parts.uri,
                                 String::from_utf8_lossy(&body)
                             );
-                            let resp = forward(&client, &t, parts, body, &rw).await;
+                            let resp = if throttled(&th, &body) {
+                                throttling()
+                            } else {
+                                forward(&client, &t, parts, body, &rw).await
+                            };
                             let status = resp.status().as_u16();
                             let (head, body) = resp.into_parts();
                             let body = body
@@ -218,8 +260,16 @@ impl Recorder {
             url,
             seen,
             rewrite,
+            throttle,
             task,
         }
+    }
+
+    /// Answers the next `times` requests of `action` (e.g. `CreateStack`) with AWS's
+    /// `Throttling` error.
+    pub fn throttle(&self, action: &str, times: usize) {
+        *self.throttle.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((action.to_string(), times));
     }
 
     /// Replaces `from` with `to` in every response from now on (`None`: stop).

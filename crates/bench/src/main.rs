@@ -267,6 +267,36 @@ async fn stream(c: &tclient::HttpsClient, url: &str, token: &str) -> Result<f64>
     Ok(n as f64 / t.elapsed().as_secs_f64() / (1024.0 * 1024.0))
 }
 
+/// CPU time (user + system) the processes `pids` have used, in seconds.
+pub(crate) fn cpu_seconds(pids: &[u32]) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // utime and stime: fields 14 and 15, the 12th and 13th after the command.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            let t = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            (t(11) + t(12)) / ticks
+        })
+        .sum()
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -404,11 +434,20 @@ impl Setup {
         );
         report_latency(("direct", &d), ("proxy", &p), "   (target p50 <= 100 us)");
         let td = throughput(direct_c, direct, token, 32, args.seconds).await?;
+        let (kas_pid, agentk_pid) = (self.env.kas.pid(), self.env.agents[0].pid());
+        let (kas0, agentk0) = (cpu_seconds(&[kas_pid]), cpu_seconds(&[agentk_pid]));
         let tp = throughput(proxy_c, proxied, ci, 32, args.seconds).await?;
+        let served = tp * args.seconds as f64;
+        let kas_us = (cpu_seconds(&[kas_pid]) - kas0) * 1e6 / served;
+        let agentk_us = (cpu_seconds(&[agentk_pid]) - agentk0) * 1e6 / served;
         println!("(a) small GET, concurrency 32, {} s each", args.seconds);
         println!(
             "    direct {td:9.0} req/s   proxy {tp:9.0} req/s   ratio {:.2}x   (target >= 0.5x)",
             tp / td
+        );
+        println!(
+            "    CPU per request: kas {kas_us:.1} us   agentk {agentk_us:.1} us   together {:.1} us",
+            kas_us + agentk_us
         );
 
         let sd = stream(

@@ -1,8 +1,10 @@
-//! A reference point: the same backend behind one nginx hop (HTTPS to nginx, plain
+//! Reference points: the same backend behind one nginx hop (HTTPS to nginx, plain
 //! HTTP/1.1 with keep-alive to the backend, buffering off (as watch streams need) with
-//! 256 KiB reads, a buffered access log, as
-//! one would tune it for an API proxy), measured like the kas path in the same run.
-//! Skipped when `nginx` is not installed.
+//! 256 KiB reads, a buffered access log, as one would tune it for an API proxy), and
+//! behind two such hops in series (HTTPS -> nginx -> nginx -> backend, the fair
+//! reference for kas + agentk, which are two hops by design), measured like the kas
+//! path in the same run, with the CPU time per request of the nginx processes.
+//! Skipped when `nginx` is not installed (Debian package `nginx`).
 
 use crate::{latency, report_latency, stream, throughput};
 use anyhow::{bail, Context, Result};
@@ -40,11 +42,40 @@ impl Drop for Nginx {
     }
 }
 
-fn start(dir: &Path, backend: SocketAddr, tls: &LocalhostCert) -> Result<(Nginx, u16)> {
-    std::fs::write(dir.join("tls.crt"), &tls.cert)?;
-    std::fs::write(dir.join("tls.key"), &tls.key)?;
+impl Nginx {
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.master.id();
+        let mut pids = vec![master];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // The parent pid is the second field after the command, which may hold spaces.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(master) {
+                if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+}
+
+/// nginx proxying to `upstream`, with TLS when `tls` is given.
+fn start(dir: &Path, upstream: SocketAddr, tls: Option<&LocalhostCert>) -> Result<(Nginx, u16)> {
     let port = kas_test_support::services::free_port();
     let d = dir.display();
+    let ssl = match tls {
+        Some(tls) => {
+            std::fs::write(dir.join("tls.crt"), &tls.cert)?;
+            std::fs::write(dir.join("tls.key"), &tls.key)?;
+            format!(" ssl;\n    ssl_certificate {d}/tls.crt;\n    ssl_certificate_key {d}/tls.key")
+        }
+        None => String::new(),
+    };
     let conf = format!(
         r#"daemon off;
 worker_processes auto;
@@ -58,11 +89,9 @@ http {{
   fastcgi_temp_path {d}/fastcgi;
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
-  upstream backend {{ server {backend}; keepalive 64; }}
+  upstream backend {{ server {upstream}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {d}/tls.crt;
-    ssl_certificate_key {d}/tls.key;
+    listen 127.0.0.1:{port}{ssl};
     keepalive_requests 100000;
     location / {{
       proxy_pass http://backend;
@@ -110,7 +139,8 @@ http {{
     )
 }
 
-/// Measures one nginx hop against the direct path; prints the same lines as (a)/(b).
+/// Measures one nginx hop, then two in series, against the direct path; prints the
+/// same lines as (a)/(b) and the CPU time per request of the nginx processes.
 pub async fn run(
     backend: SocketAddr,
     token: &str,
@@ -126,42 +156,86 @@ pub async fn run(
         println!("(ref) nginx not installed: no nginx reference measured");
         return Ok(());
     }
-    let dir = tempfile::tempdir()?;
+    let (one, two, inner) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
     let tls = LocalhostCert::generate();
-    let (_nginx, port) = start(dir.path(), backend, &tls)?;
-    let direct_c = tclient::client(&[], false);
-    let nginx_c = tclient::client(tls.ca.as_bytes(), false);
-    let direct = format!("http://{backend}/api/v1/namespaces/default/pods");
-    let via = format!("https://127.0.0.1:{port}/api/v1/namespaces/default/pods");
-    println!("(ref) one nginx hop: HTTPS -> nginx -> backend, same measurements");
-    let (d, n) = latency(
-        (&direct_c, &direct, token),
-        (&nginx_c, &via, token),
+    let (single, port) = start(one.path(), backend, Some(&tls))?;
+    let m = Measure {
+        backend,
+        token,
         requests,
+        seconds,
+        stream_mib,
+        ca: &tls.ca,
+    };
+    m.hops("one nginx hop: HTTPS -> nginx -> backend", port, &[&single])
+        .await?;
+    drop(single);
+    let (second, inner_port) = start(inner.path(), backend, None)?;
+    let inner_addr: SocketAddr = format!("127.0.0.1:{inner_port}").parse()?;
+    let (first, port) = start(two.path(), inner_addr, Some(&tls))?;
+    m.hops(
+        "two nginx hops: HTTPS -> nginx -> nginx -> backend",
+        port,
+        &[&first, &second],
     )
-    .await?;
-    report_latency(("direct", &d), ("nginx", &n), "");
-    let td = throughput(&direct_c, &direct, token, 32, seconds).await?;
-    let tn = throughput(&nginx_c, &via, token, 32, seconds).await?;
-    println!(
-        "    concurrency 32: direct {td:9.0} req/s   nginx {tn:9.0} req/s   ratio {:.2}x",
-        tn / td
-    );
-    let sd = stream(
-        &direct_c,
-        &format!("http://{backend}/bytes?n={}", stream_mib << 20),
-        token,
-    )
-    .await?;
-    let sn = stream(
-        &nginx_c,
-        &format!("https://127.0.0.1:{port}/bytes?n={}", stream_mib << 20),
-        token,
-    )
-    .await?;
-    println!(
-        "    {stream_mib} MiB stream: direct {sd:8.0} MiB/s   nginx {sn:8.0} MiB/s   ratio {:.2}x",
-        sn / sd
-    );
-    Ok(())
+    .await
+}
+
+/// What the reference measurements share.
+struct Measure<'a> {
+    backend: SocketAddr,
+    token: &'a str,
+    requests: usize,
+    seconds: u64,
+    stream_mib: u64,
+    ca: &'a str,
+}
+
+impl Measure<'_> {
+    async fn hops(&self, title: &str, port: u16, nginx: &[&Nginx]) -> Result<()> {
+        let (backend, token) = (self.backend, self.token);
+        let direct_c = tclient::client(&[], false);
+        let nginx_c = tclient::client(self.ca.as_bytes(), false);
+        let direct = format!("http://{backend}/api/v1/namespaces/default/pods");
+        let via = format!("https://127.0.0.1:{port}/api/v1/namespaces/default/pods");
+        println!("(ref) {title}, same measurements");
+        let (d, n) = latency(
+            (&direct_c, &direct, token),
+            (&nginx_c, &via, token),
+            self.requests,
+        )
+        .await?;
+        report_latency(("direct", &d), ("nginx", &n), "");
+        let td = throughput(&direct_c, &direct, token, 32, self.seconds).await?;
+        let pids: Vec<u32> = nginx.iter().flat_map(|n| n.pids()).collect();
+        let cpu_before = crate::cpu_seconds(&pids);
+        let tn = throughput(&nginx_c, &via, token, 32, self.seconds).await?;
+        let cpu = crate::cpu_seconds(&pids) - cpu_before;
+        println!(
+            "    concurrency 32: direct {td:9.0} req/s   nginx {tn:9.0} req/s   ratio {:.2}x",
+            tn / td
+        );
+        println!(
+            "    CPU per request (nginx processes together): {:.1} us",
+            cpu * 1e6 / (tn * self.seconds as f64)
+        );
+        let n = self.stream_mib << 20;
+        let sd = stream(&direct_c, &format!("http://{backend}/bytes?n={n}"), token).await?;
+        let sn = stream(
+            &nginx_c,
+            &format!("https://127.0.0.1:{port}/bytes?n={n}"),
+            token,
+        )
+        .await?;
+        println!(
+            "    {} MiB stream: direct {sd:8.0} MiB/s   nginx {sn:8.0} MiB/s   ratio {:.2}x",
+            self.stream_mib,
+            sn / sd
+        );
+        Ok(())
+    }
 }

@@ -14,18 +14,18 @@
 //! kas stops (its lease released, or run out after a crash) any kas takes it over and
 //! goes on following the pod.
 
+use super::leased::{self, lease_until, Tasks};
 use super::{CallError, Clusters};
 use crate::http::application::IntegrationLog;
 use kas_api::admin::CatalogueEntry;
-use kas_api::clock::unix_secs;
 use kas_api::error::{Error, Kind, Origin};
 use kas_controlplane::{
     AppOperation, AppOutcome, AppState, ClusterApp, ControlPlane, StartAppOperation,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -37,8 +37,6 @@ const INSTALLER: &str = "kas-installer";
 pub const HELM_IMAGE: &str = "alpine/helm:3.17.3";
 /// How often a running pod's phase is read.
 const POLL: Duration = Duration::from_millis(500);
-/// How long a lease lasts unless renewed (renewed at every poll).
-const LEASE: Duration = Duration::from_secs(15);
 /// An operation still running after this is recorded as errored (`timeout`).
 const DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// The most of a pod's log copied into the integration log.
@@ -185,7 +183,7 @@ pub struct Apps {
     /// This kas, as a lease owner.
     owner: String,
     /// Operations this kas follows, by agent and application.
-    running: Mutex<HashMap<(u64, String), AbortOnDropHandle<()>>>,
+    running: Tasks<(u64, String)>,
 }
 
 impl Apps {
@@ -194,8 +192,8 @@ impl Apps {
             cp,
             clusters,
             log,
-            owner: format!("kas-{:016x}", rand::random::<u64>()),
-            running: Mutex::new(HashMap::new()),
+            owner: leased::new_owner(),
+            running: Tasks::new(),
         })
     }
 
@@ -254,51 +252,31 @@ impl Apps {
     fn spawn(self: &Arc<Self>, app: ClusterApp, fresh: bool) {
         let key = (app.agent_id, app.name.clone());
         let me = self.clone();
-        let task = tokio::spawn(async move {
-            let (agent, name) = (app.agent_id, app.name.clone());
-            me.run(app, fresh).await;
-            me.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(agent, name));
-        });
         self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, AbortOnDropHandle::new(task));
+            .spawn(key, async move { me.run(app, fresh).await });
     }
 
     /// Takes over, now and then, operations whose kas stopped. Runs until dropped.
     pub fn resume_in_background(self: &Arc<Self>) -> AbortOnDropHandle<()> {
-        let me = Arc::downgrade(self);
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEASE / 3);
-            loop {
-                tick.tick().await;
-                let Some(me) = me.upgrade() else { return };
-                match me.cp.claim_app_operations(&me.owner, lease_until()).await {
-                    Ok(claimed) => {
-                        for app in claimed {
-                            tracing::info!(agent_id = app.agent_id, app = %app.name, operation = app.operation.as_str(), "taking over a managed application operation");
-                            me.spawn(app, false);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot claim managed application operations")
+        leased::claim_periodically(self, |me: Arc<Self>| async move {
+            match me.cp.claim_app_operations(&me.owner, lease_until()).await {
+                Ok(claimed) => {
+                    for app in claimed {
+                        tracing::info!(agent_id = app.agent_id, app = %app.name, operation = app.operation.as_str(), "taking over a managed application operation");
+                        me.spawn(app, false);
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim managed application operations")
+                }
             }
-        }))
+        })
     }
 
     /// Stops following (on shutdown) and releases the leases, so that the next kas
     /// takes the operations over at once.
     pub async fn release(&self) {
-        let running: Vec<(u64, String)> = {
-            let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            r.drain().map(|(k, _)| k).collect()
-        };
-        for (agent, name) in running {
+        for (agent, name) in self.running.take_all() {
             if let Err(e) = self.cp.renew_app_lease(agent, &name, &self.owner, 0).await {
                 tracing::warn!(error = %e, app = %name, "cannot release a managed application operation");
             }
@@ -502,10 +480,6 @@ impl Apps {
             }
         }
     }
-}
-
-fn lease_until() -> i64 {
-    i64::try_from(unix_secs() + LEASE.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// A ConfigMap key for a chart file (keys cannot hold `/`).

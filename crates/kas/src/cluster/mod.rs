@@ -11,6 +11,7 @@
 
 pub mod apps;
 pub mod eks;
+mod leased;
 pub mod namespaces;
 
 use bytes::Bytes;

@@ -21,21 +21,18 @@
 pub mod aws;
 mod kube;
 
+use super::leased::{self, lease_until, Tasks, LEASE};
 use aws::{Aws, AwsError};
 use kas_api::admin::EksPrepared;
-use kas_api::clock::unix_secs;
 use kas_api::error::Error;
 use kas_api::records::{EksSpec, EksState};
 use kas_controlplane::{ControlPlane, EksWork};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 
 /// The template clusters are created with (`--eks-template-file` replaces it).
 pub const TEMPLATE: &str = include_str!("../../../../../deploy/eks/cluster.yaml");
-/// How long a lease lasts unless renewed.
-const LEASE: Duration = Duration::from_secs(15);
 /// Transient AWS failures retried before the cluster is errored.
 const RETRIES: u32 = 8;
 
@@ -55,11 +52,7 @@ pub struct Eks {
     aws: Aws,
     opts: EksOptions,
     owner: String,
-    running: Mutex<HashMap<u64, AbortOnDropHandle<()>>>,
-}
-
-fn lease_until() -> i64 {
-    i64::try_from(unix_secs() + LEASE.as_secs()).unwrap_or(i64::MAX)
+    running: Tasks<u64>,
 }
 
 /// What to do after a step.
@@ -74,8 +67,8 @@ impl Eks {
             cp,
             aws,
             opts,
-            owner: format!("kas-{:016x}", rand::random::<u64>()),
-            running: Mutex::new(HashMap::new()),
+            owner: leased::new_owner(),
+            running: Tasks::new(),
         })
     }
 
@@ -126,48 +119,29 @@ impl Eks {
     }
 
     fn spawn(self: &Arc<Self>, w: EksWork) {
-        let id = w.cluster.id;
         let me = self.clone();
-        let task = tokio::spawn(async move {
-            me.run(w).await;
-            me.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-        });
         self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, AbortOnDropHandle::new(task));
+            .spawn(w.cluster.id, async move { me.run(w).await });
     }
 
     /// Takes over, now and then, clusters whose kas stopped. Runs until dropped.
     pub fn resume_in_background(self: &Arc<Self>) -> AbortOnDropHandle<()> {
-        let me = Arc::downgrade(self);
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEASE / 3);
-            loop {
-                tick.tick().await;
-                let Some(me) = me.upgrade() else { return };
-                match me.cp.claim_eks(&me.owner, lease_until()).await {
-                    Ok(claimed) => {
-                        for w in claimed {
-                            tracing::info!(cluster = %w.cluster.name, state = w.cluster.state.as_str(), "taking over an EKS cluster");
-                            me.spawn(w);
-                        }
+        leased::claim_periodically(self, |me: Arc<Self>| async move {
+            match me.cp.claim_eks(&me.owner, lease_until()).await {
+                Ok(claimed) => {
+                    for w in claimed {
+                        tracing::info!(cluster = %w.cluster.name, state = w.cluster.state.as_str(), "taking over an EKS cluster");
+                        me.spawn(w);
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot claim EKS clusters"),
                 }
+                Err(e) => tracing::warn!(error = %e, "cannot claim EKS clusters"),
             }
-        }))
+        })
     }
 
     /// Stops (on shutdown); the leases run out and another kas takes over.
     pub fn stop(&self) {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.running.take_all();
     }
 
     async fn run(&self, mut w: EksWork) {

@@ -293,6 +293,10 @@ impl Backend for Postgres {
         }
     }
 
+    fn concurrency(&self) -> usize {
+        MAX_CONNECTIONS as usize
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }

@@ -128,6 +128,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn transaction<T, F: FnOnce(&mut dyn Tx) -> Result<T>>(&self, f: F) -> Result<T>;
     /// Changes from every kas sharing the database, from now on.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change>;
+    /// Transactions that can run at once (connections): more would only wait, each
+    /// holding a blocking thread.
+    fn concurrency(&self) -> usize;
 }
 
 /// Helpers on top of [`Tx`].

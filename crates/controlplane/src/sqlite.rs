@@ -221,6 +221,11 @@ impl Backend for Sqlite {
         Ok(out)
     }
 
+    /// One connection, behind a lock.
+    fn concurrency(&self) -> usize {
+        1
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }

@@ -12,17 +12,22 @@ use crate::{EksCluster, EksSpec, EksWork};
 use async_trait::async_trait;
 use kas_authz::{AgentRef, Environment, JobContext, Named};
 use std::sync::Arc;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Semaphore};
 
 /// A control plane on a SQL database. Cloning shares the database.
 pub struct SqlControlPlane<B> {
     db: Arc<B>,
+    /// One permit per transaction that can run at once: callers beyond that wait here,
+    /// not in a blocking thread each (a thousand agents reconnecting at once had made
+    /// the blocking pool grow to its 512 threads, each with its allocator cache).
+    slots: Arc<Semaphore>,
 }
 
 impl<B> Clone for SqlControlPlane<B> {
     fn clone(&self) -> Self {
         SqlControlPlane {
             db: self.db.clone(),
+            slots: self.slots.clone(),
         }
     }
 }
@@ -81,7 +86,11 @@ pub(crate) fn to_i64(kind: &str, v: u64) -> Result<i64> {
 #[allow(private_bounds)]
 impl<B: Backend> SqlControlPlane<B> {
     pub(crate) fn with_backend(db: B) -> Self {
-        SqlControlPlane { db: Arc::new(db) }
+        let slots = Arc::new(Semaphore::new(db.concurrency().max(1)));
+        SqlControlPlane {
+            db: Arc::new(db),
+            slots,
+        }
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T>
@@ -90,9 +99,18 @@ impl<B: Backend> SqlControlPlane<B> {
         F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.transaction(f))
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|e| Error::Storage(Box::new(e)))?
+            .map_err(|e| Error::Storage(Box::new(e)))?;
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            db.transaction(f)
+        })
+        .await
+        .map_err(|e| Error::Storage(Box::new(e)))?
     }
 }
 

@@ -17,14 +17,14 @@ use kas_proto::v1::agent_server::Agent;
 use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck};
 use kas_proto::{AGENT_VERSION_METADATA, REPLICA_ID_METADATA};
 use kas_router::{AgentRouter, RateLimiter};
+use kas_tunnel::queue;
 use kas_tunnel::server::{check_protocol, first_message, Acceptor, Registered};
 use kas_tunnel::{ReplicaInfo, TunnelRegistry};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 /// How long a revoked token's configuration streams get to deliver the reason before
@@ -307,7 +307,7 @@ fn replica_meta(m: kas_proto::v1::AgentMeta) -> kas_proto::v1::AgentMeta {
 }
 
 type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
-type ConfigSender = mpsc::Sender<Result<Box<AgentConfiguration>, Box<Status>>>;
+type ConfigSender = queue::Sender<Result<Box<AgentConfiguration>, Box<Status>>>;
 
 /// What one configuration stream needs while it lives.
 struct ConfigStream {
@@ -319,6 +319,7 @@ struct ConfigStream {
     _tunnels: Registered,
     metrics: Arc<crate::metrics::Metrics>,
     agent_id: u64,
+    replica_id: String,
     token_id: u64,
     key: Arc<str>,
     inbound: Streaming<ConfigAck>,
@@ -334,68 +335,78 @@ async fn fail(tx: &ConfigSender, status: Status) {
 
 impl ConfigStream {
     /// Pushes configurations and records acknowledgements until the stream ends.
-    async fn run(self, info: Arc<AgentInfo>) {
-        let ConfigStream {
-            cp,
-            registry,
-            mut registration,
-            _tunnels,
-            metrics,
-            agent_id,
-            token_id,
-            key,
-            mut inbound,
-            tx,
-            mut shutdown,
-            mut draining,
-        } = self;
-        let mut changes = cp.subscribe();
+    ///
+    /// This task lives as long as the agent stays connected, so its state is kept small:
+    /// the stream's fields stay in their box (an async fn keeps a by-value argument
+    /// twice), and the rare steps (a changed configuration, a failure) are boxed.
+    async fn run(mut self: Box<Self>, info: Arc<AgentInfo>) {
+        let mut changes = self.cp.subscribe();
         let mut sent = 0u64;
         let mut latest = Some(info);
         loop {
             if let Some(i) = latest.take() {
                 if i.config_version != sent || sent == 0 {
                     sent = i.config_version;
-                    if tx.send(Ok(Box::new(config_message(&i)))).await.is_err() {
-                        return;
+                    if self
+                        .tx
+                        .send(Ok(Box::new(config_message(&i))))
+                        .await
+                        .is_err()
+                    {
+                        break;
                     }
-                    metrics.config_pushes.inc();
+                    self.metrics.config_pushes.inc();
                 }
             }
             tokio::select! {
-                ack = inbound.message() => match ack {
-                    Ok(Some(a)) => {
-                        let meta = a.meta.map(replica_meta);
-                        if let Some(m) = &meta {
-                            registration.set_meta(m);
+                ack = self.inbound.message() => match ack {
+                    Ok(Some(a)) => self.acknowledged(a),
+                    _ => break,
+                },
+                change = changes.recv() => {
+                    match boxed(on_change(self.cp.as_ref(), self.agent_id, self.token_id, change)).await {
+                        Ok(Some(i)) => latest = Some(i),
+                        Ok(None) => {}
+                        Err(status) => {
+                            boxed(fail(&self.tx, status)).await;
+                            break;
                         }
-                        registry.acknowledged(agent_id, &key, a.applied_version, meta);
-                    }
-                    _ => return,
-                },
-                change = changes.recv() => match on_change(cp.as_ref(), agent_id, token_id, change).await {
-                    Ok(Some(i)) => latest = Some(i),
-                    Ok(None) => {}
-                    Err(status) => {
-                        fail(&tx, status).await;
-                        return;
                     }
                 },
-                _ = crate::listeners::stopped(&mut shutdown) => {
-                    fail(&tx, Status::unavailable("kas is shutting down; reconnect")).await;
-                    return;
+                _ = crate::listeners::stopped(&mut self.shutdown) => {
+                    boxed(fail(&self.tx, Status::unavailable("kas is shutting down; reconnect"))).await;
+                    break;
                 }
-                _ = async { match draining.as_mut() {
+                _ = async { match self.draining.as_mut() {
                     Some(d) => crate::listeners::stopped(d).await,
                     None => std::future::pending().await,
                 } } => {
-                    fail(&tx, Status::unavailable("the connection reached its maximum age; reconnect")).await;
-                    return;
+                    boxed(fail(&self.tx, Status::unavailable("the connection reached its maximum age; reconnect"))).await;
+                    break;
                 }
-                _ = tx.closed() => return,
+                _ = self.tx.closed() => break,
             }
         }
+        // Dropping the stream ends the replica's registrations.
+        tracing::info!(agent_id = self.agent_id, replica = %self.replica_id, "agent replica disconnected");
     }
+
+    fn acknowledged(&mut self, a: ConfigAck) {
+        let meta = a.meta.map(replica_meta);
+        if let Some(m) = &meta {
+            self.registration.set_meta(m);
+        }
+        self.registry
+            .acknowledged(self.agent_id, &self.key, a.applied_version, meta);
+    }
+}
+
+/// `f` on the heap, built in this plain function's frame (built inside an async fn, it
+/// would take room in that future's state even while not running).
+fn boxed<'a, T>(
+    f: impl std::future::Future<Output = T> + Send + 'a,
+) -> Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+    Box::pin(f)
 }
 
 /// What a control plane change means for a configuration stream: a newer
@@ -481,8 +492,8 @@ impl Agent for AgentService {
         let tunnels = self.tunnels.register(agent_id, &replica_id, key.clone());
         tracing::info!(agent_id, replica = %replica_id, "agent replica connected");
 
-        // Boxed items: a channel allocates room for 32 items up front, per agent replica.
-        let (tx, rx) = mpsc::channel(4);
+        // Boxed items: small room per agent replica.
+        let (tx, rx) = queue::channel(4);
         let stream = ConfigStream {
             cp: self.cp.clone(),
             registry,
@@ -490,6 +501,7 @@ impl Agent for AgentService {
             _tunnels: tunnels,
             metrics: self.metrics.clone(),
             agent_id,
+            replica_id,
             token_id: auth.token_id,
             key: key.clone(),
             inbound,
@@ -497,14 +509,9 @@ impl Agent for AgentService {
             shutdown: self.shutdown.clone(),
             draining: conn.map(|c| c.draining()),
         };
-        tokio::spawn(async move {
-            // The stream owns the replica's registrations: they end when the stream ends.
-            stream.run(info).await;
-            tracing::info!(agent_id, replica = %replica_id, "agent replica disconnected");
-        });
-        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |r| {
-            r.map(|b| *b).map_err(|e| *e)
-        });
+        // The stream owns the replica's registrations: they end when the stream ends.
+        tokio::spawn(Box::new(stream).run(info));
+        let stream = tokio_stream::StreamExt::map(rx, |r| r.map(|b| *b).map_err(|e| *e));
         Ok(Response::new(Box::pin(stream)))
     }
 

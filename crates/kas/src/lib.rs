@@ -12,6 +12,7 @@ mod agents;
 pub mod audit;
 pub mod cluster;
 pub mod config;
+pub mod heap;
 pub mod http;
 pub mod listeners;
 pub mod metrics;

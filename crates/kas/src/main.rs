@@ -4,6 +4,7 @@ use kas::Kas;
 
 // Thousands of long-lived agent connections, each with small buffers: jemalloc keeps the
 // memory per idle agent about a tenth lower than glibc's allocator (docs/benchmarks.md).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -30,6 +31,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    kas::heap::purge_in_background();
     let data_dir = config.data_dir.clone();
     let mut kas = match Kas::start(config).await {
         Ok(k) => k,

@@ -119,6 +119,27 @@ impl Collector for ListenersCollector {
     }
 }
 
+/// The heap's figures, read at scrape time (absent without jemalloc).
+#[derive(Debug)]
+struct HeapCollector;
+
+impl Collector for HeapCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(h) = crate::heap::stats() else {
+            return Ok(());
+        };
+        let gauges = [
+            ("kas_heap_allocated_bytes", "Bytes in live heap allocations", h.allocated),
+            ("kas_heap_resident_bytes", "Bytes of memory the heap allocator holds (live allocations, its metadata, freed pages not yet returned)", h.resident),
+        ];
+        for (name, help, v) in gauges {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(v as i64).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -150,6 +171,7 @@ impl Metrics {
             listeners: Arc::default(),
             registry: Mutex::new(Registry::default()),
         };
+        r.register_collector(Box::new(HeapCollector));
         r.register_collector(Box::new(ListenersCollector {
             listeners: m.listeners.clone(),
         }));

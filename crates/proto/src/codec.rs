@@ -1,16 +1,17 @@
-//! The gRPC codec: prost encoding with small initial buffers.
+//! The gRPC codec: prost encoding without buffers allocated up front.
 //!
-//! tonic allocates an encode and a decode buffer per stream up front (8 KiB each by
-//! default). kas holds several idle streams per connected agent, so that default
-//! dominated its memory per agent; buffers still grow on demand for large messages.
+//! tonic allocates an encode and a decode buffer per stream when the stream starts
+//! (8 KiB each by default). kas holds several idle streams per connected agent, so that
+//! default dominated its memory per agent. Here buffers are allocated when a message
+//! is encoded or arrives, as large as it needs.
 
 use bytes::Buf;
 use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
-/// Initial buffer per stream and direction.
-const INITIAL_BUFFER: usize = 512;
+/// Initial buffer per stream and direction: none.
+const INITIAL_BUFFER: usize = 0;
 /// Encoded bytes gathered before they are handed to HTTP/2 (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
@@ -18,7 +19,7 @@ fn settings() -> BufferSettings {
     BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD)
 }
 
-/// Prost messages with [`INITIAL_BUFFER`]-sized initial buffers.
+/// Prost messages, with no buffer allocated before the first message.
 #[derive(Debug)]
 pub struct KasCodec<T, U>(PhantomData<(T, U)>);
 

@@ -50,8 +50,9 @@ pub struct AgentRouter {
 /// Dropping it forgets the replica everywhere.
 pub struct Registration {
     local: ReplicaGuard,
-    /// The registry and the entry written to it.
-    shared: Option<(Arc<RedisRegistry>, Connection)>,
+    /// The registry and the entry written to it (boxed: kept per connected replica,
+    /// and absent without Redis).
+    shared: Option<Box<(Arc<RedisRegistry>, Connection)>>,
 }
 
 impl Registration {
@@ -62,7 +63,7 @@ impl Registration {
 
     /// Records what the replica reported about itself (shared with the next refresh).
     pub fn set_meta(&mut self, meta: &kas_proto::v1::AgentMeta) {
-        if let Some((redis, c)) = &mut self.shared {
+        if let Some((redis, c)) = self.shared.as_deref_mut() {
             let meta = replica_meta(meta);
             if c.meta != meta {
                 c.meta = meta;
@@ -74,7 +75,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some((redis, c)) = &self.shared {
+        if let Some((redis, c)) = self.shared.as_deref() {
             redis.unregister(c.agent_id, self.local.connection_key());
         }
     }
@@ -133,7 +134,7 @@ impl AgentRouter {
                 meta: replica_meta(&info.meta),
             };
             s.redis.register(c.clone());
-            (s.redis.clone(), c)
+            Box::new((s.redis.clone(), c))
         });
         Registration { local, shared }
     }

@@ -28,6 +28,7 @@ pub mod agent;
 mod body;
 pub mod frame;
 pub mod headers;
+pub mod queue;
 mod registry;
 #[cfg(test)]
 mod registry_tests;

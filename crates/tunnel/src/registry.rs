@@ -2,6 +2,7 @@
 
 use crate::body::TunnelBody;
 use crate::frame::{pump_body, PumpError};
+use crate::queue;
 use crate::ExchangeError;
 use crate::Inbound;
 use bytes::Bytes;
@@ -13,17 +14,17 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
 type OutItem = Result<Box<ServerFrame>, Box<Status>>;
 
-/// Sender half of the kas -> agent direction of one tunnel. Items are boxed because
-/// a channel allocates room for 32 of them up front, and kas holds a channel per idle
-/// tunnel of every connected agent.
+/// Sender half of the kas -> agent direction of one tunnel. Items are boxed so that
+/// the queue's room (allocated on the first frame, kept while the tunnel lives) is small:
+/// kas holds one per idle tunnel of every connected agent.
 #[derive(Clone)]
-pub struct Outbound(mpsc::Sender<OutItem>);
+pub struct Outbound(queue::Sender<OutItem>);
 
 impl Outbound {
     /// Sends a frame; false when the tunnel is gone.
@@ -57,7 +58,7 @@ impl crate::frame::FrameSink for Outbound {
 }
 
 /// The kas -> agent stream of one tunnel, as the gRPC response.
-pub struct OutboundStream(mpsc::Receiver<OutItem>);
+pub struct OutboundStream(queue::Receiver<OutItem>);
 
 // The gRPC response stream's item is tonic's (large) Status by its definition.
 #[allow(clippy::result_large_err)]
@@ -76,7 +77,7 @@ impl futures::Stream for OutboundStream {
 
 /// A new tunnel direction with room for `capacity` frames in flight.
 pub fn outbound_channel(capacity: usize) -> (Outbound, OutboundStream) {
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = queue::channel(capacity);
     (Outbound(tx), OutboundStream(rx))
 }
 

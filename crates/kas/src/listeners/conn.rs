@@ -233,41 +233,35 @@ fn jittered(started: Instant, age: Duration) -> Instant {
 }
 
 /// Serves one accepted connection until it ends or kas ends it.
+///
+/// The task lives as long as the connection (for an agent, days), so its own state is
+/// kept small: the handshake and the serving loop are boxed, each allocated only while
+/// it runs, instead of both sitting in the task for its whole life (6 KiB before, per
+/// connection).
 pub(super) async fn connection<S: HttpService>(
     shared: Arc<Shared<S>>,
     io: Counted,
     peer: SocketAddr,
 ) {
-    let limits = &shared.limits;
-    match &shared.tls {
-        None => serve_conn(&shared, TokioIo::new(io), peer).await,
-        Some(acceptor) => {
-            let handshake = acceptor.accept(io);
-            let hard = shared.hard_stop.clone();
-            let tls = tokio::select! {
-                r = tokio::time::timeout(limits.handshake_timeout, handshake) => r,
-                _ = hard.cancelled() => return,
-            };
-            match tls {
-                Ok(Ok(s)) => serve_conn(&shared, TokioIo::new(s), peer).await,
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = shared.name, %peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.stats.count_close(CloseReason::Handshake);
-                    tracing::debug!(listener = shared.name, %peer, "TLS handshake timed out");
-                }
-            }
-        }
-    }
+    let serve = match &shared.tls {
+        None => boxed_serve(&shared, io, peer),
+        Some(acceptor) => match boxed_handshake(&shared, acceptor, io, peer).await {
+            Some(tls) => boxed_serve(&shared, tls, peer),
+            None => return,
+        },
+    };
+    serve.await
 }
 
-async fn serve_conn<S, I>(shared: &Shared<S>, io: TokioIo<I>, peer: SocketAddr)
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+// Plain functions, so that each future is built in their frame and moved to the heap:
+// built inside the async fn, it would take room in the task's state anyway.
+fn boxed_serve<'a, S, I>(shared: &'a Shared<S>, io: I, peer: SocketAddr) -> BoxFuture<'a, ()>
 where
     S: HttpService,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = &shared.limits;
     let activity = Arc::new(Activity::new());
     let control = shared
         .conn_control
@@ -277,8 +271,65 @@ where
         activity: activity.clone(),
         control: control.clone(),
     };
-    let conn = shared.builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
+    // Boxed on its own: passed by value, the connection (with a TLS stream, over 1 KiB)
+    // would be kept twice in the serving future.
+    let conn = Box::pin(
+        shared
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc),
+    );
+    Box::pin(serve_conn(shared, conn, activity, control, peer))
+}
+
+fn boxed_handshake<'a, S: HttpService>(
+    shared: &'a Shared<S>,
+    acceptor: &'a TlsAcceptor,
+    io: Counted,
+    peer: SocketAddr,
+) -> BoxFuture<'a, Option<tokio_rustls::server::TlsStream<Counted>>> {
+    Box::pin(handshake(shared, acceptor, io, peer))
+}
+
+/// The TLS handshake within the listener's deadline; `None` (logged) if it failed.
+async fn handshake<S>(
+    shared: &Shared<S>,
+    acceptor: &TlsAcceptor,
+    io: Counted,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<Counted>> {
+    let handshake = acceptor.accept(io);
+    let tls = tokio::select! {
+        r = tokio::time::timeout(shared.limits.handshake_timeout, handshake) => r,
+        _ = shared.hard_stop.cancelled() => return None,
+    };
+    match tls {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(listener = shared.name, %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            shared.stats.count_close(CloseReason::Handshake);
+            tracing::debug!(listener = shared.name, %peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+type Conn<'a, I, S> =
+    Pin<Box<auto::UpgradeableConnection<'a, TokioIo<I>, Tracked<S>, TokioExecutor>>>;
+
+async fn serve_conn<S, I>(
+    shared: &Shared<S>,
+    mut conn: Conn<'_, I, S>,
+    activity: Arc<Activity>,
+    control: Option<Arc<ConnControl>>,
+    peer: SocketAddr,
+) where
+    S: HttpService,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &shared.limits;
     let started = activity.started;
     let first_request = started + limits.first_request_timeout;
     let mut max_age = limits.max_age.map(|m| (jittered(started, m.age), m.grace));

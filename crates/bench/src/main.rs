@@ -486,28 +486,9 @@ impl Setup {
             env, kubeconfig, ..
         } = self;
         let n = args.agents;
-        let api = env.kas_info.api.clone();
-        let admin = std::fs::read_to_string(&env.kas_info.admin_token_file)?
-            .trim()
-            .to_string();
         let admin_c = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .build_http::<Full<Bytes>>();
-        let mut tokens = Vec::with_capacity(n);
-        for i in 0..n {
-            let create = admin::AgentName {
-                project: "bench/agents".into(),
-                name: format!("idle-{i}"),
-            };
-            let req =
-                hyper::Request::post(format!("{api}{}{}", admin::PREFIX, admin::paths::AGENTS))
-                    .header("authorization", format!("Bearer {admin}"))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(serde_json::to_vec(&create)?)))?;
-            let resp = admin_c.request(req).await?;
-            let created: admin::CreatedAgent =
-                serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
-            tokens.push(created.token);
-        }
+        let tokens = create_agents(&admin_c, &env.kas_info, n).await?;
         let access = agentk::ClusterAccess::from_kubeconfig(kubeconfig, None).await?;
         let upstream = Arc::new(agentk::Upstream::new(access)?);
         let kas_pid = env.kas.pid();
@@ -515,7 +496,12 @@ impl Setup {
         let before = proc_status_kib(kas_pid, "VmRSS:");
         let heap_before = heap_allocated(&admin_c, &metrics_url).await;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Agents arrive at 2,000 a second rather than all at once: started together, each
+        // one's first call to the cluster opened its own connection in this process,
+        // which ran out of file descriptors at 15,000 agents.
+        let mut pace = tokio::time::interval(Duration::from_micros(500));
         for (i, t) in tokens.into_iter().enumerate() {
+            pace.tick().await;
             let opts = agentk::ConnectOptions {
                 kas_addresses: vec![env.kas_info.agent.clone()],
                 token: t,
@@ -581,6 +567,37 @@ impl Setup {
         let _ = stop_tx.send(true);
         Ok(())
     }
+}
+
+/// Registers `n` agents `bench/agents:idle-<i>` through the admin API: their tokens.
+async fn create_agents(
+    admin_c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    kas: &kas_test_support::procs::KasInfo,
+    n: usize,
+) -> Result<Vec<String>> {
+    let api = &kas.api;
+    let admin = std::fs::read_to_string(&kas.admin_token_file)?
+        .trim()
+        .to_string();
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
+        let create = admin::AgentName {
+            project: "bench/agents".into(),
+            name: format!("idle-{i}"),
+        };
+        let req = hyper::Request::post(format!("{api}{}{}", admin::PREFIX, admin::paths::AGENTS))
+            .header("authorization", format!("Bearer {admin}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(&create)?)))?;
+        let resp = admin_c.request(req).await?;
+        let created: admin::CreatedAgent =
+            serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+        tokens.push(created.token);
+    }
+    Ok(tokens)
 }
 
 /// RSS of `pid` in KiB once it stops falling: memory freed after the connection burst

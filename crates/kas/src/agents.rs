@@ -12,6 +12,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::listeners::ConnControl;
+use futures::FutureExt;
 use kas_controlplane::{AgentAuth, AgentInfo, Change, ControlPlane};
 use kas_proto::v1::agent_server::Agent;
 use kas_proto::v1::{AgentConfiguration, AgentFrame, ConfigAck};
@@ -364,24 +365,24 @@ impl ConfigStream {
                     _ => break,
                 },
                 change = changes.recv() => {
-                    match boxed(on_change(self.cp.as_ref(), self.agent_id, self.token_id, change)).await {
+                    match on_change(self.cp.as_ref(), self.agent_id, self.token_id, change).boxed().await {
                         Ok(Some(i)) => latest = Some(i),
                         Ok(None) => {}
                         Err(status) => {
-                            boxed(fail(&self.tx, status)).await;
+                            fail(&self.tx, status).boxed().await;
                             break;
                         }
                     }
                 },
                 _ = crate::listeners::stopped(&mut self.shutdown) => {
-                    boxed(fail(&self.tx, Status::unavailable("kas is shutting down; reconnect"))).await;
+                    fail(&self.tx, Status::unavailable("kas is shutting down; reconnect")).boxed().await;
                     break;
                 }
                 _ = async { match self.draining.as_mut() {
                     Some(d) => crate::listeners::stopped(d).await,
                     None => std::future::pending().await,
                 } } => {
-                    boxed(fail(&self.tx, Status::unavailable("the connection reached its maximum age; reconnect"))).await;
+                    fail(&self.tx, Status::unavailable("the connection reached its maximum age; reconnect")).boxed().await;
                     break;
                 }
                 _ = self.tx.closed() => break,
@@ -399,14 +400,6 @@ impl ConfigStream {
         self.registry
             .acknowledged(self.agent_id, &self.key, a.applied_version, meta);
     }
-}
-
-/// `f` on the heap, built in this plain function's frame (built inside an async fn, it
-/// would take room in that future's state even while not running).
-fn boxed<'a, T>(
-    f: impl std::future::Future<Output = T> + Send + 'a,
-) -> Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
-    Box::pin(f)
 }
 
 /// What a control plane change means for a configuration stream: a newer

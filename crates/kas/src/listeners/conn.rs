@@ -3,6 +3,7 @@
 //! idle, maximum age), with [`ConnControl`] for handlers.
 
 use super::{stopped, CloseReason, HttpService, Limits, ListenerStats, CLOSE_GRACE};
+use futures::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::TokioExecutor;
@@ -252,8 +253,6 @@ pub(super) async fn connection<S: HttpService>(
     };
     serve.await
 }
-
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 // Plain functions, so that each future is built in their frame and moved to the heap:
 // built inside the async fn, it would take room in the task's state anyway.

@@ -22,6 +22,11 @@ use tonic::metadata::{Ascii, MetadataKey};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+/// HTTP/2 pings to kas while the connection is idle. A connection that was busy keeps
+/// its h2 buffers until its next frame (`vendor/h2`), so this is also how long an idle
+/// agent may keep them after a burst of exchanges.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Settings of the connection to kas.
 #[derive(Clone)]
 pub struct ConnectOptions {
@@ -263,7 +268,7 @@ async fn connect(t: &Target) -> Result<Channel, SessionError> {
         .map_err(|_| SessionError::Address(t.to_string()))?
         .connect_timeout(Duration::from_secs(10))
         // A dead or frozen kas is noticed within 20 s, and the agent moves to another.
-        .http2_keep_alive_interval(Duration::from_secs(10))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .initial_stream_window_size(4 * 1024 * 1024)

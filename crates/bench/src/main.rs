@@ -545,6 +545,9 @@ impl Setup {
         })
         .await?;
         let connected_in = start.elapsed();
+        // A connection busy in its last second keeps its h2 buffers until its next
+        // frame (vendor/h2): for idle agents, their next keepalive ping.
+        tokio::time::sleep(agentk::connection::KEEPALIVE_INTERVAL + Duration::from_secs(2)).await;
         let after = settled_rss_kib(kas_pid).await;
         let heap_after = heap_allocated(&admin_c, &metrics_url).await;
         println!(

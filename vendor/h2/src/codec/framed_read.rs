@@ -6,6 +6,8 @@ use crate::proto::Error;
 
 use crate::hpack;
 
+use super::quiet::Quiet;
+
 use futures_core::Stream;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -26,6 +28,8 @@ pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
 
     decoder: FrameDecoder,
+
+    quiet: Quiet,
 }
 
 #[derive(Debug)]
@@ -61,7 +65,11 @@ enum Continuable {
 impl<T> FramedRead<T> {
     pub fn new(inner: InnerFramedRead<T, LengthDelimitedCodec>) -> FramedRead<T> {
         let decoder = FrameDecoder::new(inner.decoder().max_frame_length());
-        FramedRead { inner, decoder }
+        FramedRead {
+            inner,
+            decoder,
+            quiet: Quiet::new(),
+        }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -439,15 +447,19 @@ where
             let polled = match Pin::new(&mut self.inner).poll_next(cx) {
                 Poll::Ready(p) => p,
                 Poll::Pending => {
-                    // Nothing buffered while the peer is quiet: give the buffer back.
-                    if self.inner.read_buffer().is_empty() {
+                    // Nothing buffered, and the connection is not busy: give the buffer
+                    // back (a busy connection keeps it, see `Quiet`).
+                    if self.inner.read_buffer().is_empty() && self.quiet.release() {
                         *self.inner.read_buffer_mut() = BytesMut::new();
                     }
                     return Poll::Pending;
                 }
             };
             let bytes = match polled {
-                Some(Ok(bytes)) => bytes,
+                Some(Ok(bytes)) => {
+                    self.quiet.activity();
+                    bytes
+                }
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
                 None => return Poll::Ready(None),
             };

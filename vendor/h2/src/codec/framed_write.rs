@@ -3,6 +3,8 @@ use crate::codec::UserError::*;
 use crate::frame::{self, Frame, FrameSize};
 use crate::hpack;
 
+use super::quiet::Quiet;
+
 use bytes::{Buf, BufMut, BytesMut};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -26,6 +28,8 @@ pub struct FramedWrite<T, B> {
     final_flush_done: bool,
 
     encoder: Encoder<B>,
+
+    quiet: Quiet,
 }
 
 #[derive(Debug)]
@@ -100,6 +104,7 @@ where
                 chain_threshold,
                 min_buffer_capacity: chain_threshold + frame::HEADER_LEN,
             },
+            quiet: Quiet::new(),
         }
     }
 
@@ -131,6 +136,7 @@ where
     /// `poll_ready` must be called first to ensure that a frame may be
     /// accepted.
     pub fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
+        self.quiet.activity();
         self.encoder.buffer(item)
     }
 
@@ -169,9 +175,13 @@ where
             }
         }
 
-        // Everything is written: give the buffer back while the connection is quiet
-        // (it is allocated again for the next frame).
-        if self.encoder.next.is_none() && self.encoder.buf.get_ref().capacity() > 0 {
+        // Everything is written, and the connection is not busy: give the buffer
+        // back (it is allocated again for the next frame; a busy connection keeps it,
+        // see `Quiet`).
+        if self.encoder.next.is_none()
+            && self.encoder.buf.get_ref().capacity() > 0
+            && self.quiet.release()
+        {
             self.encoder.buf = Cursor::new(BytesMut::new());
         }
 

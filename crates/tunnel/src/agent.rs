@@ -24,6 +24,9 @@ use tonic::Streaming;
 
 /// How long a tunnel that is closing waits for kas to close its half of the stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of a request body, unread by its handler, that is read and dropped to keep
+/// the tunnel; past it the tunnel ends instead (kas then uses another).
+const UNREAD_BODY_LIMIT: usize = 1024 * 1024;
 /// Request body chunks queued for the handler.
 const BODY_CHUNKS: usize = 4;
 
@@ -136,6 +139,34 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// Reads and drops the rest of a request body that the handler did not wait for, up
+/// to its EndOfBody: true if that came within [`UNREAD_BODY_LIMIT`] and
+/// [`DRAIN_TIMEOUT`] (the tunnel can carry another exchange).
+async fn finish_request_body(inbound: &mut Streaming<ServerFrame>) -> bool {
+    let mut dropped = 0usize;
+    let rest = async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(ServerFrame {
+                    msg: Some(server_frame::Msg::Data(d)),
+                })) => {
+                    dropped = dropped.saturating_add(d.data.len());
+                    if dropped > UNREAD_BODY_LIMIT {
+                        return false;
+                    }
+                }
+                Ok(Some(ServerFrame {
+                    msg: Some(server_frame::Msg::EndOfBody(_)),
+                })) => return true,
+                _ => return false,
+            }
+        }
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, rest)
+        .await
+        .unwrap_or(false)
+}
+
 /// Reserves room for one chunk in the request-body channel (owned, so the channel can
 /// be dropped while a reservation is pending).
 async fn reserve(tx: Option<mpsc::Sender<Bytes>>) -> Option<mpsc::OwnedPermit<Bytes>> {
@@ -164,7 +195,16 @@ async fn exchange<H: Handler>(
     loop {
         tokio::select! {
             biased;
-            reusable = &mut work => return reusable && request_done,
+            reusable = &mut work => {
+                if !reusable || request_done {
+                    return reusable && request_done;
+                }
+                // The handler answered before the whole request body arrived (an early
+                // answer such as 403 or 413). kas counts the exchange clean once it
+                // has sent the body and read the response, and hands the tunnel to its
+                // next request: read the rest of the body, so that both ends agree.
+                return finish_request_body(inbound).await;
+            }
             permit = reserve(body_tx.clone()), if pending.is_some() => match (permit, pending.take()) {
                 (Some(p), Some(chunk)) => {
                     p.send(chunk);

@@ -22,7 +22,7 @@ pub use kas_router::{version_skew, VERSION};
 
 use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::listeners::{tls, HttpService, Limits, Protocol};
+use crate::listeners::{tls, ConnRuntimes, HttpService, Limits, Protocol};
 use crate::metrics::Metrics;
 use kas_controlplane::ControlPlane;
 use kas_k8s_proxy::{K8sProxy, ProxyOptions};
@@ -71,6 +71,8 @@ pub enum StartError {
     Redis(#[from] kas_router::RedisError),
     #[error("private API: {0}")]
     PrivateSecret(#[from] kas_router::private::SecretError),
+    #[error("cannot start the threads that serve connections: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Where a running kas listens, and what a user needs to reach it.
@@ -106,6 +108,8 @@ pub struct Kas {
     shutdown: watch::Sender<bool>,
     /// The listeners; each task returns its listener's name.
     tasks: JoinSet<&'static str>,
+    /// Where connections are served; stopped when kas is dropped.
+    _runtimes: Arc<ConnRuntimes>,
     /// The audit and integration log writers: dropped last, after the requests that
     /// write to them have ended, so their final records reach the files.
     flush: Vec<kas_telemetry::batch::Flush>,
@@ -198,6 +202,7 @@ impl Serving {
 /// What every listener is started with, and what they share.
 struct Spawner {
     tasks: JoinSet<&'static str>,
+    runtimes: Arc<ConnRuntimes>,
     shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     cp: Arc<dyn ControlPlane>,
@@ -222,6 +227,7 @@ impl Spawner {
             protocol: serving.protocol,
             stats: self.metrics.listener(name),
             conn_control: serving.conn_control,
+            runtimes: self.runtimes.clone(),
         };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
@@ -359,8 +365,11 @@ impl Kas {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (audit, audit_flush) = AuditLog::start(config.audit.clone());
         let mut flush: Vec<_> = audit_flush.into_iter().collect();
+        let runtimes =
+            ConnRuntimes::start("kas-conn", config.worker_threads).map_err(StartError::Runtime)?;
         let mut spawner = Spawner {
             tasks: JoinSet::new(),
+            runtimes: Arc::new(runtimes),
             shutdown: shutdown_rx,
             metrics: Arc::new(Metrics::new()),
             cp: cp.clone(),
@@ -426,6 +435,7 @@ impl Kas {
             resume_eks,
             shutdown,
             tasks: spawner.tasks,
+            _runtimes: spawner.runtimes,
             flush,
         })
     }

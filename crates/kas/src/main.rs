@@ -10,7 +10,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = kas_telemetry::runtime(cli.worker_threads)?;
+    // Accept loops and background work; connections are served on their own
+    // single-threaded runtimes (`--worker-threads`, listeners::ConnRuntimes).
+    let runtime = kas_telemetry::runtime(1)?;
     runtime.block_on(run(cli))
 }
 

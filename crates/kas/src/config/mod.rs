@@ -67,7 +67,11 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "KAS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
-    /// Runtime threads: 0 (default) uses one per core; 1 runs everything on one thread.
+    /// Threads serving connections, each with its own single-threaded runtime; 0
+    /// (default): half the cores, at least one. Accepting and background work run on
+    /// one more. A request whose client and agent connections sit on different threads
+    /// crosses between them, which costs CPU (docs/benchmarks.md): one thread per two
+    /// cores leaves room for the rest of the machine.
     #[arg(long, env = "KAS_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
     /// Create EKS clusters in customers' AWS accounts (kas's own AWS credentials come
@@ -207,6 +211,8 @@ pub struct Config {
     pub agent: AgentSettings,
     /// Creating EKS clusters (None: off).
     pub eks: Option<EksConfig>,
+    /// Threads serving connections (`--worker-threads`, 0 resolved to the cores).
+    pub worker_threads: usize,
 }
 
 /// The application API's settings.
@@ -381,6 +387,10 @@ impl Config {
             limits,
             agent,
             eks,
+            worker_threads: match cli.worker_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+                n => n,
+            },
         })
     }
 }

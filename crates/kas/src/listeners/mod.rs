@@ -22,10 +22,12 @@
 //! port-forward) carries into its splice.
 
 mod conn;
+mod runtimes;
 mod stats;
 pub mod tls;
 
 pub use conn::ConnControl;
+pub use runtimes::ConnRuntimes;
 pub use stats::{CloseReason, ListenerCounts, ListenerStats};
 
 use conn::{connection, Counted, Shared};
@@ -37,7 +39,7 @@ use stats::RateLimitedLog;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -96,6 +98,8 @@ pub struct Listener<S> {
     pub stats: Arc<ListenerStats>,
     /// Put a [`ConnControl`] in every request's extensions.
     pub conn_control: bool,
+    /// Where accepted connections are served.
+    pub runtimes: Arc<ConnRuntimes>,
 }
 
 fn builder(protocol: Protocol) -> auto::Builder<TokioExecutor> {
@@ -193,6 +197,7 @@ pub async fn serve<S: HttpService>(
         hard_stop: CancellationToken::new(),
     });
     let listener = l.listener;
+    let runtimes = l.runtimes;
     let accept_log = RateLimitedLog::new();
     let refuse_log = RateLimitedLog::new();
     let mut backoff = Duration::ZERO;
@@ -230,15 +235,33 @@ pub async fn serve<S: HttpService>(
             drop(stream);
             continue;
         };
-        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        shared.stats.open.fetch_add(1, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
-        let io = Counted {
-            io: stream,
-            _permit: permit,
-            stats: shared.stats.clone(),
+        // The socket moves to the runtime that serves it (see `ConnRuntimes`).
+        let socket = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(listener = shared.name, %peer, error = %e, "cannot hand the connection over; closed");
+                continue;
+            }
         };
-        tokio::spawn(connection(shared.clone(), io, peer));
+        let shared = shared.clone();
+        runtimes.spawn(async move {
+            let stream = match TcpStream::from_std(socket) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(listener = shared.name, %peer, error = %e, "cannot serve the connection; closed");
+                    return;
+                }
+            };
+            shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            shared.stats.open.fetch_add(1, Ordering::Relaxed);
+            let _ = stream.set_nodelay(true);
+            let io = Counted {
+                io: stream,
+                _permit: permit,
+                stats: shared.stats.clone(),
+            };
+            connection(shared, io, peer).await;
+        });
     }
     drop(listener);
     // Drain: every connection holds a permit until its socket is closed.

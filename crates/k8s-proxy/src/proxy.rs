@@ -219,7 +219,10 @@ impl K8sProxy {
         match authorized {
             Ok(a) => {
                 observed.access_as = Some(a.allowed.mode.as_str());
-                self.forward(req, a, ctx, observed).await
+                // Boxed: its state is most of the request's (several KiB), and the
+                // future returned by `handle` is moved a few times on its way into
+                // hyper's connection task; small, those moves cost nothing.
+                Box::pin(self.forward(req, a, ctx, observed)).await
             }
             Err(e) => {
                 observed.failure = e.failure;

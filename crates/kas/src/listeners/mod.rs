@@ -17,6 +17,9 @@
 //!   and lets handlers close one connection on demand ([`ConnControl`]), which is how a
 //!   revoked token's connections go away.
 //!
+//! Accepted connections are served on [`ConnRuntimes`] (single-threaded runtimes, one
+//! per worker thread), the accept loop on the runtime that called [`serve`].
+//!
 //! The socket's file descriptor is released only when the connection really ends:
 //! the cap's permit lives in the I/O object, which an upgraded connection (exec,
 //! port-forward) carries into its splice.

@@ -64,6 +64,10 @@ struct Args {
     /// Skip the nginx reference measurement.
     #[arg(long)]
     skip_nginx: bool,
+    /// Serve kas's agent listener over TLS (as without a TLS-terminating ingress in
+    /// front of kas): agents connect with grpcs://.
+    #[arg(long)]
+    agent_tls: bool,
     /// Only run (c), the memory per idle agent, on a fresh kas.
     #[arg(long)]
     memory_only: bool,
@@ -353,14 +357,36 @@ struct Setup {
     proxy_c: tclient::HttpsClient,
     direct: String,
     proxied: String,
+    /// The CA of kas's agent listener certificate (PEM), with `--agent-tls`.
+    agent_ca_pem: Option<Vec<u8>>,
 }
 
 impl Setup {
     async fn start(args: &Args, cfg_dir: &std::path::Path) -> Result<Setup> {
         let mut extra: Vec<String> = args.kas_arg.clone();
+        let mut yaml = String::new();
         if args.plaintext {
+            yaml.push_str("k8s_proxy:\n  plaintext: true\n");
+        }
+        let agent_ca = if args.agent_tls {
+            let tls = kas_test_support::certs::LocalhostCert::generate();
+            let (crt, key) = (cfg_dir.join("agent.crt"), cfg_dir.join("agent.key"));
+            std::fs::write(&crt, &tls.cert)?;
+            std::fs::write(&key, &tls.key)?;
+            yaml.push_str(&format!(
+                "agent:\n  tls:\n    certificate_file: {}\n    key_file: {}\n",
+                crt.display(),
+                key.display()
+            ));
+            let ca = cfg_dir.join("agent-ca.pem");
+            std::fs::write(&ca, &tls.ca)?;
+            Some(ca)
+        } else {
+            None
+        };
+        if !yaml.is_empty() {
             let f = cfg_dir.join("kas.yaml");
-            std::fs::write(&f, "k8s_proxy:\n  plaintext: true\n")?;
+            std::fs::write(&f, yaml)?;
             extra.extend([
                 "--config".to_string(),
                 f.to_str().context("path")?.to_string(),
@@ -385,7 +411,12 @@ impl Setup {
             "a",
             "ci_access:\n  groups:\n    - id: bench\n",
         );
-        env.start_agentk(&agent_token, &[]);
+        match &agent_ca {
+            Some(ca) => {
+                env.start_agentk(&agent_token, &["--ca-cert", ca.to_str().context("path")?])
+            }
+            None => env.start_agentk(&agent_token, &[]),
+        };
         env.wait_connected(agent, 1);
         let job = env.start_job("bench/app", None, "bench");
         let ci = format!("ci:{agent}:{}", job.token);
@@ -409,6 +440,7 @@ impl Setup {
             proxy_c,
             direct,
             proxied,
+            agent_ca_pem: agent_ca.map(std::fs::read).transpose()?,
         })
     }
 
@@ -483,7 +515,10 @@ impl Setup {
     /// (c) idle agents: register them, connect them from this process, measure kas.
     async fn idle_agents(&self, args: &Args) -> Result<()> {
         let Setup {
-            env, kubeconfig, ..
+            env,
+            kubeconfig,
+            agent_ca_pem,
+            ..
         } = self;
         let n = args.agents;
         let admin_c = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
@@ -505,7 +540,7 @@ impl Setup {
             let opts = agentk::ConnectOptions {
                 kas_addresses: vec![env.kas_info.agent.clone()],
                 token: t,
-                ca_cert_pem: None,
+                ca_cert_pem: agent_ca_pem.clone(),
                 min_idle_tunnels: args.idle_tunnels,
                 max_tunnels: 512,
                 replica_id: format!("bench-{i}"),
@@ -551,8 +586,13 @@ impl Setup {
         let after = settled_rss_kib(kas_pid).await;
         let heap_after = heap_allocated(&admin_c, &metrics_url).await;
         println!(
-            "(c) {n} idle agents ({} idle tunnels each) connected in {:.1} s",
+            "(c) {n} idle agents ({} idle tunnels each, {}) connected in {:.1} s",
             args.idle_tunnels,
+            if agent_ca_pem.is_some() {
+                "TLS"
+            } else {
+                "plain gRPC"
+            },
             connected_in.as_secs_f64()
         );
         println!(

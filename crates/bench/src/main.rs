@@ -380,7 +380,7 @@ impl Setup {
             ));
             let ca = cfg_dir.join("agent-ca.pem");
             std::fs::write(&ca, &tls.ca)?;
-            Some(ca)
+            Some((ca, tls.ca.into_bytes()))
         } else {
             None
         };
@@ -412,7 +412,7 @@ impl Setup {
             "ci_access:\n  groups:\n    - id: bench\n",
         );
         match &agent_ca {
-            Some(ca) => {
+            Some((ca, _)) => {
                 env.start_agentk(&agent_token, &["--ca-cert", ca.to_str().context("path")?])
             }
             None => env.start_agentk(&agent_token, &[]),
@@ -440,7 +440,7 @@ impl Setup {
             proxy_c,
             direct,
             proxied,
-            agent_ca_pem: agent_ca.map(std::fs::read).transpose()?,
+            agent_ca_pem: agent_ca.map(|(_, pem)| pem),
         })
     }
 

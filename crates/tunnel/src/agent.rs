@@ -196,8 +196,11 @@ async fn exchange<H: Handler>(
         tokio::select! {
             biased;
             reusable = &mut work => {
-                if !reusable || request_done {
-                    return reusable && request_done;
+                if !reusable {
+                    return false;
+                }
+                if request_done {
+                    return true;
                 }
                 // The handler answered before the whole request body arrived (an early
                 // answer such as 403 or 413). kas counts the exchange clean once it

@@ -72,18 +72,13 @@ impl ConnRuntimes {
         })
     }
 
-    /// How many runtimes there are.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.handles.len()
     }
 
-    /// Always false: there is at least one runtime.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// The runtime the next connection goes to (each in turn).
-    pub fn next(&self) -> &Handle {
+    fn next(&self) -> &Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         &self.handles[i]
     }

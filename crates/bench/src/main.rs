@@ -174,6 +174,23 @@ fn report_latency(base: (&str, &[Duration]), other: (&str, &[Duration]), target:
     );
 }
 
+/// Requests to each target before the latency measurement starts.
+pub(crate) const LATENCY_WARMUP: usize = 200;
+
+/// Prints CPU per request of each process and, for several, of all together.
+pub(crate) fn report_cpu(procs: &[(&str, Cpu)]) {
+    for (name, cpu) in procs {
+        println!("    CPU per request: {name:<7} {cpu}");
+    }
+    if procs.len() > 1 {
+        let all = procs.iter().fold(Cpu::default(), |a, (_, b)| Cpu {
+            user: a.user + b.user,
+            sys: a.sys + b.sys,
+        });
+        println!("    CPU per request: together {all}");
+    }
+}
+
 /// Latency of `n` requests to each target, interleaved (one direct, one proxied, ...)
 /// so that machine noise hits both sides alike. Returns sorted (direct, proxied).
 async fn latency(
@@ -182,7 +199,7 @@ async fn latency(
     n: usize,
 ) -> Result<(Vec<Duration>, Vec<Duration>)> {
     for (c, url, token) in [direct, proxied] {
-        for _ in 0..200 {
+        for _ in 0..LATENCY_WARMUP {
             let (code, _) = tclient::get(c, url, Some(token)).await;
             if code != 200 {
                 bail!("{url} answered {code}");
@@ -203,13 +220,14 @@ async fn latency(
     Ok((d, p))
 }
 
+/// Requests per second and requests served, `conc` clients for `secs` seconds.
 async fn throughput(
     c: &tclient::HttpsClient,
     url: &str,
     token: &str,
     conc: usize,
     secs: u64,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let first_failure = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -260,7 +278,8 @@ async fn throughput(
             first.unwrap_or_default()
         );
     }
-    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    let done = done.load(Ordering::Relaxed) as f64;
+    Ok((done / start.elapsed().as_secs_f64(), done))
 }
 
 async fn stream(c: &tclient::HttpsClient, url: &str, token: &str) -> Result<f64> {
@@ -274,34 +293,78 @@ async fn stream(c: &tclient::HttpsClient, url: &str, token: &str) -> Result<f64>
     Ok(n as f64 / t.elapsed().as_secs_f64() / (1024.0 * 1024.0))
 }
 
-/// CPU time (user + system) the processes `pids` have used, in seconds.
-pub(crate) fn cpu_seconds(pids: &[u32]) -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let ticks = *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    });
-    pids.iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // utime and stime: fields 14 and 15, the 12th and 13th after the command.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, rest)| rest.split_whitespace().collect())
-                .unwrap_or_default();
-            let t = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            (t(11) + t(12)) / ticks
-        })
-        .sum()
+/// CPU time processes have used: user and system (kernel) seconds, read from
+/// `/proc/<pid>/stat`. The system part is mostly the kernel's loopback TCP, which on
+/// loopback also runs the receiving side's processing in the sender's time.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Cpu {
+    user: f64,
+    sys: f64,
+}
+
+impl Cpu {
+    /// What the processes `pids` have used so far.
+    pub(crate) fn of(pids: &[u32]) -> Cpu {
+        static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+        let ticks = *TICKS.get_or_init(|| {
+            std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+                .unwrap_or(100.0)
+        });
+        pids.iter()
+            .map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // utime and stime: fields 14 and 15, the 12th and 13th after the command.
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, rest)| rest.split_whitespace().collect())
+                    .unwrap_or_default();
+                let t = |i: usize| {
+                    fields
+                        .get(i)
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                        / ticks
+                };
+                Cpu {
+                    user: t(11),
+                    sys: t(12),
+                }
+            })
+            .fold(Cpu::default(), |a, b| Cpu {
+                user: a.user + b.user,
+                sys: a.sys + b.sys,
+            })
+    }
+
+    /// Microseconds per request of what was used since `before`, over `requests`.
+    pub(crate) fn per_request_since(self, before: Cpu, requests: f64) -> Cpu {
+        let per = |now: f64, then: f64| (now - then) * 1e6 / requests.max(1.0);
+        Cpu {
+            user: per(self.user, before.user),
+            sys: per(self.sys, before.sys),
+        }
+    }
+
+    pub(crate) fn total(self) -> f64 {
+        self.user + self.sys
+    }
+}
+
+impl std::fmt::Display for Cpu {
+    /// `12.3 us (user 8.1, system 4.2)`, for a per-request figure.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} us (user {:.1}, system {:.1})",
+            self.total(),
+            self.user,
+            self.sys
+        )
+    }
 }
 
 #[tokio::main]
@@ -313,7 +376,8 @@ async fn main() -> Result<()> {
     let cfg_dir = tempfile::tempdir()?;
     let setup = Setup::start(&args, cfg_dir.path()).await?;
     if args.profile_only {
-        let tp = throughput(&setup.proxy_c, &setup.proxied, &setup.ci, 32, args.seconds).await?;
+        let (tp, _) =
+            throughput(&setup.proxy_c, &setup.proxied, &setup.ci, 32, args.seconds).await?;
         println!(
             "proxy {tp:.0} req/s; kas pid {} agentk pid {}",
             setup.env.kas.pid(),
@@ -459,33 +523,38 @@ impl Setup {
         } = self;
         let scheme = if args.plaintext { "HTTP" } else { "HTTPS" };
         println!("# kas benchmark (direct = the same backend without kas; proxy = {scheme} to kas -> tunnel -> agentk -> backend)");
+        let (kas_pid, agentk_pid) = (self.env.kas.pid(), self.env.agents[0].pid());
+        let (kas0, agentk0) = (Cpu::of(&[kas_pid]), Cpu::of(&[agentk_pid]));
         let (d, p) = latency(
             (direct_c, direct, token),
             (proxy_c, proxied, ci),
             args.requests,
         )
         .await?;
+        let served = (args.requests + LATENCY_WARMUP) as f64;
+        let (kas1, agentk1) = (
+            Cpu::of(&[kas_pid]).per_request_since(kas0, served),
+            Cpu::of(&[agentk_pid]).per_request_since(agentk0, served),
+        );
         println!(
             "(a) small GET, concurrency 1, {} requests each, interleaved",
             args.requests
         );
         report_latency(("direct", &d), ("proxy", &p), "   (target p50 <= 100 us)");
-        let td = throughput(direct_c, direct, token, 32, args.seconds).await?;
-        let (kas_pid, agentk_pid) = (self.env.kas.pid(), self.env.agents[0].pid());
-        let (kas0, agentk0) = (cpu_seconds(&[kas_pid]), cpu_seconds(&[agentk_pid]));
-        let tp = throughput(proxy_c, proxied, ci, 32, args.seconds).await?;
-        let served = tp * args.seconds as f64;
-        let kas_us = (cpu_seconds(&[kas_pid]) - kas0) * 1e6 / served;
-        let agentk_us = (cpu_seconds(&[agentk_pid]) - agentk0) * 1e6 / served;
+        report_cpu(&[("kas", kas1), ("agentk", agentk1)]);
+        let (td, _) = throughput(direct_c, direct, token, 32, args.seconds).await?;
+        let (kas0, agentk0) = (Cpu::of(&[kas_pid]), Cpu::of(&[agentk_pid]));
+        let (tp, served) = throughput(proxy_c, proxied, ci, 32, args.seconds).await?;
+        let (kas32, agentk32) = (
+            Cpu::of(&[kas_pid]).per_request_since(kas0, served),
+            Cpu::of(&[agentk_pid]).per_request_since(agentk0, served),
+        );
         println!("(a) small GET, concurrency 32, {} s each", args.seconds);
         println!(
             "    direct {td:9.0} req/s   proxy {tp:9.0} req/s   ratio {:.2}x   (target >= 0.5x)",
             tp / td
         );
-        println!(
-            "    CPU per request: kas {kas_us:.1} us   agentk {agentk_us:.1} us   together {:.1} us",
-            kas_us + agentk_us
-        );
+        report_cpu(&[("kas", kas32), ("agentk", agentk32)]);
 
         let sd = stream(
             direct_c,

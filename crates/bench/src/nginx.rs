@@ -6,7 +6,7 @@
 //! path in the same run, with the CPU time per request of the nginx processes.
 //! Skipped when `nginx` is not installed (Debian package `nginx`).
 
-use crate::{latency, report_latency, stream, throughput};
+use crate::{latency, report_cpu, report_latency, stream, throughput, Cpu};
 use anyhow::{bail, Context, Result};
 use kas_test_support::certs::LocalhostCert;
 use kas_test_support::http as tclient;
@@ -203,26 +203,27 @@ impl Measure<'_> {
         let direct = format!("http://{backend}/api/v1/namespaces/default/pods");
         let via = format!("https://127.0.0.1:{port}/api/v1/namespaces/default/pods");
         println!("(ref) {title}, same measurements");
+        let pids: Vec<u32> = nginx.iter().flat_map(|n| n.pids()).collect();
+        let before = Cpu::of(&pids);
         let (d, n) = latency(
             (&direct_c, &direct, token),
             (&nginx_c, &via, token),
             self.requests,
         )
         .await?;
+        let served = (self.requests + crate::LATENCY_WARMUP) as f64;
+        let cpu1 = Cpu::of(&pids).per_request_since(before, served);
         report_latency(("direct", &d), ("nginx", &n), "");
-        let td = throughput(&direct_c, &direct, token, 32, self.seconds).await?;
-        let pids: Vec<u32> = nginx.iter().flat_map(|n| n.pids()).collect();
-        let cpu_before = crate::cpu_seconds(&pids);
-        let tn = throughput(&nginx_c, &via, token, 32, self.seconds).await?;
-        let cpu = crate::cpu_seconds(&pids) - cpu_before;
+        report_cpu(&[("nginx", cpu1)]);
+        let (td, _) = throughput(&direct_c, &direct, token, 32, self.seconds).await?;
+        let before = Cpu::of(&pids);
+        let (tn, served) = throughput(&nginx_c, &via, token, 32, self.seconds).await?;
+        let cpu32 = Cpu::of(&pids).per_request_since(before, served);
         println!(
             "    concurrency 32: direct {td:9.0} req/s   nginx {tn:9.0} req/s   ratio {:.2}x",
             tn / td
         );
-        println!(
-            "    CPU per request (nginx processes together): {:.1} us",
-            cpu * 1e6 / (tn * self.seconds as f64)
-        );
+        report_cpu(&[("nginx", cpu32)]);
         let n = self.stream_mib << 20;
         let sd = stream(&direct_c, &format!("http://{backend}/bytes?n={n}"), token).await?;
         let sn = stream(

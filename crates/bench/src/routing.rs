@@ -50,8 +50,8 @@ pub async fn run(requests: usize, seconds: u64, registry_agents: usize) -> Resul
     let (l, c) = latency((&lc, &local_url, &ci), (&cc, &cross_url, &ci), requests).await?;
     println!("(d) cross-replica routing (request into kas A, agent on kas B) versus local, {requests} requests each, interleaved");
     report_latency(("local", &l), ("cross", &c), "   (target p50 <= 150 us)");
-    let tl = throughput(&lc, &local_url, &ci, 32, seconds).await?;
-    let tc = throughput(&cc, &cross_url, &ci, 32, seconds).await?;
+    let (tl, _) = throughput(&lc, &local_url, &ci, 32, seconds).await?;
+    let (tc, _) = throughput(&cc, &cross_url, &ci, 32, seconds).await?;
     println!(
         "    concurrency 32: local {tl:8.0} req/s   cross {tc:8.0} req/s   ratio {:.2}x",
         tc / tl

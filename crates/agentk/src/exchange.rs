@@ -20,6 +20,9 @@ pub struct Upstream {
     pub access: ClusterAccess,
     /// The cluster API, with the agent's credentials.
     pub client: ClusterClient,
+    /// The `Host` header of requests to the cluster API, worked out once (the HTTP
+    /// client would format it again for every request).
+    cluster_host: Option<HeaderValue>,
     /// In-cluster services, without credentials.
     pub service_client: ClusterClient,
     /// The services the configuration allows (replaced on every configuration).
@@ -39,6 +42,7 @@ impl Upstream {
     pub fn new(access: ClusterAccess) -> Result<Self, crate::cluster::ClusterConfigError> {
         Ok(Upstream {
             client: access.client()?,
+            cluster_host: host_header(access.server()),
             service_client: access.service_client()?,
             access,
             services: Default::default(),
@@ -237,13 +241,29 @@ fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, (Code, String)> {
         return Err(bad("request path must start with '/'"));
     }
     let prefix = base.path().trim_end_matches('/');
+    let joined = if prefix.is_empty() {
+        path_and_query.parse()
+    } else {
+        format!("{prefix}{path_and_query}").parse()
+    };
     let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(
-        format!("{prefix}{path_and_query}")
-            .parse()
-            .map_err(|_| bad("request path is invalid"))?,
-    );
+    parts.path_and_query = Some(joined.map_err(|_| bad("request path is invalid"))?);
     Uri::from_parts(parts).map_err(|_| bad("request path is invalid"))
+}
+
+/// The `Host` header for requests to `uri`, as the HTTP client would set it: the host,
+/// with the port unless it is the scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    };
+    match uri.port_u16() {
+        Some(p) if Some(p) != default_port => HeaderValue::from_str(&format!("{host}:{p}")).ok(),
+        _ => HeaderValue::from_str(host).ok(),
+    }
 }
 
 /// Largest response body sent inline in the response head.
@@ -315,6 +335,9 @@ impl Upstream {
         let method = http::Method::from_bytes(head.method.as_bytes())
             .map_err(|_| (Code::BadRequest, "invalid method".to_string()))?;
         let mut req_headers = headers::from_wire(&head.headers, true);
+        if let Some(host) = self.cluster_host.as_ref().filter(|_| !to_service) {
+            req_headers.insert(http::header::HOST, host.clone());
+        }
         // Services never see the agent's credentials (their client has none) or an
         // impersonation.
         if let Some(i) = head.impersonation.as_ref().filter(|_| !to_service) {
@@ -440,6 +463,19 @@ mod tests {
     }
 
     #[test]
+    fn host_headers_name_the_port_unless_it_is_the_default() {
+        let h = |u: &str| {
+            host_header(&u.parse().expect("uri")).map(|v| v.to_str().expect("ascii").to_string())
+        };
+        assert_eq!(h("https://k:6443/").as_deref(), Some("k:6443"));
+        assert_eq!(h("https://k:443").as_deref(), Some("k"));
+        assert_eq!(h("https://k").as_deref(), Some("k"));
+        assert_eq!(h("http://10.0.0.1:80/x").as_deref(), Some("10.0.0.1"));
+        assert_eq!(h("http://10.0.0.1:8080").as_deref(), Some("10.0.0.1:8080"));
+        assert_eq!(h("https://[::1]:6443").as_deref(), Some("[::1]:6443"));
+    }
+
+    #[test]
     fn target_uris() {
         let base: Uri = "https://k:6443/prefix/".parse().expect("uri");
         assert_eq!(
@@ -447,5 +483,12 @@ mod tests {
             "https://k:6443/prefix/api/v1?x=1"
         );
         assert!(target_uri(&base, "api").is_err());
+        let bare: Uri = "https://k:6443".parse().expect("uri");
+        assert_eq!(
+            target_uri(&bare, "/api/v1/pods?watch=1")
+                .expect("ok")
+                .to_string(),
+            "https://k:6443/api/v1/pods?watch=1"
+        );
     }
 }

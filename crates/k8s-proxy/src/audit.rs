@@ -27,11 +27,17 @@ pub fn verb(method: &str, path_and_query: &str) -> &'static str {
         .any(|kv| kv == "watch=true" || kv == "watch=1" || kv == "watch");
     // Objects sit at an even number of segments after /api/v1 or /apis/<g>/<v>
     // (.../<resource>/<name>, .../namespaces/<ns>/<resource>/<name>).
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let rest = match segs.first() {
-        Some(&"api") => segs.len().saturating_sub(2),
-        Some(&"apis") => segs.len().saturating_sub(3),
+    let mut segs = path.split('/').filter(|s| !s.is_empty());
+    let prefix = match segs.next() {
+        Some("api") => 2,
+        Some("apis") => 3,
         _ => 0,
+    };
+    // Counted, not collected: this runs for every proxied request.
+    let rest = if prefix == 0 {
+        0
+    } else {
+        (1 + segs.count()).saturating_sub(prefix)
     };
     let collection = rest % 2 == 1;
     match (method, collection) {

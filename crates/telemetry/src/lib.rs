@@ -4,6 +4,9 @@
 //! audit trail), and the tokio runtime. It does not define what is logged.
 
 pub mod batch;
+mod text;
+
+pub use text::PlainText;
 
 /// A bad logging setting.
 #[derive(Debug, thiserror::Error)]
@@ -48,14 +51,16 @@ pub fn init(level: Option<&str>, format: &str) -> Result<(batch::Flush, LogLevel
     )
     .map_err(LogError::Thread)?;
     let (filter, handle) = reload::Layer::new(filter);
-    let layer = fmt::layer()
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = fmt::layer().with_writer(writer).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     if format == "json" {
         registry.with(layer.json()).init();
-    } else {
+    } else if ansi {
         registry.with(layer).init();
+    } else {
+        // The same line, cheaper (see `text`): kas writes one per proxied request.
+        registry.with(layer.event_format(PlainText)).init();
     }
     Ok((guard, LogLevel { handle, initial }))
 }

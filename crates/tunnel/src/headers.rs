@@ -110,16 +110,14 @@ pub fn from_wire(headers: &[Header], strip_identity: bool) -> HeaderMap {
         }
         let value = if strip_identity && h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
             match strip_websocket_bearer(&h.value) {
-                Some(v) => std::borrow::Cow::Owned(v),
+                Some(v) => HeaderValue::from_bytes(&v),
                 None => continue,
             }
         } else {
-            std::borrow::Cow::Borrowed(&h.value[..])
+            // Shares the decoded message's buffer instead of copying the value.
+            HeaderValue::from_maybe_shared(h.value.clone())
         };
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(&value),
-        ) {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), value) {
             map.append(n, v);
         }
     }

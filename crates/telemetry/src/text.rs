@@ -188,7 +188,7 @@ impl fmt::Display for Sources<'_> {
 
 /// RFC 3339 in UTC with microseconds (`2026-12-06T08:06:12.115302Z`), as the default
 /// formatter's `SystemTime` writes it.
-fn write_timestamp(w: &mut impl Write, now: SystemTime) -> fmt::Result {
+pub(crate) fn write_timestamp(w: &mut impl Write, now: SystemTime) -> fmt::Result {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -228,7 +228,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -252,7 +252,7 @@ mod tests {
 
     /// A writer the tests read back.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Captured {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -264,21 +264,44 @@ mod tests {
         }
     }
 
-    impl Captured {
-        /// The lines written, each without its timestamp.
-        fn lines(&self) -> Vec<String> {
-            let bytes = self.0.lock().expect("lock").clone();
-            String::from_utf8(bytes)
-                .expect("utf-8")
-                .lines()
-                .map(|l| {
-                    l.split_once(' ')
-                        .map(|(_, rest)| rest)
-                        .unwrap_or(l)
-                        .to_string()
-                })
-                .collect()
-        }
+    /// A fmt layer without colours writing to a [`Captured`].
+    pub(crate) type TestLayer<S> = tracing_subscriber::fmt::Layer<
+        S,
+        tracing_subscriber::fmt::format::DefaultFields,
+        tracing_subscriber::fmt::format::Format,
+        Box<dyn Fn() -> Captured + Send + Sync>,
+    >;
+
+    type Filtered = tracing_subscriber::layer::Layered<
+        tracing_subscriber::filter::LevelFilter,
+        tracing_subscriber::Registry,
+    >;
+
+    /// The lines `events` logs through the fmt layer `configure` makes of a plain one
+    /// (every level enabled).
+    pub(crate) fn capture<L>(
+        events: impl Fn(),
+        configure: impl FnOnce(TestLayer<Filtered>) -> L,
+    ) -> Vec<String>
+    where
+        L: tracing_subscriber::Layer<Filtered> + Send + Sync + 'static,
+    {
+        let out = Captured::default();
+        let w = out.clone();
+        let make: Box<dyn Fn() -> Captured + Send + Sync> = Box::new(move || w.clone());
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(make)
+            .with_ansi(false);
+        let s = tracing_subscriber::registry()
+            .with(tracing_subscriber::filter::LevelFilter::TRACE)
+            .with(configure(layer));
+        tracing::subscriber::with_default(s, events);
+        let bytes = out.0.lock().expect("lock").clone();
+        String::from_utf8(bytes)
+            .expect("utf-8")
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     #[derive(Debug, thiserror::Error)]
@@ -286,7 +309,7 @@ mod tests {
     struct Outer(#[source] std::io::Error);
 
     /// Every kind of field the code logs, at every level, inside and outside spans.
-    fn events() {
+    pub(crate) fn events() {
         let path = String::from("/api/v1/namespaces/default/pods?limit=5");
         tracing::info!(
             request_id = %"00ab", agent_id = 7u64, delta = -3i64, ok = true,
@@ -311,29 +334,21 @@ mod tests {
         tracing::info!(target: "k8s_integration", agent_id = 1u64, "in spans");
     }
 
-    fn capture(plain: bool) -> Vec<String> {
-        let out = Captured::default();
-        let w = out.clone();
-        let layer = tracing_subscriber::fmt::layer()
-            .with_writer(move || w.clone())
-            .with_ansi(false);
-        let filter = tracing_subscriber::filter::LevelFilter::TRACE;
-        if plain {
-            let s = tracing_subscriber::registry()
-                .with(filter)
-                .with(layer.event_format(PlainText));
-            tracing::subscriber::with_default(s, events);
-        } else {
-            let s = tracing_subscriber::registry().with(filter).with(layer);
-            tracing::subscriber::with_default(s, events);
-        }
-        out.lines()
-    }
-
     #[test]
     fn lines_match_the_default_formatter_without_colours() {
-        let ours = capture(true);
-        let default = capture(false);
+        // Each line without its timestamp (up to the first space).
+        let strip = |lines: Vec<String>| -> Vec<String> {
+            lines
+                .iter()
+                .map(|l| {
+                    l.split_once(' ')
+                        .map_or(l.as_str(), |(_, rest)| rest)
+                        .to_string()
+                })
+                .collect()
+        };
+        let ours = strip(capture(events, |layer| layer.event_format(PlainText)));
+        let default = strip(capture(events, |layer| layer));
         assert_eq!(ours.len(), 6, "{ours:#?}");
         assert_eq!(ours, default);
     }

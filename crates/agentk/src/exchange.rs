@@ -280,7 +280,6 @@ impl Handler for Upstream {
     ) -> bool {
         let request_id = head.request_id.clone();
         let to_service = head.service.is_some();
-        let upgrade = head.upgrade;
         let (req, body_rx) = match self.request(head, body_rx) {
             Ok(r) => r,
             Err((code, m)) => {
@@ -308,8 +307,10 @@ impl Handler for Upstream {
                 return false;
             }
         };
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && upgrade {
-            relay_upgrade(resp, body_rx, out, &request_id).await;
+        if let Some(client_bytes) =
+            body_rx.filter(|_| resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+        {
+            relay_upgrade(resp, client_bytes, out, &request_id).await;
             // An upgraded stream is never reused.
             return false;
         }
@@ -320,13 +321,14 @@ impl Handler for Upstream {
 impl Upstream {
     /// The upstream request for `head`: URL, method, headers with the agent's own
     /// credentials and the impersonation kas decided (neither for services), and the
-    /// request body from `body_rx` (kept back, for the client's bytes, on an upgrade).
+    /// request body from `body_rx` (kept back and returned, for the client's bytes, on
+    /// an upgrade).
     #[allow(clippy::type_complexity)]
     fn request(
         &self,
         head: RequestHead,
         body_rx: mpsc::Receiver<Bytes>,
-    ) -> Result<(Request<UpstreamBody>, mpsc::Receiver<Bytes>), (Code, String)> {
+    ) -> Result<(Request<UpstreamBody>, Option<mpsc::Receiver<Bytes>>), (Code, String)> {
         let uri = match &head.service {
             None => target_uri(self.access.server(), &head.path_and_query)?,
             Some(svc) => service_uri(&self.allowed_services(), svc, &head.path_and_query)?,
@@ -345,16 +347,20 @@ impl Upstream {
                 req_headers.append(n, v);
             }
         }
+        let empty = || Empty::new().map_err(|never| match never {}).boxed_unsync();
         let (body, kept): (UpstreamBody, _) = if head.upgrade {
-            let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
-            (empty, body_rx)
+            (empty(), Some(body_rx))
+        } else if head.end_of_body {
+            // The head was the whole request: the cluster gets no body, and the HTTP
+            // client knows it has none.
+            (empty(), None)
         } else {
             let frames = tokio_stream::wrappers::ReceiverStream::new(body_rx)
                 .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
             let body = StreamBody::new(frames)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
                 .boxed_unsync();
-            (body, mpsc::channel(1).1)
+            (body, None)
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;

@@ -84,10 +84,15 @@ impl AuditLog {
     }
 
     fn write(&self, r: &impl serde::Serialize) {
+        self.append_line(|line| serde_json::to_writer(line, r));
+    }
+
+    /// Appends the line `encode` writes.
+    fn append_line(&self, encode: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
         // Room for a typical record up front: growing the line as it is written
         // reallocated it several times per proxied request.
         let mut line = Vec::with_capacity(LINE_CAPACITY);
-        match serde_json::to_writer(&mut line, r) {
+        match encode(&mut line) {
             Ok(()) => {
                 line.push(b'\n');
                 self.out.append(&line);
@@ -99,14 +104,7 @@ impl AuditLog {
 
 impl AuditSink for AuditLog {
     fn record(&self, record: AuditRecord) {
-        let mut line = Vec::with_capacity(LINE_CAPACITY);
-        match encode_request(&record, &mut line) {
-            Ok(()) => {
-                line.push(b'\n');
-                self.out.append(&line);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode an audit record"),
-        }
+        self.append_line(|line| encode_request(&record, line));
     }
 }
 

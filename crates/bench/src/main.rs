@@ -183,10 +183,7 @@ pub(crate) fn report_cpu(procs: &[(&str, Cpu)]) {
         println!("    CPU per request: {name:<7} {cpu}");
     }
     if procs.len() > 1 {
-        let all = procs.iter().fold(Cpu::default(), |a, (_, b)| Cpu {
-            user: a.user + b.user,
-            sys: a.sys + b.sys,
-        });
+        let all = procs.iter().map(|(_, c)| *c).sum::<Cpu>();
         println!("    CPU per request: together {all}");
     }
 }
@@ -334,10 +331,7 @@ impl Cpu {
                     sys: t(12),
                 }
             })
-            .fold(Cpu::default(), |a, b| Cpu {
-                user: a.user + b.user,
-                sys: a.sys + b.sys,
-            })
+            .sum()
     }
 
     /// Microseconds per request of what was used since `before`, over `requests`.
@@ -351,6 +345,15 @@ impl Cpu {
 
     pub(crate) fn total(self) -> f64 {
         self.user + self.sys
+    }
+}
+
+impl std::iter::Sum for Cpu {
+    fn sum<I: Iterator<Item = Cpu>>(iter: I) -> Cpu {
+        iter.fold(Cpu::default(), |a, b| Cpu {
+            user: a.user + b.user,
+            sys: a.sys + b.sys,
+        })
     }
 }
 

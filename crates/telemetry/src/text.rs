@@ -109,26 +109,25 @@ impl Fields<'_, '_> {
         }
     }
 
-    fn integer(&mut self, field: &Field, digits: &str) {
+    /// A value written as it is (a number, `true`, `false`).
+    fn bare(&mut self, field: &Field, text: &str) {
         if self.start(field) {
-            self.result = self
-                .name(field)
-                .and_then(|()| self.writer.write_str(digits));
+            self.result = self.name(field).and_then(|()| self.writer.write_str(text));
         }
     }
 }
 
 impl Visit for Fields<'_, '_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.integer(field, itoa::Buffer::new().format(value));
+        self.bare(field, itoa::Buffer::new().format(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.integer(field, itoa::Buffer::new().format(value));
+        self.bare(field, itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.integer(field, if value { "true" } else { "false" });
+        self.bare(field, if value { "true" } else { "false" });
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {

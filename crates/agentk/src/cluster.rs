@@ -6,13 +6,17 @@
 //! `insecure-skip-tls-verify`.
 //!
 //! It does not use `kube`'s client: requests to the API are forwarded byte for byte,
-//! upgrades included, on a plain HTTP/1.1 connection pool with `kube`'s TLS connector
-//! and authentication layer.
+//! upgrades included, over HTTP/1.1 with `kube`'s TLS connector and authentication
+//! layer. Each tunnel keeps its own connection to the API between its exchanges
+//! ([`KeptConnection`]): a tunnel serves one exchange at a time, as an HTTP/1.1
+//! connection does, so no shared pool has to be consulted per request. Requests to
+//! in-cluster services go through a pooled client ([`ClusterClient`]).
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use kube::client::middleware::AuthLayer;
@@ -20,8 +24,8 @@ use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Config;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-use tower::{Layer, ServiceExt};
+use std::time::{Duration, Instant};
+use tower::{Layer, Service, ServiceExt};
 
 /// Request body type towards the cluster.
 pub type UpstreamBody =
@@ -29,8 +33,24 @@ pub type UpstreamBody =
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A request body that is empty (and says so, so no `Transfer-Encoding` is sent).
+pub fn empty_body() -> UpstreamBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// How long connecting to the API server may take when the configuration does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection to the API server idle for longer is not used again (a middlebox may
+/// have dropped it without a word); the pooled clients close theirs after as long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a kept connection may take to become ready for the next request after the
+/// previous response was read to its end (its task may not have caught up yet).
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterConfigError {
@@ -59,36 +79,190 @@ impl std::fmt::Debug for ClusterAccess {
     }
 }
 
-/// An HTTP/1.1 client for the cluster (HTTP/1.1 so upgrades work), adding the agent's
-/// credentials to every request when it has some.
+/// A pooled HTTP/1.1 client for in-cluster services (HTTP/1.1 so upgrades work). It
+/// trusts the cluster's CA and never presents the agent's credentials.
 #[derive(Clone)]
 pub struct ClusterClient {
-    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
-    auth: Option<std::sync::Arc<AuthLayer>>,
+    http: Client<HttpsConnector, UpstreamBody>,
 }
 
 impl ClusterClient {
-    /// Sends `req`; an `Authorization` header it carries is replaced by the agent's.
-    /// (Boxed: the layered service's future defeats the `Send` inference of callers.)
-    pub fn request(
+    /// Sends `req` (absolute URI).
+    pub async fn request(
         &self,
         req: Request<UpstreamBody>,
-    ) -> BoxFuture<'static, Result<Response<Incoming>, BoxError>> {
-        match &self.auth {
-            None => {
-                let sent = self.http.request(req);
-                Box::pin(async move { sent.await.map_err(BoxError::from) })
+    ) -> Result<Response<Incoming>, BoxError> {
+        Ok(self.http.request(req).await?)
+    }
+}
+
+/// What adds the agent's credentials to a request: `kube`'s authentication layer
+/// around a service that hands the request back (inside a `Response`, which one arm
+/// of the layer insists its inner service returns).
+type Authorize = <AuthLayer as Layer<HandBack>>::Service;
+type Authorized = Response<Request<UpstreamBody>>;
+type HandBack = tower::util::ServiceFn<
+    fn(Request<UpstreamBody>) -> std::future::Ready<Result<Authorized, BoxError>>,
+>;
+
+fn hand_back(req: Request<UpstreamBody>) -> std::future::Ready<Result<Authorized, BoxError>> {
+    std::future::ready(Ok(Response::new(req)))
+}
+
+/// Opens connections to the cluster's API and sends requests on the connection a
+/// tunnel keeps, with the agent's credentials.
+#[derive(Clone)]
+pub struct ClusterConnector {
+    connector: HttpsConnector,
+    server: Uri,
+    /// The `Host` header of every request, worked out once.
+    host: http::HeaderValue,
+    credentials: Credentials,
+}
+
+/// How requests to the API server are authenticated.
+#[derive(Clone)]
+enum Credentials {
+    /// Not at all (a kubeconfig without a user).
+    None,
+    /// With one `Authorization` header that never changes (a token or a user name and
+    /// password in the configuration), worked out once.
+    Fixed(http::HeaderValue),
+    /// By `kube`'s layer for each request (token files re-read as they rotate, exec
+    /// plugins' tokens refreshed before they expire).
+    Refreshed(Authorize),
+}
+
+impl Credentials {
+    fn new(layer: Option<AuthLayer>) -> Result<Self, ClusterConfigError> {
+        let Some(layer) = layer else {
+            return Ok(Credentials::None);
+        };
+        let authorize = layer.layer(tower::service_fn(hand_back as _));
+        let tower05::util::Either::Left(fixed) = &authorize else {
+            return Ok(Credentials::Refreshed(authorize));
+        };
+        // The fixed arm adds a header it holds: ask it once for the header.
+        let probe =
+            ServiceExt::<Request<UpstreamBody>>::oneshot(fixed.clone(), Request::new(empty_body()));
+        match futures::FutureExt::now_or_never(probe) {
+            Some(Ok(resp)) => resp
+                .into_body()
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .cloned()
+                .map(Credentials::Fixed)
+                .ok_or_else(|| {
+                    ClusterConfigError::Client("the credentials add no Authorization header".into())
+                }),
+            _ => Ok(Credentials::Refreshed(authorize)),
+        }
+    }
+}
+
+/// The connection to the cluster's API one tunnel keeps between its exchanges (none
+/// until its first request, or after one that ended it).
+#[derive(Default)]
+pub struct KeptConnection(Option<(SendRequest<UpstreamBody>, Instant)>);
+
+impl KeptConnection {
+    /// The kept connection, if it can carry the next request.
+    async fn take_ready(&mut self) -> Option<SendRequest<UpstreamBody>> {
+        let (mut sender, since) = self.0.take()?;
+        if since.elapsed() > IDLE_TIMEOUT || sender.is_closed() {
+            return None;
+        }
+        if sender.is_ready() {
+            return Some(sender);
+        }
+        match tokio::time::timeout(READY_WAIT, sender.ready()).await {
+            Ok(Ok(())) => Some(sender),
+            _ => None,
+        }
+    }
+
+    fn keep(&mut self, sender: SendRequest<UpstreamBody>) {
+        self.0 = Some((sender, Instant::now()));
+    }
+}
+
+impl ClusterConnector {
+    /// Sends `req` (origin-form URI: path and query) on `kept`, or on a new connection
+    /// kept from then on. Its `Host` and `Authorization` are the agent's.
+    pub async fn request(
+        &self,
+        kept: &mut KeptConnection,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let mut req = match &self.credentials {
+            Credentials::None => req,
+            Credentials::Fixed(value) => {
+                let mut req = req;
+                req.headers_mut()
+                    .insert(http::header::AUTHORIZATION, value.clone());
+                req
             }
-            Some(auth) => {
-                // Layering clones the pool handle and the credential source. Both arms
-                // of kube's layer must fail with one error type.
-                let http = self.http.clone().map_err(BoxError::from);
-                Box::pin(ServiceExt::<Request<UpstreamBody>>::oneshot(
-                    auth.layer(http),
-                    req,
-                ))
+            Credentials::Refreshed(a) => {
+                // Boxed: the layered service's future defeats callers' `Send` inference.
+                let authorized: BoxFuture<'static, Result<Authorized, BoxError>> =
+                    Box::pin(a.clone().oneshot(req));
+                authorized.await?.into_body()
+            }
+        };
+        req.headers_mut()
+            .insert(http::header::HOST, self.host.clone());
+        if let Some(mut sender) = kept.take_ready().await {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    kept.keep(sender);
+                    return Ok(resp);
+                }
+                // The server closed the connection before the request went out (it
+                // ended an idle connection): the request goes on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(e.into_error().into()),
+                },
             }
         }
+        let mut sender = self.connect().await?;
+        let resp = sender.send_request(req).await?;
+        kept.keep(sender);
+        Ok(resp)
+    }
+
+    /// A new HTTP/1.1 connection to the API server, driven by its own task (which ends
+    /// when the connection closes or its sender is dropped while it is idle).
+    async fn connect(&self) -> Result<SendRequest<UpstreamBody>, BoxError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(self.server.clone()).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "cluster API connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// The `Host` header for requests to `uri`, as an HTTP client would set it: the host,
+/// with the port unless it is the scheme's default.
+fn host_header(uri: &Uri) -> Option<http::HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    };
+    match uri.port_u16() {
+        Some(p) if Some(p) != default_port => {
+            http::HeaderValue::from_str(&format!("{host}:{p}")).ok()
+        }
+        _ => http::HeaderValue::from_str(host).ok(),
     }
 }
 
@@ -164,15 +338,21 @@ impl ClusterAccess {
         &self.config.cluster_url
     }
 
-    /// A pooled client for the cluster's API, with the agent's credentials.
-    pub fn client(&self) -> Result<ClusterClient, ClusterConfigError> {
+    /// Connections to the cluster's API, with the agent's credentials.
+    pub fn connector(&self) -> Result<ClusterConnector, ClusterConfigError> {
         let auth = self
             .config
             .auth_layer()
             .map_err(|e| ClusterConfigError::Client(e.to_string()))?;
-        Ok(ClusterClient {
-            http: Self::http(&self.config)?,
-            auth: auth.map(std::sync::Arc::new),
+        let server = &self.config.cluster_url;
+        let host = host_header(server).ok_or_else(|| {
+            ClusterConfigError::Client(format!("the server URL `{server}` names no host"))
+        })?;
+        Ok(ClusterConnector {
+            connector: Self::https(&self.config)?,
+            server: server.clone(),
+            host,
+            credentials: Credentials::new(auth)?,
         })
     }
 
@@ -183,25 +363,25 @@ impl ClusterAccess {
         config.auth_info = Default::default();
         Ok(ClusterClient {
             http: Self::http(&config)?,
-            auth: None,
         })
     }
 
-    fn http(
-        config: &Config,
-    ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>, ClusterConfigError>
-    {
+    fn http(config: &Config) -> Result<Client<HttpsConnector, UpstreamBody>, ClusterConfigError> {
+        Ok(Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(256)
+            .build(Self::https(config)?))
+    }
+
+    /// TCP with TLS as `config` says (plain TCP for an `http://` URL).
+    fn https(config: &Config) -> Result<HttpsConnector, ClusterConfigError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout.unwrap_or(CONNECT_TIMEOUT)));
-        let connector = config
+        config
             .rustls_https_connector_with_connector(http)
-            .map_err(|e| ClusterConfigError::Client(e.to_string()))?;
-        Ok(Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector))
+            .map_err(|e| ClusterConfigError::Client(e.to_string()))
     }
 }
 
@@ -216,6 +396,106 @@ mod tests {
         let p = dir.path().join("kc.yaml");
         std::fs::write(&p, text).expect("write");
         ClusterAccess::from_kubeconfig(&p, context).await
+    }
+
+    #[test]
+    fn host_headers_name_the_port_unless_it_is_the_default() {
+        let h = |u: &str| {
+            host_header(&u.parse().expect("uri")).map(|v| v.to_str().expect("ascii").to_string())
+        };
+        assert_eq!(h("https://k:6443/").as_deref(), Some("k:6443"));
+        assert_eq!(h("https://k:443").as_deref(), Some("k"));
+        assert_eq!(h("https://k").as_deref(), Some("k"));
+        assert_eq!(h("http://10.0.0.1:80/x").as_deref(), Some("10.0.0.1"));
+        assert_eq!(h("http://10.0.0.1:8080").as_deref(), Some("10.0.0.1:8080"));
+        assert_eq!(h("https://[::1]:6443").as_deref(), Some("[::1]:6443"));
+    }
+
+    /// A server answering every request with 200, recording request heads; it closes
+    /// each connection without notice after its second response (as a server ending
+    /// idle connections does). Returns its address, the heads and the connection count.
+    async fn two_per_connection() -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, c) = (heads.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..2 {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        h.lock()
+                            .expect("lock")
+                            .push(String::from_utf8_lossy(&buf).into());
+                        buf.clear();
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, heads, conns)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_carries_the_next_request_until_the_server_closes_it() {
+        use http_body_util::BodyExt;
+        let (addr, heads, conns) = two_per_connection().await;
+        let access = load(
+            &KUBECONFIG.replace("127.0.0.1:6443", &addr.to_string()),
+            None,
+        )
+        .await
+        .expect("parse");
+        let cluster = access.connector().expect("connector");
+        let get = || {
+            let mut r = Request::new(empty_body());
+            *r.uri_mut() = Uri::from_static("/version");
+            r
+        };
+        let mut kept = KeptConnection::default();
+        for _ in 0..3 {
+            let resp = cluster.request(&mut kept, get()).await.expect("response");
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        let count = || conns.load(std::sync::atomic::Ordering::SeqCst);
+        // Two requests on the first connection; the third on a new one after the
+        // server closed the first.
+        assert_eq!(count(), 2);
+        cluster.request(&mut kept, get()).await.expect("response");
+        assert_eq!(count(), 2, "the second connection is kept");
+        let mut other = KeptConnection::default();
+        cluster.request(&mut other, get()).await.expect("response");
+        assert_eq!(count(), 3, "another tunnel has its own connection");
+        let heads = heads.lock().expect("lock").clone();
+        assert_eq!(heads.len(), 5);
+        for h in heads {
+            let h = h.to_ascii_lowercase();
+            assert!(h.starts_with("get /version http/1.1\r\n"), "{h}");
+            assert!(h.contains("authorization: bearer abc\r\n"), "{h}");
+            assert!(h.contains(&format!("host: {addr}\r\n")), "{h}");
+        }
     }
 
     #[tokio::test]

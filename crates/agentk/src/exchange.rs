@@ -1,12 +1,14 @@
 //! Serving one request that arrived through a tunnel against the cluster API (or an
 //! in-cluster service): [`Upstream`] is agentk's [`Handler`] of tunnel exchanges.
 
-use crate::cluster::{ClusterAccess, ClusterClient, UpstreamBody};
+use crate::cluster::{
+    empty_body, ClusterAccess, ClusterClient, ClusterConnector, KeptConnection, UpstreamBody,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderName, HeaderValue, Request, Uri};
 use http_body::Frame;
-use http_body_util::{BodyExt, Empty, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper_util::rt::TokioIo;
 use kas_proto::v1::ServiceAccess;
 use kas_proto::v1::{tunnel_error::Code, Impersonation, RequestHead, ResponseHead};
@@ -19,10 +21,7 @@ use tokio::sync::mpsc;
 pub struct Upstream {
     pub access: ClusterAccess,
     /// The cluster API, with the agent's credentials.
-    pub client: ClusterClient,
-    /// The `Host` header of requests to the cluster API, worked out once (the HTTP
-    /// client would format it again for every request).
-    cluster_host: Option<HeaderValue>,
+    cluster: ClusterConnector,
     /// In-cluster services, without credentials.
     pub service_client: ClusterClient,
     /// The services the configuration allows (replaced on every configuration).
@@ -41,8 +40,7 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(access: ClusterAccess) -> Result<Self, crate::cluster::ClusterConfigError> {
         Ok(Upstream {
-            client: access.client()?,
-            cluster_host: host_header(access.server()),
+            cluster: access.connector()?,
             service_client: access.service_client()?,
             access,
             services: Default::default(),
@@ -87,15 +85,15 @@ impl Upstream {
     }
 
     async fn cluster_version(&self) -> Result<String, String> {
-        let uri = target_uri(self.access.server(), "/version").map_err(|(_, m)| m)?;
+        let uri = target_path(self.access.server(), "/version").map_err(|(_, m)| m)?;
         let req = Request::get(uri)
-            .body(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            )
+            .body(empty_body())
             .map_err(|e| e.to_string())?;
-        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = self
+            .cluster
+            .request(&mut KeptConnection::default(), req)
+            .await
+            .map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("GET /version: {}", resp.status()));
         }
@@ -235,7 +233,9 @@ fn service_uri(
         .map_err(|_| bad("invalid service URL"))
 }
 
-fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, (Code, String)> {
+/// The origin-form URI (path and query) of a request for `path_and_query` on the API
+/// server at `base`, under the server URL's own path if it has one.
+fn target_path(base: &Uri, path_and_query: &str) -> Result<Uri, (Code, String)> {
     let bad = |m: &str| (Code::BadRequest, m.to_string());
     if !path_and_query.starts_with('/') {
         return Err(bad("request path must start with '/'"));
@@ -246,36 +246,22 @@ fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, (Code, String)> {
     } else {
         format!("{prefix}{path_and_query}").parse()
     };
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(joined.map_err(|_| bad("request path is invalid"))?);
-    Uri::from_parts(parts).map_err(|_| bad("request path is invalid"))
-}
-
-/// The `Host` header for requests to `uri`, as the HTTP client would set it: the host,
-/// with the port unless it is the scheme's default.
-fn host_header(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default_port = match uri.scheme_str() {
-        Some("https") => Some(443),
-        Some("http") => Some(80),
-        _ => None,
-    };
-    match uri.port_u16() {
-        Some(p) if Some(p) != default_port => HeaderValue::from_str(&format!("{host}:{p}")).ok(),
-        _ => HeaderValue::from_str(host).ok(),
-    }
+    joined.map_err(|_| bad("request path is invalid"))
 }
 
 /// Largest response body sent inline in the response head.
 const INLINE_MAX: u64 = 64 * 1024;
 
 impl Handler for Upstream {
-    /// Performs the request against the cluster (or a service) and streams the
-    /// response to `out`.
+    type Tunnel = KeptConnection;
+
+    /// Performs the request against the cluster (on the tunnel's connection) or a
+    /// service, and streams the response to `out`.
     async fn respond(
         &self,
+        kept: &mut KeptConnection,
         head: RequestHead,
-        body_rx: mpsc::Receiver<Bytes>,
+        body_rx: Option<mpsc::Receiver<Bytes>>,
         out: &AgentOut,
     ) -> bool {
         let request_id = head.request_id.clone();
@@ -288,12 +274,12 @@ impl Handler for Upstream {
                 return false;
             }
         };
-        let client = if to_service {
-            &self.service_client
+        let sent = if to_service {
+            self.service_client.request(req).await
         } else {
-            &self.client
+            self.cluster.request(kept, req).await
         };
-        let resp = match client.request(req).await {
+        let resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 // The cause stays in the agent's log; kas and the caller learn only this.
@@ -327,19 +313,16 @@ impl Upstream {
     fn request(
         &self,
         head: RequestHead,
-        body_rx: mpsc::Receiver<Bytes>,
+        body_rx: Option<mpsc::Receiver<Bytes>>,
     ) -> Result<(Request<UpstreamBody>, Option<mpsc::Receiver<Bytes>>), (Code, String)> {
         let uri = match &head.service {
-            None => target_uri(self.access.server(), &head.path_and_query)?,
+            None => target_path(self.access.server(), &head.path_and_query)?,
             Some(svc) => service_uri(&self.allowed_services(), svc, &head.path_and_query)?,
         };
         let to_service = head.service.is_some();
         let method = http::Method::from_bytes(head.method.as_bytes())
             .map_err(|_| (Code::BadRequest, "invalid method".to_string()))?;
         let mut req_headers = headers::from_wire(&head.headers, true);
-        if let Some(host) = self.cluster_host.as_ref().filter(|_| !to_service) {
-            req_headers.insert(http::header::HOST, host.clone());
-        }
         // Services never see the agent's credentials (their client has none) or an
         // impersonation.
         if let Some(i) = head.impersonation.as_ref().filter(|_| !to_service) {
@@ -347,20 +330,19 @@ impl Upstream {
                 req_headers.append(n, v);
             }
         }
-        let empty = || Empty::new().map_err(|never| match never {}).boxed_unsync();
-        let (body, kept): (UpstreamBody, _) = if head.upgrade {
-            (empty(), Some(body_rx))
-        } else if head.end_of_body {
+        let (body, kept): (UpstreamBody, _) = match body_rx {
+            Some(rx) if head.upgrade => (empty_body(), Some(rx)),
+            Some(rx) => {
+                let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+                    .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+                let body = StreamBody::new(frames)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .boxed_unsync();
+                (body, None)
+            }
             // The head was the whole request: the cluster gets no body, and the HTTP
             // client knows it has none.
-            (empty(), None)
-        } else {
-            let frames = tokio_stream::wrappers::ReceiverStream::new(body_rx)
-                .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
-            let body = StreamBody::new(frames)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                .boxed_unsync();
-            (body, None)
+            None => (empty_body(), None),
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;
@@ -469,32 +451,19 @@ mod tests {
     }
 
     #[test]
-    fn host_headers_name_the_port_unless_it_is_the_default() {
-        let h = |u: &str| {
-            host_header(&u.parse().expect("uri")).map(|v| v.to_str().expect("ascii").to_string())
-        };
-        assert_eq!(h("https://k:6443/").as_deref(), Some("k:6443"));
-        assert_eq!(h("https://k:443").as_deref(), Some("k"));
-        assert_eq!(h("https://k").as_deref(), Some("k"));
-        assert_eq!(h("http://10.0.0.1:80/x").as_deref(), Some("10.0.0.1"));
-        assert_eq!(h("http://10.0.0.1:8080").as_deref(), Some("10.0.0.1:8080"));
-        assert_eq!(h("https://[::1]:6443").as_deref(), Some("[::1]:6443"));
-    }
-
-    #[test]
-    fn target_uris() {
+    fn target_paths() {
         let base: Uri = "https://k:6443/prefix/".parse().expect("uri");
         assert_eq!(
-            target_uri(&base, "/api/v1?x=1").expect("ok").to_string(),
-            "https://k:6443/prefix/api/v1?x=1"
+            target_path(&base, "/api/v1?x=1").expect("ok").to_string(),
+            "/prefix/api/v1?x=1"
         );
-        assert!(target_uri(&base, "api").is_err());
+        assert!(target_path(&base, "api").is_err());
         let bare: Uri = "https://k:6443".parse().expect("uri");
         assert_eq!(
-            target_uri(&bare, "/api/v1/pods?watch=1")
+            target_path(&bare, "/api/v1/pods?watch=1")
                 .expect("ok")
                 .to_string(),
-            "https://k:6443/api/v1/pods?watch=1"
+            "/api/v1/pods?watch=1"
         );
     }
 }

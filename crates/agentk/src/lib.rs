@@ -3,7 +3,7 @@
 //! API with its own credentials and the impersonation kas decided.
 //!
 //! It accepts no inbound connections except, when asked to, its own observability
-//! endpoint (`stats`). It and never forwards the caller's credentials
+//! endpoint (`stats`). It never forwards the caller's credentials
 //! or impersonation headers. It does not depend on the kas server crate.
 
 pub mod cluster;

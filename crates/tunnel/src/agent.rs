@@ -82,13 +82,19 @@ impl FrameSink for AgentOut {
 
 /// Serves the requests that arrive through tunnels.
 pub trait Handler: Send + Sync {
-    /// Serves `head`, whose body (after a 101: the client's bytes) arrives on `body`,
-    /// answering on `out`. Returns true when a complete, non-upgraded response was
-    /// sent, so the tunnel can carry another exchange.
+    /// What one tunnel keeps from one exchange to the next (agentk: its connection to
+    /// the cluster), dropped with the tunnel.
+    type Tunnel: Default + Send;
+
+    /// Serves `head`, whose body (after a 101: the client's bytes) arrives on `body`
+    /// (none when the head was the whole request), answering on `out`. Returns true
+    /// when a complete, non-upgraded response was sent, so the tunnel can carry
+    /// another exchange.
     fn respond(
         &self,
+        tunnel: &mut Self::Tunnel,
         head: RequestHead,
-        body: mpsc::Receiver<Bytes>,
+        body: Option<mpsc::Receiver<Bytes>>,
         out: &AgentOut,
     ) -> impl Future<Output = bool> + Send;
 }
@@ -111,6 +117,7 @@ pub async fn serve<H: Handler>(
     handler: &H,
     state: &mut impl TunnelState,
 ) {
+    let mut kept = H::Tunnel::default();
     loop {
         let head = match inbound.message().await {
             Ok(Some(ServerFrame {
@@ -122,11 +129,12 @@ pub async fn serve<H: Handler>(
             }
         };
         state.busy();
-        if exchange(handler, head, &mut inbound, &out).await {
+        if exchange(handler, &mut kept, head, &mut inbound, &out).await {
             state.idle();
             continue;
         }
         state.failed();
+        drop(kept);
         // End our half of the stream, then keep receiving until kas ends its half:
         // dropping the receiving half first would reset the stream and could discard
         // frames still queued for sending.
@@ -177,18 +185,24 @@ async fn reserve(tx: Option<mpsc::Sender<Bytes>>) -> Option<mpsc::OwnedPermit<By
 /// cleanly in both directions.
 async fn exchange<H: Handler>(
     handler: &H,
+    kept: &mut H::Tunnel,
     head: RequestHead,
     inbound: &mut Streaming<ServerFrame>,
     out: &AgentOut,
 ) -> bool {
     let request_id = head.request_id.clone();
     tracing::debug!(%request_id, method = %head.method, path = %head.path_and_query, upgrade = head.upgrade, "serving a request");
-    let (tx, body_rx) = mpsc::channel::<Bytes>(BODY_CHUNKS);
-    // A head marked end_of_body is the whole request: no body frames follow.
+    // A head marked end_of_body is the whole request: no body frames follow, and no
+    // channel is needed for them.
     let mut request_done = head.end_of_body && !head.upgrade;
-    let mut body_tx = (!request_done).then_some(tx);
+    let (mut body_tx, body_rx) = if request_done {
+        (None, None)
+    } else {
+        let (tx, rx) = mpsc::channel::<Bytes>(BODY_CHUNKS);
+        (Some(tx), Some(rx))
+    };
     let mut pending: Option<Bytes> = None;
-    let work = handler.respond(head, body_rx, out);
+    let work = handler.respond(kept, head, body_rx, out);
     tokio::pin!(work);
     // One task reads kas's frames and drives the response, so the stream can be
     // reused afterwards. A chunk waits in `pending` until the body channel has room.

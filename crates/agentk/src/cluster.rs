@@ -24,7 +24,9 @@ use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Config;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 use tower::{Layer, Service, ServiceExt};
 
 /// Request body type towards the cluster.
@@ -43,8 +45,9 @@ pub fn empty_body() -> UpstreamBody {
 
 /// How long connecting to the API server may take when the configuration does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection to the API server idle for longer is not used again (a middlebox may
-/// have dropped it without a word); the pooled clients close theirs after as long.
+/// A connection to the API server idle for this long (up to twice as long, for kept
+/// connections) is closed: tunnels outlive bursts, and the API server may never close
+/// an idle connection itself. The pooled clients close theirs after as long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a kept connection may take to become ready for the next request after the
 /// previous response was read to its end (its task may not have caught up yet).
@@ -118,6 +121,7 @@ pub struct ClusterConnector {
     /// The `Host` header of every request, worked out once.
     host: http::HeaderValue,
     credentials: Credentials,
+    idle_timeout: Duration,
 }
 
 /// How requests to the API server are authenticated.
@@ -161,28 +165,48 @@ impl Credentials {
 }
 
 /// The connection to the cluster's API one tunnel keeps between its exchanges (none
-/// until its first request, or after one that ended it).
+/// until its first request, or after one that ended it). Its task closes it once it
+/// has seen no exchange for [`IDLE_TIMEOUT`].
 #[derive(Default)]
-pub struct KeptConnection(Option<(SendRequest<UpstreamBody>, Instant)>);
+pub struct KeptConnection(Option<(SendRequest<UpstreamBody>, Arc<Usage>)>);
+
+/// What the task of a kept connection reads to tell whether it is idle.
+#[derive(Default)]
+struct Usage {
+    /// An exchange is using the connection (its response may be streaming for long).
+    busy: AtomicBool,
+    /// Exchanges that ended.
+    ended: AtomicU64,
+}
 
 impl KeptConnection {
-    /// The kept connection, if it can carry the next request.
-    async fn take_ready(&mut self) -> Option<SendRequest<UpstreamBody>> {
-        let (mut sender, since) = self.0.take()?;
-        if since.elapsed() > IDLE_TIMEOUT || sender.is_closed() {
-            return None;
-        }
-        if sender.is_ready() {
-            return Some(sender);
-        }
-        match tokio::time::timeout(READY_WAIT, sender.ready()).await {
-            Ok(Ok(())) => Some(sender),
-            _ => None,
+    /// The exchange that used the connection has ended (its response was read to the
+    /// end, or abandoned).
+    pub fn exchange_ended(&mut self) {
+        if let Some((_, usage)) = &self.0 {
+            usage.ended.fetch_add(1, Ordering::Relaxed);
+            usage.busy.store(false, Ordering::Relaxed);
         }
     }
 
-    fn keep(&mut self, sender: SendRequest<UpstreamBody>) {
-        self.0 = Some((sender, Instant::now()));
+    /// The kept connection, if it can carry the next request.
+    async fn take_ready(&mut self) -> Option<(SendRequest<UpstreamBody>, Arc<Usage>)> {
+        let (mut sender, usage) = self.0.take()?;
+        if sender.is_closed() {
+            return None;
+        }
+        if !sender.is_ready() {
+            match tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+        usage.busy.store(true, Ordering::Relaxed);
+        Some((sender, usage))
+    }
+
+    fn keep(&mut self, sender: SendRequest<UpstreamBody>, usage: Arc<Usage>) {
+        self.0 = Some((sender, usage));
     }
 }
 
@@ -211,10 +235,10 @@ impl ClusterConnector {
         };
         req.headers_mut()
             .insert(http::header::HOST, self.host.clone());
-        if let Some(mut sender) = kept.take_ready().await {
+        if let Some((mut sender, usage)) = kept.take_ready().await {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    kept.keep(sender);
+                    kept.keep(sender, usage);
                     return Ok(resp);
                 }
                 // The server closed the connection before the request went out (it
@@ -225,24 +249,47 @@ impl ClusterConnector {
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        let usage = Arc::new(Usage {
+            busy: AtomicBool::new(true),
+            ended: AtomicU64::new(0),
+        });
+        let mut sender = self.connect(usage.clone()).await?;
         let resp = sender.send_request(req).await?;
-        kept.keep(sender);
+        kept.keep(sender, usage);
         Ok(resp)
     }
 
-    /// A new HTTP/1.1 connection to the API server, driven by its own task (which ends
-    /// when the connection closes or its sender is dropped while it is idle).
-    async fn connect(&self) -> Result<SendRequest<UpstreamBody>, BoxError> {
+    /// A new HTTP/1.1 connection to the API server, driven by its own task. The task
+    /// ends when the connection closes, when its sender is dropped while it is idle, or
+    /// when a whole `idle_timeout` went by without an exchange using it.
+    async fn connect(&self, usage: Arc<Usage>) -> Result<SendRequest<UpstreamBody>, BoxError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(self.server.clone()).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await?;
+        let idle_timeout = self.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "cluster API connection ended");
+            let mut conn = std::pin::pin!(conn.with_upgrades());
+            let mut seen = usage.ended.load(Ordering::Relaxed);
+            loop {
+                tokio::select! {
+                    ended = &mut conn => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "cluster API connection ended");
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(idle_timeout) => {
+                        let now = usage.ended.load(Ordering::Relaxed);
+                        if now == seen && !usage.busy.load(Ordering::Relaxed) {
+                            tracing::debug!("closing an idle cluster API connection");
+                            return;
+                        }
+                        seen = now;
+                    }
+                }
             }
         });
         Ok(sender)
@@ -353,6 +400,7 @@ impl ClusterAccess {
             server: server.clone(),
             host,
             credentials: Credentials::new(auth)?,
+            idle_timeout: IDLE_TIMEOUT,
         })
     }
 
@@ -411,91 +459,179 @@ mod tests {
         assert_eq!(h("https://[::1]:6443").as_deref(), Some("[::1]:6443"));
     }
 
-    /// A server answering every request with 200, recording request heads; it closes
-    /// each connection without notice after its second response (as a server ending
-    /// idle connections does). Returns its address, the heads and the connection count.
-    async fn two_per_connection() -> (
-        std::net::SocketAddr,
-        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-        std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    ) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (h, c) = (heads.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let h = h.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    for _ in 0..2 {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+    /// A raw HTTP/1.1 server for the kept connections' tests.
+    struct TestServer {
+        addr: std::net::SocketAddr,
+        /// Request heads, in the order they came.
+        heads: Arc<std::sync::Mutex<Vec<String>>>,
+        /// Connections accepted.
+        conns: Arc<std::sync::atomic::AtomicUsize>,
+        /// One message per connection the client closed.
+        closed: tokio::sync::mpsc::UnboundedReceiver<()>,
+        /// Lets `/slow` responses end.
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    impl TestServer {
+        /// Answers every request with 200 `ok` (`/slow`: the first chunk of a chunked
+        /// body, the end once released). After `per_connection` responses it closes the
+        /// connection without notice, as a server ending idle connections does.
+        async fn start(per_connection: usize) -> TestServer {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let release = Arc::new(tokio::sync::Notify::new());
+            let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+            let (h, c, r) = (heads.clone(), conns.clone(), release.clone());
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = listener.accept().await {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let (h, r, closed_tx) = (h.clone(), r.clone(), closed_tx.clone());
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        for _ in 0..per_connection {
+                            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                                let mut chunk = [0u8; 1024];
+                                match s.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => {
+                                        let _ = closed_tx.send(());
+                                        return;
+                                    }
+                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                }
+                            }
+                            let head = String::from_utf8_lossy(&buf).into_owned();
+                            buf.clear();
+                            let slow = head.starts_with("GET /slow ");
+                            h.lock().expect("lock").push(head);
+                            let written = if slow {
+                                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n";
+                                let sent = s.write_all(start).await;
+                                r.notified().await;
+                                match sent {
+                                    Ok(()) => s.write_all(b"0\r\n\r\n").await,
+                                    e => e,
+                                }
+                            } else {
+                                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                    .await
+                            };
+                            if written.is_err() {
+                                return;
                             }
                         }
-                        h.lock()
-                            .expect("lock")
-                            .push(String::from_utf8_lossy(&buf).into());
-                        buf.clear();
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                    });
+                }
+            });
+            TestServer {
+                addr,
+                heads,
+                conns,
+                closed,
+                release,
             }
-        });
-        (addr, heads, conns)
+        }
+
+        fn connections(&self) -> usize {
+            self.conns.load(Ordering::SeqCst)
+        }
+
+        async fn connector(&self) -> ClusterConnector {
+            let kubeconfig = KUBECONFIG.replace("127.0.0.1:6443", &self.addr.to_string());
+            load(&kubeconfig, None)
+                .await
+                .expect("parse")
+                .connector()
+                .expect("connector")
+        }
+    }
+
+    fn get(path: &'static str) -> Request<UpstreamBody> {
+        let mut r = Request::new(empty_body());
+        *r.uri_mut() = Uri::from_static(path);
+        r
+    }
+
+    async fn body(resp: Response<Incoming>) -> Bytes {
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await.expect("body").to_bytes()
     }
 
     #[tokio::test]
     async fn a_kept_connection_carries_the_next_request_until_the_server_closes_it() {
-        use http_body_util::BodyExt;
-        let (addr, heads, conns) = two_per_connection().await;
-        let access = load(
-            &KUBECONFIG.replace("127.0.0.1:6443", &addr.to_string()),
-            None,
-        )
-        .await
-        .expect("parse");
-        let cluster = access.connector().expect("connector");
-        let get = || {
-            let mut r = Request::new(empty_body());
-            *r.uri_mut() = Uri::from_static("/version");
-            r
-        };
+        let server = TestServer::start(2).await;
+        let cluster = server.connector().await;
         let mut kept = KeptConnection::default();
         for _ in 0..3 {
-            let resp = cluster.request(&mut kept, get()).await.expect("response");
+            let resp = cluster
+                .request(&mut kept, get("/version"))
+                .await
+                .expect("response");
             assert_eq!(resp.status(), 200);
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            assert_eq!(&body[..], b"ok");
+            assert_eq!(&body(resp).await[..], b"ok");
+            kept.exchange_ended();
         }
-        let count = || conns.load(std::sync::atomic::Ordering::SeqCst);
         // Two requests on the first connection; the third on a new one after the
         // server closed the first.
-        assert_eq!(count(), 2);
-        cluster.request(&mut kept, get()).await.expect("response");
-        assert_eq!(count(), 2, "the second connection is kept");
+        assert_eq!(server.connections(), 2);
+        cluster
+            .request(&mut kept, get("/version"))
+            .await
+            .expect("response");
+        assert_eq!(server.connections(), 2, "the second connection is kept");
         let mut other = KeptConnection::default();
-        cluster.request(&mut other, get()).await.expect("response");
-        assert_eq!(count(), 3, "another tunnel has its own connection");
-        let heads = heads.lock().expect("lock").clone();
+        cluster
+            .request(&mut other, get("/version"))
+            .await
+            .expect("response");
+        assert_eq!(
+            server.connections(),
+            3,
+            "another tunnel has its own connection"
+        );
+        let heads = server.heads.lock().expect("lock").clone();
         assert_eq!(heads.len(), 5);
         for h in heads {
             let h = h.to_ascii_lowercase();
             assert!(h.starts_with("get /version http/1.1\r\n"), "{h}");
             assert!(h.contains("authorization: bearer abc\r\n"), "{h}");
-            assert!(h.contains(&format!("host: {addr}\r\n")), "{h}");
+            assert!(h.contains(&format!("host: {}\r\n", server.addr)), "{h}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_is_closed_once_idle_but_not_while_a_response_streams() {
+        let mut server = TestServer::start(100).await;
+        let mut cluster = server.connector().await;
+        cluster.idle_timeout = Duration::from_millis(50);
+        let mut kept = KeptConnection::default();
+
+        // A response still streaming after several idle timeouts keeps its connection.
+        let resp = cluster
+            .request(&mut kept, get("/slow"))
+            .await
+            .expect("response");
+        tokio::time::sleep(cluster.idle_timeout * 6).await;
+        server.release.notify_one();
+        assert_eq!(&body(resp).await[..], b"ok");
+        kept.exchange_ended();
+        assert!(server.closed.try_recv().is_err(), "closed while streaming");
+
+        // Once idle, the connection is closed, and the next request opens another.
+        tokio::time::timeout(Duration::from_secs(10), server.closed.recv())
+            .await
+            .expect("the idle connection is closed");
+        assert_eq!(server.connections(), 1);
+        let resp = cluster
+            .request(&mut kept, get("/version"))
+            .await
+            .expect("response");
+        assert_eq!(&body(resp).await[..], b"ok");
+        assert_eq!(server.connections(), 2);
     }
 
     #[tokio::test]

@@ -300,7 +300,11 @@ impl Handler for Upstream {
             // An upgraded stream is never reused.
             return false;
         }
-        relay_response(resp, out, &request_id).await
+        let reusable = relay_response(resp, out, &request_id).await;
+        if !to_service {
+            kept.exchange_ended();
+        }
+        reusable
     }
 }
 

@@ -171,7 +171,6 @@ impl Credentials {
 pub struct KeptConnection(Option<(SendRequest<UpstreamBody>, Arc<Usage>)>);
 
 /// What the task of a kept connection reads to tell whether it is idle.
-#[derive(Default)]
 struct Usage {
     /// An exchange is using the connection (its response may be streaming for long).
     busy: AtomicBool,

@@ -183,21 +183,47 @@ where
 {
     type Response = hyper::Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let guard = self.activity.begin();
         if let Some(c) = &self.control {
             req.extensions_mut().insert(c.clone());
         }
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|body| TrackedBody {
-                body,
-                _guard: guard,
-            }))
-        })
+        TrackedFuture {
+            inner: self.inner.call(req),
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a counted request: the inner service's, unboxed (hyper
+    /// keeps one slot per connection for it; a box here would be allocated and copied
+    /// into for every request).
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<hyper::Response<B>, E>>,
+{
+    type Output = Result<hyper::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        // Polled again after Ready only by a broken caller: the request then ends
+        // uncounted rather than panicking.
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|body| TrackedBody {
+            body,
+            _guard: guard,
+        })))
     }
 }
 
@@ -206,7 +232,7 @@ pin_project_lite::pin_project! {
     struct TrackedBody<B> {
         #[pin]
         body: B,
-        _guard: InFlight,
+        _guard: Option<InFlight>,
     }
 }
 

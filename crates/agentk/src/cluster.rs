@@ -114,7 +114,6 @@ fn hand_back(req: Request<UpstreamBody>) -> std::future::Ready<Result<Authorized
 
 /// Opens connections to the cluster's API and sends requests on the connection a
 /// tunnel keeps, with the agent's credentials.
-#[derive(Clone)]
 pub struct ClusterConnector {
     connector: HttpsConnector,
     server: Uri,
@@ -125,7 +124,6 @@ pub struct ClusterConnector {
 }
 
 /// How requests to the API server are authenticated.
-#[derive(Clone)]
 enum Credentials {
     /// Not at all (a kubeconfig without a user).
     None,

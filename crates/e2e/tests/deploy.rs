@@ -528,8 +528,12 @@ async fn run_charts(mut kas_values: Vec<(String, String)>, shared: bool) {
             .any(|a| a["id"] == agent_id && a["replicas"].as_array().is_some_and(|r| r.len() == 1))
             .then_some(())
     });
+    // kas lists the agent as soon as its first acknowledgement arrives; agentk counts
+    // itself connected once the configuration kas sends back is applied, a moment later.
     let agentk_ready = format!("http://127.0.0.1:{agentk_port}/readyz");
-    let status = http::get(&c, &agentk_ready, None).await.0;
+    let status = http::get_until(&c, &agentk_ready, 200, Duration::from_secs(10))
+        .await
+        .0;
     assert_eq!(status, 200, "{}", agentk.logs());
 }
 

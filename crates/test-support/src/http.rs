@@ -42,6 +42,24 @@ pub async fn get(client: &HttpsClient, url: &str, bearer: Option<&str>) -> (u16,
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// GETs `url` until it answers `status`, for at most `timeout`; returns the last answer.
+/// For endpoints that follow another process's state, such as a readiness probe.
+pub async fn get_until(
+    client: &HttpsClient,
+    url: &str,
+    status: u16,
+    timeout: std::time::Duration,
+) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = get(client, url, None).await;
+        if answer.0 == status || tokio::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// GET `url`, returning the response with its body unread.
 pub async fn send(
     client: &HttpsClient,

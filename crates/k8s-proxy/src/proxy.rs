@@ -195,20 +195,25 @@ impl K8sProxy {
     {
         let started = Instant::now();
         let mut observed = Observed::default();
-        let resp = self.serve(req, &mut observed).await;
+        let resp = self.serve(req, started, &mut observed).await;
         if let Some(o) = &self.opts.observer {
             o.request(resp.status().as_u16(), &observed, started.elapsed());
         }
         resp
     }
 
-    async fn serve<B>(&self, req: Request<B>, observed: &mut Observed) -> Response<ProxyBody>
+    async fn serve<B>(
+        &self,
+        req: Request<B>,
+        started: Instant,
+        observed: &mut Observed,
+    ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
         let ctx = Ctx {
-            started: Instant::now(),
+            started,
             arrived: kas_api::clock::unix_secs_f64(),
             request_id: format!("{:016x}", rand::random::<u64>()),
         };

@@ -151,9 +151,25 @@ impl AgentRouter {
         avoid: &[Arc<str>],
         replayable: bool,
     ) -> Result<Tunnel, AcquireError> {
-        let Some(shared) = &self.shared else {
-            return self.local.acquire(agent_id, wait).await;
+        let shared = match &self.shared {
+            Some(shared) if !self.local.is_connected(agent_id) => shared,
+            _ => return self.local.acquire(agent_id, wait).await,
         };
+        // Boxed: the search through the registry and other replicas holds several KiB
+        // of state across its awaits, which would otherwise be part of every request's
+        // future, including the common one that finds a local tunnel.
+        Box::pin(self.acquire_elsewhere(shared, agent_id, wait, avoid, replayable)).await
+    }
+
+    /// [`AgentRouter::acquire`] when this kas does not hold the agent (yet).
+    async fn acquire_elsewhere(
+        &self,
+        shared: &Shared,
+        agent_id: u64,
+        wait: Duration,
+        avoid: &[Arc<str>],
+        replayable: bool,
+    ) -> Result<Tunnel, AcquireError> {
         let deadline = Instant::now() + wait;
         let mut failed: Vec<String> = Vec::new();
         loop {

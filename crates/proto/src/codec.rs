@@ -56,9 +56,12 @@ impl<T: prost::Message> Encoder for KasEncoder<T> {
     type Error = Status;
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // Room for the whole message first; `encode_raw` then writes it without
+        // `encode`'s second walk over the message to check that room (the buffer is
+        // a `BytesMut`, which grows on its own anyway, so it cannot run short).
         dst.reserve(item.encoded_len());
-        item.encode(dst)
-            .map_err(|e| Status::internal(format!("encoding failed: {e}")))
+        item.encode_raw(dst);
+        Ok(())
     }
 
     fn buffer_settings(&self) -> BufferSettings {

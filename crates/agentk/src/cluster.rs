@@ -213,23 +213,21 @@ impl ClusterConnector {
     pub async fn request(
         &self,
         kept: &mut KeptConnection,
-        req: Request<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, BoxError> {
-        let mut req = match &self.credentials {
-            Credentials::None => req,
+        match &self.credentials {
+            Credentials::None => {}
             Credentials::Fixed(value) => {
-                let mut req = req;
                 req.headers_mut()
                     .insert(http::header::AUTHORIZATION, value.clone());
-                req
             }
             Credentials::Refreshed(a) => {
                 // Boxed: the layered service's future defeats callers' `Send` inference.
                 let authorized: BoxFuture<'static, Result<Authorized, BoxError>> =
                     Box::pin(a.clone().oneshot(req));
-                authorized.await?.into_body()
+                req = authorized.await?.into_body();
             }
-        };
+        }
         req.headers_mut()
             .insert(http::header::HOST, self.host.clone());
         if let Some((mut sender, usage)) = kept.take_ready().await {

@@ -10,7 +10,7 @@
 //! errors (their `Display` text) are JSON strings; integers, floats (`null` if not
 //! finite) and booleans are JSON values; every field is kept, `log.*` ones included.
 
-use crate::text::write_timestamp;
+use crate::text::{with_line, write_timestamp};
 use std::fmt::{self, Write};
 use std::time::SystemTime;
 use tracing::field::{Field, Visit};
@@ -54,28 +54,33 @@ where
         if in_span {
             return self.in_span.format_event(ctx, writer, event);
         }
-        let normalized = event.normalized_metadata();
-        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, SystemTime::now())?;
-        writer.write_str(match *meta.level() {
-            Level::TRACE => "\",\"level\":\"TRACE\",\"fields\":{",
-            Level::DEBUG => "\",\"level\":\"DEBUG\",\"fields\":{",
-            Level::INFO => "\",\"level\":\"INFO\",\"fields\":{",
-            Level::WARN => "\",\"level\":\"WARN\",\"fields\":{",
-            Level::ERROR => "\",\"level\":\"ERROR\",\"fields\":{",
-        })?;
-        let mut v = Fields {
-            writer: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut v);
-        v.result?;
-        writer.write_str("},\"target\":")?;
-        string(&mut writer, meta.target())?;
-        writer.write_str("}\n")
+        with_line(&mut writer, |line| object(line, event))
     }
+}
+
+/// Writes the JSON object of `event` (outside spans) to `writer`.
+fn object(writer: &mut String, event: &Event<'_>) -> fmt::Result {
+    let normalized = event.normalized_metadata();
+    let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+    writer.write_str("{\"timestamp\":\"")?;
+    write_timestamp(writer, SystemTime::now())?;
+    writer.write_str(match *meta.level() {
+        Level::TRACE => "\",\"level\":\"TRACE\",\"fields\":{",
+        Level::DEBUG => "\",\"level\":\"DEBUG\",\"fields\":{",
+        Level::INFO => "\",\"level\":\"INFO\",\"fields\":{",
+        Level::WARN => "\",\"level\":\"WARN\",\"fields\":{",
+        Level::ERROR => "\",\"level\":\"ERROR\",\"fields\":{",
+    })?;
+    let mut v = Fields {
+        writer,
+        first: true,
+        result: Ok(()),
+    };
+    event.record(&mut v);
+    v.result?;
+    writer.write_str("},\"target\":")?;
+    string(writer, meta.target())?;
+    writer.write_str("}\n")
 }
 
 /// Writes `s` as a JSON string.
@@ -121,15 +126,15 @@ impl<W: Write> Write for Escaped<'_, W> {
 }
 
 /// Writes an event's fields as members of the `fields` object.
-struct Fields<'a, 'w> {
-    writer: &'a mut Writer<'w>,
+struct Fields<'a> {
+    writer: &'a mut String,
     first: bool,
     result: fmt::Result,
 }
 
-impl Fields<'_, '_> {
+impl Fields<'_> {
     /// `"name":` (after a comma unless first), then the value `write` writes.
-    fn member(&mut self, field: &Field, write: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+    fn member(&mut self, field: &Field, write: impl FnOnce(&mut String) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
@@ -146,7 +151,7 @@ impl Fields<'_, '_> {
     }
 }
 
-impl Visit for Fields<'_, '_> {
+impl Visit for Fields<'_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.member(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
@@ -162,9 +167,9 @@ impl Visit for Fields<'_, '_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.member(field, |w| {
             if value.is_finite() {
-                // serde_json's shortest form (`1.0`, `1e-7`), which `Display` is not.
-                let text = serde_json::to_string(&value).map_err(|_| fmt::Error)?;
-                w.write_str(&text)
+                // serde_json's shortest form (`1.0`, `1e-7`), which `Display` is not:
+                // serde_json writes it with zmij.
+                w.write_str(zmij::Buffer::new().format_finite(value))
             } else {
                 w.write_str("null")
             }

@@ -50,8 +50,33 @@ pub fn websocket_bearer(map: &HeaderMap) -> Option<String> {
 /// Whether a request header from a client must never reach the cluster: credentials
 /// and impersonation are decided by kas and the agent only.
 pub fn is_identity_header(name: &str) -> bool {
-    name.eq_ignore_ascii_case("authorization")
-        || name.len() >= 12 && name[..12].eq_ignore_ascii_case("impersonate-")
+    is_identity_name(name.as_bytes())
+}
+
+fn is_identity_name(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"authorization")
+        || name.len() >= 12 && name[..12].eq_ignore_ascii_case(b"impersonate-")
+}
+
+/// A header's name for the wire: the names most requests and responses carry are
+/// static, so they cost no allocation per request.
+fn wire_name(n: &str) -> bytes::Bytes {
+    let common: &'static str = match n {
+        "accept" => "accept",
+        "accept-encoding" => "accept-encoding",
+        "audit-id" => "audit-id",
+        "cache-control" => "cache-control",
+        "content-length" => "content-length",
+        "content-type" => "content-type",
+        "date" => "date",
+        "kubectl-command" => "kubectl-command",
+        "kubectl-session" => "kubectl-session",
+        "user-agent" => "user-agent",
+        "x-kubernetes-pf-flowschema-uid" => "x-kubernetes-pf-flowschema-uid",
+        "x-kubernetes-pf-prioritylevel-uid" => "x-kubernetes-pf-prioritylevel-uid",
+        _ => return bytes::Bytes::copy_from_slice(n.as_bytes()),
+    };
+    bytes::Bytes::from_static(common.as_bytes())
 }
 
 /// Converts headers for the wire, dropping hop-by-hop headers (and those named in
@@ -80,20 +105,20 @@ pub fn to_wire(map: &HeaderMap, strip_identity: bool, upgrade: bool) -> Vec<Head
         if strip_identity && n == "sec-websocket-protocol" {
             if let Some(v) = strip_websocket_bearer(value.as_bytes()) {
                 out.push(Header {
-                    name: n.to_string(),
+                    name: wire_name(n),
                     value: v.into(),
                 });
             }
             continue;
         }
         out.push(Header {
-            name: n.to_string(),
+            name: wire_name(n),
             value: bytes::Bytes::copy_from_slice(value.as_bytes()),
         });
     }
     if upgrade {
         out.push(Header {
-            name: "connection".into(),
+            name: bytes::Bytes::from_static(b"connection"),
             value: bytes::Bytes::from_static(b"Upgrade"),
         });
     }
@@ -105,10 +130,10 @@ pub fn to_wire(map: &HeaderMap, strip_identity: bool, upgrade: bool) -> Vec<Head
 pub fn from_wire(headers: &[Header], strip_identity: bool) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len());
     for h in headers {
-        if strip_identity && is_identity_header(&h.name) {
+        if strip_identity && is_identity_name(&h.name) {
             continue;
         }
-        let value = if strip_identity && h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+        let value = if strip_identity && h.name.eq_ignore_ascii_case(b"sec-websocket-protocol") {
             match strip_websocket_bearer(&h.value) {
                 Some(v) => HeaderValue::from_bytes(&v),
                 None => continue,
@@ -117,7 +142,7 @@ pub fn from_wire(headers: &[Header], strip_identity: bool) -> HeaderMap {
             // Shares the decoded message's buffer instead of copying the value.
             HeaderValue::from_maybe_shared(h.value.clone())
         };
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), value) {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(&h.name), value) {
             map.append(n, v);
         }
     }
@@ -127,6 +152,10 @@ pub fn from_wire(headers: &[Header], strip_identity: bool) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn name_str(h: &Header) -> &str {
+        std::str::from_utf8(&h.name).expect("ASCII name")
+    }
 
     #[test]
     fn websocket_bearer_tokens_are_read_and_stripped() {
@@ -186,10 +215,10 @@ mod tests {
         m.insert("accept", HeaderValue::from_static("application/json"));
         m.insert("upgrade", HeaderValue::from_static("websocket"));
         let w = to_wire(&m, true, false);
-        let names: Vec<&str> = w.iter().map(|h| h.name.as_str()).collect();
+        let names: Vec<&str> = w.iter().map(name_str).collect();
         assert_eq!(names, ["accept"]);
         let w = to_wire(&m, true, true);
-        let mut names: Vec<&str> = w.iter().map(|h| h.name.as_str()).collect();
+        let mut names: Vec<&str> = w.iter().map(name_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "connection", "upgrade"]);
         let back = from_wire(

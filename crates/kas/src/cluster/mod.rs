@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(result, Ok(()));
         assert_eq!(head.method, "POST");
         let typed = head.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("content-type") && h.value.as_ref() == b"application/json"
+            h.name.eq_ignore_ascii_case(b"content-type") && h.value.as_ref() == b"application/json"
         });
         assert!(typed, "{:?}", head.headers);
         assert!(frames[0].contains("Namespace"), "{frames:?}");

@@ -13,7 +13,8 @@ mod token;
 
 pub use kubeconfig::{authorized_agents, context_name, job_kubeconfig, KubeconfigError};
 pub use proxy::{
-    upstream_head, upstream_path, K8sProxy, Observed, ProxyBody, ProxyObserver, ProxyOptions,
+    new_request_id, upstream_head, upstream_path, K8sProxy, Observed, ProxyBody, ProxyObserver,
+    ProxyOptions,
 };
 pub use status::status_response;
 pub use token::{parse_ci_token, CiToken, TokenError};

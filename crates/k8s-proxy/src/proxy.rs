@@ -215,7 +215,7 @@ impl K8sProxy {
         let ctx = Ctx {
             started,
             arrived: kas_api::clock::unix_secs_f64(),
-            request_id: format!("{:016x}", rand::random::<u64>()),
+            request_id: new_request_id(),
         };
         let authorized = match self.authenticate(&req, &ctx).await {
             Ok((job, agent_id)) => self.authorize(&req, job, agent_id, &ctx).await,
@@ -476,4 +476,28 @@ async fn splice(on: hyper::upgrade::OnUpgrade, from_agent: TunnelBody, request_i
             .filter_map(|r| std::future::ready(r.ok())),
     );
     kas_tunnel::splice(TokioIo::new(upgraded), &out, &mut incoming).await;
+}
+
+/// A new request id: a random number as 16 lower-case hex digits (what `{:016x}`
+/// writes, without the formatting machinery: every proxied request makes one).
+pub fn new_request_id() -> String {
+    hex16(rand::random::<u64>())
+}
+
+fn hex16(v: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    (0..16u32)
+        .rev()
+        .map(|i| char::from(HEX[usize::try_from((v >> (i * 4)) & 0xf).unwrap_or(0)]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_sixteen_hex_digits() {
+        for v in [0, 1, 0xfeed, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(super::hex16(v), format!("{v:016x}"));
+        }
+    }
 }

@@ -63,7 +63,7 @@ async fn count_pods(router: Arc<AgentRouter>, agent_id: u64) -> Result<PodCounts
         }],
         impersonation: None,
         upgrade: false,
-        request_id: format!("{:016x}", rand::random::<u64>()),
+        request_id: kas_k8s_proxy::new_request_id(),
         end_of_body: true,
         service: None,
     };

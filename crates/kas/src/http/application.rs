@@ -342,7 +342,7 @@ async fn forward(
     req: Request,
 ) -> Response {
     let started = Instant::now();
-    let request_id = format!("{:016x}", rand::random::<u64>());
+    let request_id = kas_k8s_proxy::new_request_id();
     let method = req.method().as_str().to_string();
     let log_path = path_and_query
         .split('?')

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use kas_telemetry::quiet::{first_of, First};
 use kube::client::middleware::AuthLayer;
 use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -269,14 +270,17 @@ impl ClusterConnector {
             let mut conn = std::pin::pin!(conn.with_upgrades());
             let mut seen = usage.ended.load(Ordering::Relaxed);
             loop {
-                tokio::select! {
-                    ended = &mut conn => {
+                // The timer is polled only when it fires, not on each of the
+                // connection's wakes (several per request).
+                let idle = std::pin::pin!(tokio::time::sleep(idle_timeout));
+                match first_of(conn.as_mut(), idle).await {
+                    First::Busy(ended) => {
                         if let Err(e) = ended {
                             tracing::debug!(error = %e, "cluster API connection ended");
                         }
                         return;
                     }
-                    () = tokio::time::sleep(idle_timeout) => {
+                    First::Quiet(()) => {
                         let now = usage.ended.load(Ordering::Relaxed);
                         if now == seen && !usage.busy.load(Ordering::Relaxed) {
                             tracing::debug!("closing an idle cluster API connection");

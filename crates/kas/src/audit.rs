@@ -157,7 +157,7 @@ fn encode_request(r: &AuditRecord, out: &mut Vec<u8>) -> serde_json::Result<()> 
 /// A JSON string: copied between quotes when nothing in it needs escaping, else
 /// escaped by serde_json.
 fn string(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !kas_telemetry::needs_escape(s.as_bytes()) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');

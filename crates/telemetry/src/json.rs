@@ -86,8 +86,39 @@ fn object(writer: &mut String, event: &Event<'_>) -> fmt::Result {
 /// Writes `s` as a JSON string.
 fn string(w: &mut impl Write, s: &str) -> fmt::Result {
     w.write_char('"')?;
-    Escaped(w).write_str(s)?;
+    if needs_escape(s.as_bytes()) {
+        Escaped(w).write_str(s)?;
+    } else {
+        w.write_str(s)?;
+    }
     w.write_char('"')
+}
+
+/// Whether a JSON string needs escapes for `s`: a `"`, a `\` or a control character
+/// (below 0x20) in it. Eight bytes at a time, as log and audit lines check every
+/// string they write and most need nothing.
+pub fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES * 0x80;
+    // Whether any byte of `x` is zero, or below `n` (n <= 0x80): exact as a whole.
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let has_below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH != 0;
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        let x = u64::from_le_bytes(b);
+        if has_below(x, 0x20)
+            || has_zero(x ^ (ONES * u64::from(b'"')))
+            || has_zero(x ^ (ONES * u64::from(b'\\')))
+        {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// Escapes what it is given as serde_json does inside a string: `"`, `\` and control
@@ -228,6 +259,26 @@ mod tests {
         });
         let default = capture(weird, |layer| layer.json());
         assert_eq!(without_timestamps(&ours), without_timestamps(&default));
+    }
+
+    #[test]
+    fn escapes_are_found_in_every_position() {
+        assert!(!needs_escape(b""));
+        assert!(!needs_escape(
+            "/api/v1/namespaces/default/pods é ☃ ~\u{7f}".as_bytes()
+        ));
+        let plain = [b'a'; 19];
+        for special in [b'"', b'\\', 0u8, 0x1f, b'\n'] {
+            for at in 0..plain.len() {
+                let mut s = plain;
+                s[at] = special;
+                assert!(needs_escape(&s), "{special:#x} at {at}");
+            }
+        }
+        for b in 0x20..=0xffu8 {
+            let s = [b; 9];
+            assert_eq!(needs_escape(&s), b == b'"' || b == b'\\', "{b:#x}");
+        }
     }
 
     /// The lines with their `"timestamp":"…"` member cut out.

@@ -1,13 +1,15 @@
 //! Process set-up shared by the `kas` and `agentk` binaries: logging (a level filter,
 //! text or JSON lines on stderr, written by a background thread so a request never
 //! waits on the write), the batched line writer that thread is (also used for kas's
-//! audit trail), and the tokio runtime. It does not define what is logged.
+//! audit trail), and the tokio runtime with one helper for tasks that drive a connection
+//! ([`quiet::first_of`]). It does not define what is logged.
 
 pub mod batch;
 mod json;
+pub mod quiet;
 mod text;
 
-pub use json::PlainJson;
+pub use json::{needs_escape, PlainJson};
 pub use text::PlainText;
 
 /// A bad logging setting.

@@ -9,6 +9,7 @@ use hyper::Request;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
+use kas_telemetry::quiet::{first_of, First};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -367,14 +368,28 @@ async fn serve_conn<S, I>(
     let timer = tokio::time::sleep_until(first_check.into());
     tokio::pin!(timer);
     loop {
-        tokio::select! {
-            r = conn.as_mut() => {
+        // The connection is polled on every wake of the task, its deadline and
+        // signals only when they woke it (see `first_of`).
+        let event = {
+            let watch = async {
+                tokio::select! {
+                    () = timer.as_mut() => Watch::Deadline,
+                    () = stopped(&mut shutdown), if closing.is_none() => Watch::Shutdown,
+                    () = shared.hard_stop.cancelled() => Watch::HardStop,
+                    () = closed.cancelled() => Watch::Closed,
+                }
+            };
+            tokio::pin!(watch);
+            first_of(conn.as_mut(), watch).await
+        };
+        match event {
+            First::Busy(r) => {
                 if let Err(e) = r {
                     tracing::debug!(listener = shared.name, %peer, error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = timer.as_mut() => {
+            First::Quiet(Watch::Deadline) => {
                 let now = Instant::now();
                 if closing.is_some_and(|t| now >= t) {
                     return;
@@ -386,7 +401,9 @@ async fn serve_conn<S, I>(
                 }
                 if closing.is_none() {
                     if let Some(since) = activity.idle_since() {
-                        if activity.seen.load(Ordering::Relaxed) && now >= since + limits.idle_timeout {
+                        if activity.seen.load(Ordering::Relaxed)
+                            && now >= since + limits.idle_timeout
+                        {
                             shared.stats.count_close(CloseReason::Idle);
                             conn.as_mut().graceful_shutdown();
                             closing = Some(now + CLOSE_GRACE);
@@ -412,7 +429,8 @@ async fn serve_conn<S, I>(
                 if !activity.seen.load(Ordering::Relaxed) {
                     next = next.min(first_request);
                 } else if let Some(since) = activity.idle_since() {
-                    next = next.min((since + limits.idle_timeout).max(now + Duration::from_millis(10)));
+                    next = next
+                        .min((since + limits.idle_timeout).max(now + Duration::from_millis(10)));
                 }
                 if let Some((at, _)) = max_age {
                     next = next.min(at);
@@ -422,7 +440,7 @@ async fn serve_conn<S, I>(
                 }
                 timer.as_mut().reset(next.into());
             }
-            _ = stopped(&mut shutdown), if closing.is_none() => {
+            First::Quiet(Watch::Shutdown) => {
                 conn.as_mut().graceful_shutdown();
                 if let Some(c) = &control {
                     c.draining.send_replace(true);
@@ -430,11 +448,23 @@ async fn serve_conn<S, I>(
                 // The listener's grace period (hard_stop) bounds the rest.
                 closing = Some(Instant::now() + Duration::from_secs(24 * 3600));
             }
-            _ = shared.hard_stop.cancelled() => return,
-            _ = closed.cancelled() => {
+            First::Quiet(Watch::HardStop) => return,
+            First::Quiet(Watch::Closed) => {
                 shared.stats.count_close(CloseReason::Closed);
                 return;
             }
         }
     }
+}
+
+/// What besides its own end can stop or change a connection.
+enum Watch {
+    /// The timer went off: a deadline may have passed (see `serve_conn`).
+    Deadline,
+    /// kas is shutting down: close gracefully.
+    Shutdown,
+    /// The shutdown grace period is over.
+    HardStop,
+    /// The connection was closed from outside (its agent token was revoked).
+    Closed,
 }

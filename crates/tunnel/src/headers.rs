@@ -61,22 +61,24 @@ fn is_identity_name(name: &[u8]) -> bool {
 /// A header's name for the wire: the names most requests and responses carry are
 /// static, so they cost no allocation per request.
 fn wire_name(n: &str) -> bytes::Bytes {
-    let common: &'static str = match n {
-        "accept" => "accept",
-        "accept-encoding" => "accept-encoding",
-        "audit-id" => "audit-id",
-        "cache-control" => "cache-control",
-        "content-length" => "content-length",
-        "content-type" => "content-type",
-        "date" => "date",
-        "kubectl-command" => "kubectl-command",
-        "kubectl-session" => "kubectl-session",
-        "user-agent" => "user-agent",
-        "x-kubernetes-pf-flowschema-uid" => "x-kubernetes-pf-flowschema-uid",
-        "x-kubernetes-pf-prioritylevel-uid" => "x-kubernetes-pf-prioritylevel-uid",
-        _ => return bytes::Bytes::copy_from_slice(n.as_bytes()),
-    };
-    bytes::Bytes::from_static(common.as_bytes())
+    const COMMON: [&str; 12] = [
+        "accept",
+        "accept-encoding",
+        "audit-id",
+        "cache-control",
+        "content-length",
+        "content-type",
+        "date",
+        "kubectl-command",
+        "kubectl-session",
+        "user-agent",
+        "x-kubernetes-pf-flowschema-uid",
+        "x-kubernetes-pf-prioritylevel-uid",
+    ];
+    match COMMON.iter().find(|c| **c == n) {
+        Some(c) => bytes::Bytes::from_static(c.as_bytes()),
+        None => bytes::Bytes::copy_from_slice(n.as_bytes()),
+    }
 }
 
 /// Converts headers for the wire, dropping hop-by-hop headers (and those named in
